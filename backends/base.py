@@ -1,0 +1,136 @@
+"""The backend op interface shared by the `cpu`, `interpret`, `cuda` and `npu` backends.
+
+A backend carries a torch device, a :class:`~portable_xy.backends.profile.Profile` (tile menus,
+KV block size, core count) and the ops a Llama-family forward pass needs. The `cpu` backend
+implements them with torch and is the oracle the Triton kernels are tested against.
+
+KV cache layout (every backend): one tensor per layer and per K/V of shape
+``[num_blocks, block_size, num_kv_heads, head_dim]``; a token's *slot* is
+``block_id * block_size + offset``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .profile import Profile
+
+
+@dataclass
+class AttnMetadata:
+    """The step's token table, as tensors on the backend device.
+
+    Tokens of all stages (prefill chunks, decodes, verifies) are concatenated along dim 0.
+    Stage ``s`` owns query rows ``query_start_loc[s]:query_start_loc[s+1]``; its KV length
+    after this step is ``seq_lens[s]`` and its history (already cached before this step) is
+    ``seq_lens[s] - query_len[s]``. Query row ``i`` of stage ``s`` sees every history column and
+    the new columns ``j <= i`` (causal) -- or, when ``tree_mask_offsets[s] >= 0``, the new
+    columns ``j`` with ``tree_masks[tree_mask_offsets[s] + i * query_len + j] != 0``.
+    """
+
+    query_start_loc: torch.Tensor  # int32 [S + 1]
+    seq_lens: torch.Tensor  # int32 [S]
+    block_tables: torch.Tensor  # int32 [S, max_blocks_per_seq]
+    slot_mapping: torch.Tensor  # int64 [T]; -1 = do not store
+    positions: torch.Tensor  # int64 [T] (RoPE positions)
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+    tree_mask_offsets: torch.Tensor | None = None  # int32 [S]; -1 = causal
+    tree_masks: torch.Tensor | None = None  # int8 flat, row-major q_len x q_len per tree stage
+    # Backend-private plans built once per step (e.g. a Meta-Attention task table).
+    plan: object | None = None
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.query_lens_cpu)
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens_cpu, default=0)
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens_cpu, default=0)
+
+
+class Backend:
+    """Base class: a device, a profile and the ops. Subclasses override every op."""
+
+    name: str = "base"
+
+    def __init__(self, device: torch.device, profile: Profile) -> None:
+        self.device = device
+        self.profile = profile
+
+    # ---- planning (host side, once per step) -------------------------------------------------
+    def prepare(self, meta: AttnMetadata, num_heads: int, num_kv_heads: int) -> None:
+        """Attach backend-private per-step plans to ``meta`` (no-op by default)."""
+
+    # ---- ops ---------------------------------------------------------------------------------
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``y[M, N] = x[M, K] @ weight[N, K]^T (+ bias[N])``."""
+        raise NotImplementedError
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """RMSNorm over the last dim. With ``residual``: ``r = x + residual`` first, and returns
+        ``(norm(r) * weight, r)``; without: ``(norm(x) * weight, None)``. Inputs are not modified."""
+        raise NotImplementedError
+
+    def rope(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Neox-style rotary embedding. ``q [T, Hq, D]``, ``k [T, Hkv, D]``, ``positions [T]``,
+        ``cos_sin [max_pos, D]`` = ``cat(cos[:, :D/2], sin[:, :D/2])`` in fp32. Returns new q, k."""
+        raise NotImplementedError
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [M, 2I] -> silu(x[:, :I]) * x[:, I:]``."""
+        raise NotImplementedError
+
+    def store_kv(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """Write ``k, v [T, Hkv, D]`` into the paged caches at ``slot_mapping [T]`` (-1 = skip)."""
+        raise NotImplementedError
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttnMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Attention of ``q [T, Hq, D]`` over the paged cache (which already holds this step's
+        K/V) for a batch mixing prefill, decode and verify stages. Returns ``[T, Hq, D]``."""
+        raise NotImplementedError
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        temperature: torch.Tensor,
+        top_k: torch.Tensor,
+        top_p: torch.Tensor,
+        min_p: torch.Tensor,
+        uniform: torch.Tensor,
+    ) -> torch.Tensor:
+        """Draw one token per row of ``logits [N, V]`` (fp32).
+
+        ``temperature [N]`` (0 = greedy), ``top_k [N]`` (<=0 = off), ``top_p [N]`` (1 = off),
+        ``min_p [N]`` (0 = off), ``uniform [N]`` in [0, 1): the row's random number. Sampling is
+        by inverse CDF over the kept tokens in descending-probability order (ties: lower id first),
+        so a backend given the same uniforms returns the same tokens. Returns int64 ``[N]``.
+        """
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (no-op on CPU)."""

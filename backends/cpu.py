@@ -1,0 +1,208 @@
+"""The `cpu` backend: every op in plain torch.
+
+It is both the default execution path on machines without an accelerator (so it is written for
+speed: fused QKV/gate-up GEMMs upstream, batched decode attention, in-place cache writes) and the
+oracle that the Triton kernels in ``portable_xy.triton_kernels`` are tested against (so each op is
+short and states its maths).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import AttnMetadata, Backend
+
+
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+def rms_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if residual is not None:
+        x = x + residual
+        residual = x
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf.to(x.dtype) * weight), residual
+
+
+def rope_ref(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    half = cos_sin.shape[-1] // 2
+    cs = cos_sin[positions]
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+
+    def rot(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        x1, x2 = xf[..., :half], xf[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rot(q), rot(k)
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def store_kv_ref(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` tokens of one sequence: ``[length, Hkv, D]`` read via its block table."""
+    bs = cache.shape[1]
+    nblk = (length + bs - 1) // bs
+    return cache[block_table[:nblk].long()].flatten(0, 1)[:length]
+
+
+def stage_mask(q_len: int, kv_len: int, tree: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Boolean ``[q_len, kv_len]`` visibility: all history columns, then causal (or ``tree``)
+    over the stage's own new columns."""
+    hist = kv_len - q_len
+    if tree is None:
+        rows = torch.arange(q_len, device=device)[:, None] + hist
+        return torch.arange(kv_len, device=device)[None, :] <= rows
+    mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
+    mask[:, hist:] = tree.bool()
+    return mask
+
+
+def attention_ref(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata, scale: float
+) -> torch.Tensor:
+    """Per-stage reference: gather the stage's K/V, masked softmax(QK^T * scale) V in fp32."""
+    out = torch.empty_like(q)
+    hq, hkv = q.shape[1], k_cache.shape[2]
+    starts = meta.query_start_loc.tolist()
+    for s, (q_len, kv_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        if q_len == 0:
+            continue
+        qs = q[starts[s] : starts[s] + q_len].float()
+        k = gather_kv(k_cache, meta.block_tables[s], kv_len).float().repeat_interleave(hq // hkv, dim=1)
+        v = gather_kv(v_cache, meta.block_tables[s], kv_len).float().repeat_interleave(hq // hkv, dim=1)
+        mask = stage_mask(q_len, kv_len, _tree(meta, s, q_len), q.device)
+        scores = torch.einsum("qhd,khd->hqk", qs, k) * scale
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out[starts[s] : starts[s] + q_len] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
+def _tree(meta: AttnMetadata, s: int, q_len: int) -> torch.Tensor | None:
+    if meta.tree_mask_offsets is None:
+        return None
+    off = int(meta.tree_mask_offsets[s])
+    if off < 0:
+        return None
+    return meta.tree_masks[off : off + q_len * q_len].view(q_len, q_len)
+
+
+def sample_ref(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    uniform: torch.Tensor,
+) -> torch.Tensor:
+    """Inverse-CDF sampling over the kept set in descending-probability order; see Backend.sample."""
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    greedy = temperature <= 0
+    if bool(greedy.any()):
+        out[greedy] = logits[greedy].argmax(-1)
+    for i in torch.nonzero(~greedy).flatten().tolist():
+        probs = torch.softmax(logits[i].float() / float(temperature[i]), -1)
+        k = int(top_k[i])
+        if 0 < k < probs.numel():
+            vals, idx = torch.topk(probs, k)
+        else:
+            vals, idx = torch.sort(probs, descending=True, stable=True)
+        keep = torch.ones_like(vals, dtype=torch.bool)
+        p = float(top_p[i])
+        if p < 1.0:
+            # keep the smallest prefix whose mass reaches p (always at least one token)
+            before = torch.cumsum(vals, 0) - vals
+            keep &= before < p * vals.sum()
+        mp = float(min_p[i])
+        if mp > 0.0:
+            keep &= vals >= mp * vals[0]
+        vals = vals[keep]
+        cdf = torch.cumsum(vals, 0)
+        j = int(torch.searchsorted(cdf, float(uniform[i]) * cdf[-1], right=True).clamp(max=vals.numel() - 1))
+        out[i] = idx[keep][j]
+    return out
+
+
+class CpuBackend(Backend):
+    """torch ops on CPU tensors; decode-only batches take a batched (padded) attention path."""
+
+    name = "cpu"
+
+    def linear(self, x, weight, bias=None):
+        return F.linear(x, weight, bias)
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        if residual is not None:
+            x = x + residual
+            residual = x
+        return F.rms_norm(x, (x.shape[-1],), weight, eps), residual
+
+    def rope(self, q, k, positions, cos_sin):
+        return rope_ref(q, k, positions, cos_sin)
+
+    def silu_and_mul(self, x):
+        return silu_and_mul_ref(x)
+
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
+        store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+
+    def attention(self, q, k_cache, v_cache, meta, scale):
+        if meta.tree_mask_offsets is None and meta.max_query_len == 1:
+            return self._decode_attention(q, k_cache, v_cache, meta, scale)
+        out = torch.empty_like(q)
+        hq, hkv = q.shape[1], k_cache.shape[2]
+        starts = meta.query_start_loc.tolist()
+        for s, (q_len, kv_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+            if q_len == 0:
+                continue
+            a = starts[s]
+            qs = q[a : a + q_len].transpose(0, 1)  # [Hq, q, D]
+            k = gather_kv(k_cache, meta.block_tables[s], kv_len).transpose(0, 1)
+            v = gather_kv(v_cache, meta.block_tables[s], kv_len).transpose(0, 1)
+            tree = _tree(meta, s, q_len)
+            if tree is None and kv_len == q_len:
+                o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=hq != hkv)
+            else:
+                mask = stage_mask(q_len, kv_len, tree, q.device)
+                o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
+            out[a : a + q_len] = o.transpose(0, 1)
+        return out
+
+    def _decode_attention(self, q, k_cache, v_cache, meta, scale):
+        """All stages have one query row: gather each sequence's blocks into a padded batch."""
+        n, hq, d = q.shape
+        bs, hkv = k_cache.shape[1], k_cache.shape[2]
+        nblk = (meta.max_seq_len + bs - 1) // bs
+        table = meta.block_tables[:, :nblk].long()
+        k = k_cache[table].view(n, nblk * bs, hkv, d).permute(0, 2, 3, 1)  # [n, Hkv, D, L]
+        v = v_cache[table].view(n, nblk * bs, hkv, d).transpose(1, 2)  # [n, Hkv, L, D]
+        qg = q.view(n, hkv, hq // hkv, d)
+        scores = torch.matmul(qg, k).float() * scale  # [n, Hkv, g, L]
+        cols = torch.arange(nblk * bs, device=q.device)
+        invalid = cols[None, :] >= meta.seq_lens[:, None]
+        scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
+        probs = scores.softmax(-1).to(q.dtype)
+        return torch.matmul(probs, v).reshape(n, hq, d)
+
+    def sample(self, logits, temperature, top_k, top_p, min_p, uniform):
+        return sample_ref(logits, temperature, top_k, top_p, min_p, uniform)
