@@ -1,0 +1,73 @@
+"""Turns the step's logits into tokens: penalties, min_tokens, logprobs, then the backend's
+sampling op (greedy / temperature with top-k, top-p, min-p) fed with per-sequence random numbers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..backends import Backend
+from .sequence import Sequence
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: float  # raw log-probability of the sampled token (0.0 when logprobs were not asked)
+    top: list[tuple[int, float, int]] | None  # (token id, logprob, rank) of the top alternatives
+
+
+def _apply_penalties(logits: torch.Tensor, seq: Sequence) -> None:
+    p = seq.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
+        out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
+        counts = torch.bincount(out, minlength=logits.shape[-1]).to(logits.dtype)
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def sample(
+    backend: Backend, logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]
+) -> list[SampleResult]:
+    """One token per row of ``logits [N, V]`` (fp32), row ``i`` belonging to ``seqs[i]``."""
+    n = len(seqs)
+    want_lp = [s.params.logprobs for s in seqs]
+    raw_lp = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want_lp) else None
+    processed = logits
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        needs_min = seq.num_output_tokens < p.min_tokens
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or needs_min:
+            if processed is logits:
+                processed = logits.clone()
+            _apply_penalties(processed[i], seq)
+            if needs_min:
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else eos_ids)
+                processed[i, banned] = float("-inf")
+    dev = logits.device
+    temperature = torch.tensor([0.0 if s.params.greedy else s.params.temperature for s in seqs], device=dev)
+    top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.long, device=dev)
+    top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32, device=dev)
+    min_p = torch.tensor([s.params.min_p for s in seqs], dtype=torch.float32, device=dev)
+    uniform = torch.zeros(n, dtype=torch.float32)
+    for i, seq in enumerate(seqs):
+        if not seq.params.greedy:
+            uniform[i] = torch.rand((), generator=seq.generator)
+    tokens = backend.sample(processed, temperature, top_k, top_p, min_p, uniform.to(dev)).tolist()
+    results = []
+    for i, tok in enumerate(tokens):
+        lp, top = 0.0, None
+        if raw_lp is not None and want_lp[i] is not None:
+            row = raw_lp[i]
+            lp = float(row[tok])
+            rank = int((row > row[tok]).sum()) + 1
+            top = [(tok, lp, rank)]
+            if want_lp[i] > 0:
+                vals, idx = torch.topk(row, want_lp[i])
+                top += [(int(t), float(v), r + 1) for r, (v, t) in enumerate(zip(vals, idx)) if int(t) != tok]
+        results.append(SampleResult(tok, lp, top))
+    return results

