@@ -5,11 +5,39 @@ from __future__ import annotations
 import argparse
 import sys
 
+DEMO_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about a GPU and an NPU sharing one kernel.",
+    "Explain paged attention in two sentences.",
+    "List three prime numbers greater than 100.",
+]
+
 
 def _generate(args: argparse.Namespace) -> int:
-    from .examples_run import run_demo
+    import time
 
-    return run_demo(args)
+    from . import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(model=args.model, backend=args.backend, dtype=args.dtype)
+    print(
+        f"loaded {args.model or 'SmolLM2-135M-Instruct (default)'} on backend={llm.backend.name} "
+        f"dtype={str(llm.dtype).removeprefix('torch.')} in {time.perf_counter() - t0:.1f}s"
+    )
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    prompts = args.prompt or DEMO_PROMPTS
+    t0 = time.perf_counter()
+    outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+    dt = time.perf_counter() - t0
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    for p, o in zip(prompts, outs):
+        c = o.outputs[0]
+        print(
+            f"\n### {p}\n{c.text.strip()}\n[{len(c.token_ids)} tokens, finish={c.finish_reason}, "
+            f"ttft={o.metrics.ttft * 1000:.0f} ms]"
+        )
+    print(f"\n{len(prompts)} requests, {n_out} output tokens in {dt:.2f}s: {n_out / dt:.1f} tok/s")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

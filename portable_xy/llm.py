@@ -167,7 +167,9 @@ class LLM:
         if self.tokenizer is None:
             raise ValueError("chat() needs a tokenizer, but this LLM was built with skip_tokenizer_init=True")
         if not isinstance(messages, list) or not messages:
-            raise ValueError(f"messages must be a non-empty list of message dicts or of conversations, got {messages!r}")
+            raise ValueError(
+                f"messages must be a non-empty list of message dicts or of conversations, got {messages!r}"
+            )
         convs = [messages] if isinstance(messages[0], dict) else messages
         prompts = []
         for i, conv in enumerate(convs):
@@ -249,7 +251,9 @@ class LLM:
                 for out in done:
                     results[out.request_id] = out
                     bar.update(1)
-                bar.set_postfix_str(f"output {generated / max(time.perf_counter() - start, 1e-9):.1f} tok/s", refresh=False)
+                bar.set_postfix_str(
+                    f"output {generated / max(time.perf_counter() - start, 1e-9):.1f} tok/s", refresh=False
+                )
         finally:
             bar.close()
             for rid in ids:  # an interrupted call must leave the engine clean for the next one

@@ -52,7 +52,9 @@ class LLMEngine:
         self.num_steps = 0
 
     # ---- requests ----------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
         metrics = RequestMetrics(arrival_time=time.time())
         req = Request(request_id, prompt, list(prompt_token_ids), params, metrics)
         for index in range(params.n):

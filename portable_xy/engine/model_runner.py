@@ -26,7 +26,10 @@ class ModelRunner:
         c = model.config
         shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=backend.device), torch.zeros(shape, dtype=dtype, device=backend.device))
+            (
+                torch.zeros(shape, dtype=dtype, device=backend.device),
+                torch.zeros(shape, dtype=dtype, device=backend.device),
+            )
             for _ in range(c.num_layers)
         ]
 

@@ -30,9 +30,7 @@ def _apply_penalties(logits: torch.Tensor, seq: Sequence) -> None:
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
-def sample(
-    backend: Backend, logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]
-) -> list[SampleResult]:
+def sample(backend: Backend, logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]) -> list[SampleResult]:
     """One token per row of ``logits [N, V]`` (fp32), row ``i`` belonging to ``seqs[i]``."""
     n = len(seqs)
     want_lp = [s.params.logprobs for s in seqs]

@@ -128,6 +128,4 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
         ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
         extrap = 1 - ramp
         return inv / factor * (1 - extrap) + inv * extrap, float(mscale)
-    raise UnsupportedModelError(
-        f"rope type {kind!r} is not supported; supported: default, linear, llama3, yarn"
-    )
+    raise UnsupportedModelError(f"rope type {kind!r} is not supported; supported: default, linear, llama3, yarn")
