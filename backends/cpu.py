@@ -148,6 +148,12 @@ class CpuBackend(Backend):
 
     name = "cpu"
 
+    def __init__(self, device: torch.device, profile) -> None:
+        super().__init__(device, profile)
+        self._rope_key: tuple | None = None
+        self._slots_key: torch.Tensor | None = None
+        self._slots_all_valid = True
+
     def linear(self, x, weight, bias=None):
         return F.linear(x, weight, bias)
 
@@ -158,13 +164,28 @@ class CpuBackend(Backend):
         return F.rms_norm(x, (x.shape[-1],), weight, eps), residual
 
     def rope(self, q, k, positions, cos_sin):
-        return rope_ref(q, k, positions, cos_sin)
+        # cos/sin rows are gathered once per step (every layer passes the same positions)
+        if self._rope_key is None or self._rope_key[0] is not positions or self._rope_key[1] is not cos_sin:
+            half = cos_sin.shape[-1] // 2
+            cs = cos_sin[positions]
+            self._rope_key = (positions, cos_sin, cs[:, None, :half], cs[:, None, half:])
+        cos, sin = self._rope_key[2], self._rope_key[3]
+        hq = q.shape[1]
+        x = torch.cat((q, k), dim=1).float()
+        x1, x2 = x.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(q.dtype)
+        return out[:, :hq], out[:, hq:]
 
     def silu_and_mul(self, x):
         return silu_and_mul_ref(x)
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
-        store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+        if self._slots_key is not slot_mapping:  # checked once per step, not once per layer
+            self._slots_key, self._slots_all_valid = slot_mapping, bool((slot_mapping >= 0).all())
+        if not self._slots_all_valid:
+            return store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
     def attention(self, q, k_cache, v_cache, meta, scale):
         if meta.tree_mask_offsets is None and meta.max_query_len == 1:
@@ -189,20 +210,19 @@ class CpuBackend(Backend):
         return out
 
     def _decode_attention(self, q, k_cache, v_cache, meta, scale):
-        """All stages have one query row: gather each sequence's blocks into a padded batch."""
+        """All stages have one query row: gather each sequence's blocks into a padded batch and
+        compute in fp32 (tiny bf16 matmuls are several times slower than fp32 ones on CPU)."""
         n, hq, d = q.shape
         bs, hkv = k_cache.shape[1], k_cache.shape[2]
         nblk = (meta.max_seq_len + bs - 1) // bs
-        table = meta.block_tables[:, :nblk].long()
-        k = k_cache[table].view(n, nblk * bs, hkv, d).permute(0, 2, 3, 1)  # [n, Hkv, D, L]
-        v = v_cache[table].view(n, nblk * bs, hkv, d).transpose(1, 2)  # [n, Hkv, L, D]
-        qg = q.view(n, hkv, hq // hkv, d)
-        scores = torch.matmul(qg, k).float() * scale  # [n, Hkv, g, L]
+        table = meta.block_tables[:, :nblk].reshape(-1).long()
+        k = k_cache.index_select(0, table).view(n, nblk * bs, hkv, d).float().permute(0, 2, 3, 1)  # [n,Hkv,D,L]
+        v = v_cache.index_select(0, table).view(n, nblk * bs, hkv, d).float().transpose(1, 2)  # [n,Hkv,L,D]
+        scores = torch.matmul(q.float().view(n, hkv, hq // hkv, d), k) * scale  # [n, Hkv, g, L]
         cols = torch.arange(nblk * bs, device=q.device)
         invalid = cols[None, :] >= meta.seq_lens[:, None]
         scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
-        probs = scores.softmax(-1).to(q.dtype)
-        return torch.matmul(probs, v).reshape(n, hq, d)
+        return torch.matmul(scores.softmax(-1), v).reshape(n, hq, d).to(q.dtype)
 
     def sample(self, logits, temperature, top_k, top_p, min_p, uniform):
         return sample_ref(logits, temperature, top_k, top_p, min_p, uniform)

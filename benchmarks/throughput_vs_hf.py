@@ -1,0 +1,111 @@
+"""Throughput of portable_xy vs HF transformers on the same model, prompts and output lengths,
+measured side by side in one run (ratios, not absolute numbers, are the result).
+
+    python benchmarks/throughput_vs_hf.py [--model PATH] [--batch 32] [--new-tokens 128]
+        [--dtypes float32 bfloat16] [--skip-hf]
+
+Each configuration generates exactly ``--new-tokens`` tokens per request (greedy, EOS ignored):
+a single request, then ``--batch`` requests at once. HF runs fp32 ``generate`` (left-padded batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from portable_xy import LLM, SamplingParams
+from portable_xy.models.loader import resolve_model_path
+
+TOPICS = [
+    "the history of the printing press", "how a transistor works", "why the sky is blue",
+    "the rules of chess", "photosynthesis", "the water cycle", "how vaccines work", "the Roman Empire",
+    "black holes", "the stock market", "machine learning", "the French Revolution", "plate tectonics",
+    "how airplanes fly", "the human heart", "renewable energy",
+]  # fmt: skip
+
+
+def make_prompts(tokenizer, n: int) -> list[list[int]]:
+    prompts = []
+    for i in range(n):
+        msg = [{"role": "user", "content": f"Write a detailed essay about {TOPICS[i % len(TOPICS)]}. (#{i})"}]
+        text = tokenizer.apply_chat_template(msg, tokenize=False, add_generation_prompt=True)
+        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return prompts
+
+
+def run_hf(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> float:
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, pad_token_id=pad_id,
+        )  # fmt: skip
+    dt = time.perf_counter() - t0
+    assert out.shape[1] - width == new_tokens
+    return len(prompts) * new_tokens / dt
+
+
+def run_ours(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
+    return len(prompts) * new_tokens / dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    results: dict[str, dict[str, float]] = {}
+    tokenizer = None
+    for dtype in args.dtypes:
+        llm = LLM(model=args.model, backend="cpu", dtype=dtype, enable_prefix_caching=False)
+        tokenizer = llm.get_tokenizer()
+        prompts = make_prompts(tokenizer, args.batch)
+        run_ours(llm, prompts[:2], 4)  # warm-up
+        results[f"portable_xy {dtype}"] = {
+            "single": run_ours(llm, prompts[:1], args.new_tokens),
+            "batch": run_ours(llm, prompts, args.new_tokens),
+        }
+        del llm
+    if not args.skip_hf:
+        from transformers import AutoModelForCausalLM
+
+        path = resolve_model_path(args.model)
+        kw = {"gguf_file": path.name} if path.is_file() else {}
+        hf = AutoModelForCausalLM.from_pretrained(str(path.parent if path.is_file() else path), dtype=torch.float32, **kw)
+        prompts = make_prompts(tokenizer, args.batch)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        run_hf(hf, prompts[:1], 4, pad)  # warm-up
+        results["HF transformers float32"] = {
+            "single": run_hf(hf, prompts[:1], args.new_tokens, pad),
+            "batch": run_hf(hf, prompts, args.new_tokens, pad),
+        }
+    print(f"\n{'engine':<28}{'1 request tok/s':>18}{f'{args.batch} requests tok/s':>22}")
+    for name, r in results.items():
+        print(f"{name:<28}{r['single']:>18.1f}{r['batch']:>22.1f}")
+    hf_r = results.get("HF transformers float32")
+    if hf_r:
+        print("\nratios vs HF transformers (same run):")
+        for name, r in results.items():
+            if name.startswith("portable_xy"):
+                print(
+                    f"  {name}: single {r['single'] / hf_r['single']:.2f}x, "
+                    f"batch {r['batch'] / hf_r['batch']:.2f}x"
+                )
+
+
+if __name__ == "__main__":
+    main()
