@@ -8,6 +8,8 @@ short and states its maths).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -143,6 +145,20 @@ def sample_ref(
     return out
 
 
+@dataclass
+class _DecodePlan:
+    table: torch.Tensor  # int64 [n * num_blocks]: every sequence's first num_blocks block ids
+    mask: torch.Tensor  # bool [n, 1, 1, num_blocks * block_size]: column < seq_len
+    num_blocks: int
+
+    @classmethod
+    def build(cls, meta: AttnMetadata, block_size: int) -> _DecodePlan:
+        nblk = (meta.max_seq_len + block_size - 1) // block_size
+        cols = torch.arange(nblk * block_size, device=meta.seq_lens.device)
+        mask = (cols[None, :] < meta.seq_lens[:, None])[:, None, None, :]
+        return cls(meta.block_tables[:, :nblk].reshape(-1).long(), mask, nblk)
+
+
 class CpuBackend(Backend):
     """torch ops on CPU tensors; decode-only batches take a batched (padded) attention path."""
 
@@ -211,18 +227,18 @@ class CpuBackend(Backend):
 
     def _decode_attention(self, q, k_cache, v_cache, meta, scale):
         """All stages have one query row: gather each sequence's blocks into a padded batch and
-        compute in fp32 (tiny bf16 matmuls are several times slower than fp32 ones on CPU)."""
+        run one SDPA call with a length mask (K/V are read in place of the gathered copy, no
+        transposes are materialised; GQA groups are folded into the query rows)."""
         n, hq, d = q.shape
         bs, hkv = k_cache.shape[1], k_cache.shape[2]
-        nblk = (meta.max_seq_len + bs - 1) // bs
-        table = meta.block_tables[:, :nblk].reshape(-1).long()
-        k = k_cache.index_select(0, table).view(n, nblk * bs, hkv, d).float().permute(0, 2, 3, 1)  # [n,Hkv,D,L]
-        v = v_cache.index_select(0, table).view(n, nblk * bs, hkv, d).float().transpose(1, 2)  # [n,Hkv,L,D]
-        scores = torch.matmul(q.float().view(n, hkv, hq // hkv, d), k) * scale  # [n, Hkv, g, L]
-        cols = torch.arange(nblk * bs, device=q.device)
-        invalid = cols[None, :] >= meta.seq_lens[:, None]
-        scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
-        return torch.matmul(scores.softmax(-1), v).reshape(n, hq, d).to(q.dtype)
+        plan = meta.plan
+        if not isinstance(plan, _DecodePlan):  # built once per step, reused by every layer
+            plan = meta.plan = _DecodePlan.build(meta, bs)
+        length = plan.num_blocks * bs
+        k = k_cache.index_select(0, plan.table).view(n, length, hkv, d).transpose(1, 2)
+        v = v_cache.index_select(0, plan.table).view(n, length, hkv, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q.view(n, hkv, hq // hkv, d), k, v, attn_mask=plan.mask, scale=scale)
+        return o.reshape(n, hq, d)
 
     def sample(self, logits, temperature, top_k, top_p, min_p, uniform):
         return sample_ref(logits, temperature, top_k, top_p, min_p, uniform)

@@ -85,7 +85,9 @@ def main() -> None:
 
         path = resolve_model_path(args.model)
         kw = {"gguf_file": path.name} if path.is_file() else {}
-        hf = AutoModelForCausalLM.from_pretrained(str(path.parent if path.is_file() else path), dtype=torch.float32, **kw)
+        hf = AutoModelForCausalLM.from_pretrained(
+            str(path.parent if path.is_file() else path), dtype=torch.float32, **kw
+        )
         prompts = make_prompts(tokenizer, args.batch)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         run_hf(hf, prompts[:1], 4, pad)  # warm-up
@@ -101,10 +103,7 @@ def main() -> None:
         print("\nratios vs HF transformers (same run):")
         for name, r in results.items():
             if name.startswith("portable_xy"):
-                print(
-                    f"  {name}: single {r['single'] / hf_r['single']:.2f}x, "
-                    f"batch {r['batch'] / hf_r['batch']:.2f}x"
-                )
+                print(f"  {name}: single {r['single'] / hf_r['single']:.2f}x, batch {r['batch'] / hf_r['batch']:.2f}x")
 
 
 if __name__ == "__main__":

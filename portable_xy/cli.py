@@ -55,11 +55,10 @@ def main(argv: list[str] | None = None) -> int:
 
     kernels = sub.add_parser("kernels", help="Triton kernel tooling (AOT report, offline tuner)")
     ksub = kernels.add_subparsers(dest="kernels_command", required=True)
+    from .backends.tuner import add_tune_command
     from .triton_kernels.aot import add_aot_report_command
 
     add_aot_report_command(ksub)
-    from .backends.tuner import add_tune_command
-
     add_tune_command(ksub)
 
     args = parser.parse_args(argv)

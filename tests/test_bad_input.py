@@ -76,7 +76,9 @@ def test_unsupported_architecture(tiny_llm, tiny_llama, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedModelError, match=r"GPT2LMHeadModel.*supported: .*LlamaForCausalLM.*Qwen3ForCausalLM"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"GPT2LMHeadModel.*supported: .*LlamaForCausalLM.*Qwen3ForCausalLM"
+    ):
         LLM(str(d), backend="cpu")
     assert_still_works(tiny_llm)
 
