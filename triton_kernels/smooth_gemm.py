@@ -478,8 +478,9 @@ def aot_dtypes(profile) -> list[torch.dtype]:
 
 
 def aot_specs(profile) -> list[dict]:
-    """One compile spec per (menu tile, half-precision dtype): generic shapes, no bias, K a
-    multiple of BLOCK_K (model sizes are). ``signature`` lists every
+    """One compile spec per (menu tile, half-precision dtype): generic M, no bias, K a multiple of
+    BLOCK_K and N, K, row strides multiples of 16 (model sizes are), unit inner strides.
+    ``signature`` lists every
     kernel argument (constexprs as ``"constexpr"``, as ``triton.compiler.ASTSource`` wants in
     Triton >= 3.3); ``constexprs`` gives their values."""
     specs = []
@@ -490,13 +491,15 @@ def aot_specs(profile) -> list[dict]:
             cx = dict(BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K,
                       GROUP_M=int(profile.gemm.get("group_m", 1)), HAS_BIAS=False, EVEN_K=True,
                       FP32_IEEE=False, PERSISTENT=persistent)  # fmt: skip
+            # unit strides are specialised to constexpr 1 by the JIT at run time: mirror that
+            cx.update(stride_xk=1, stride_wk=1, stride_yn=1)
             sig = {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "b_ptr": f"*{ty}", "y_ptr": f"*{ty}"}
-            sig.update({k: "i32" for k in ("M", "N", "K", "stride_xm", "stride_xk", "stride_wn", "stride_wk",
-                                           "stride_ym", "stride_yn", "num_programs")})  # fmt: skip
+            sig.update({k: "i32" for k in ("M", "N", "K", "stride_xm", "stride_wn", "stride_ym", "num_programs")})
             sig.update({k: "constexpr" for k in cx})
             specs.append(dict(
                 name=f"smooth_gemm_{ty}_{t.name}", fn=smooth_gemm_kernel, signature=sig, constexprs=cx,
                 num_warps=t.num_warps, num_stages=t.num_stages, expect_tensor_cores=True,
+                divisible_by_16=["N", "K", "stride_xm", "stride_wn", "stride_ym"],
                 options={k: v for k, v in t.options if k not in ("num_warps", "num_stages")},
             ))  # fmt: skip
     return specs
