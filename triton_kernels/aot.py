@@ -256,8 +256,14 @@ def _rerun_ptxas(ptx: str, cc: int) -> str:
 
 
 def _config_label(spec: dict) -> str:
-    cx = spec.get("constexprs") or {}
-    parts = [f"{k}={v}" for k, v in cx.items() if isinstance(v, (int, float, str))]
+    """Short label: numeric constexprs (not unit strides), flags that are on, warps and stages."""
+    parts = []
+    for k, v in (spec.get("constexprs") or {}).items():
+        if isinstance(v, bool):
+            if v:
+                parts.append(k)
+        elif isinstance(v, (int, float, str)) and not (k.startswith("stride") and v == 1):
+            parts.append(f"{k}={v}")
     parts.append(f"w{spec.get('num_warps', 4)}s{spec.get('num_stages', 3)}")
     return " ".join(parts)
 
