@@ -68,9 +68,15 @@ class Backend:
     def prepare(self, meta: AttnMetadata, num_heads: int, num_kv_heads: int) -> None:
         """Attach backend-private per-step plans to ``meta`` (no-op by default)."""
 
+    def prepare_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Convert a ``[N, K]`` GEMM weight once, at load time, into the form :meth:`linear` takes
+        (e.g. a pre-packed layout). Default: unchanged."""
+        return weight
+
     # ---- ops ---------------------------------------------------------------------------------
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``y[M, N] = x[M, K] @ weight[N, K]^T (+ bias[N])``."""
+        """``y[M, N] = x[M, K] @ weight[N, K]^T (+ bias[N])``; ``weight`` as returned by
+        :meth:`prepare_weight`."""
         raise NotImplementedError
 
     def rms_norm(

@@ -145,6 +145,9 @@ def sample_ref(
     return out
 
 
+_HAS_MKLDNN_PACKING = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
 @dataclass
 class _DecodePlan:
     table: torch.Tensor  # int64 [n * num_blocks]: every sequence's first num_blocks block ids
@@ -170,7 +173,17 @@ class CpuBackend(Backend):
         self._slots_key: torch.Tensor | None = None
         self._slots_all_valid = True
 
+    def prepare_weight(self, weight):
+        # bf16/fp16 GEMMs run through oneDNN; packing the weight into its blocked layout once
+        # saves a reorder per call (~25% of decode time here) and is bit-identical to F.linear.
+        # fp32 stays on F.linear: oneDNN's packed fp32 path is not row-invariant across M.
+        if weight.dtype in (torch.bfloat16, torch.float16) and _HAS_MKLDNN_PACKING:
+            return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        return weight
+
     def linear(self, x, weight, bias=None):
+        if weight.is_mkldnn:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return F.linear(x, weight, bias)
 
     def rms_norm(self, x, weight, eps, residual=None):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 from conftest import random_prompts
-from portable_xy.backends.cpu import sample_ref
 
 from portable_xy import SamplingParams
+from portable_xy.backends.cpu import sample_ref
 
 PROMPTS = [{"prompt_token_ids": p} for p in random_prompts(3, [5, 12, 30], seed=7)]
 

@@ -18,7 +18,7 @@ from .config import ModelConfig
 @dataclass
 class DecoderLayer:
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # [(Hq + 2 Hkv) * D, H]
+    qkv: torch.Tensor  # [(Hq + 2 Hkv) * D, H]; GEMM weights as returned by Backend.prepare_weight
     qkv_bias: torch.Tensor | None
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
@@ -63,19 +63,19 @@ class LlamaForCausalLM:
             self.layers.append(
                 DecoderLayer(
                     input_norm=take(p + "input_layernorm.weight"),
-                    qkv=torch.cat([q, k, v]).contiguous(),
+                    qkv=backend.prepare_weight(torch.cat([q, k, v]).contiguous()),
                     qkv_bias=bias,
                     q_norm=take(p + "self_attn.q_norm.weight") if c.qk_norm else None,
                     k_norm=take(p + "self_attn.k_norm.weight") if c.qk_norm else None,
-                    o_proj=take(p + "self_attn.o_proj.weight"),
+                    o_proj=backend.prepare_weight(take(p + "self_attn.o_proj.weight")),
                     post_norm=take(p + "post_attention_layernorm.weight"),
-                    gate_up=torch.cat([gate, up]).contiguous(),
-                    down=take(p + "mlp.down_proj.weight"),
+                    gate_up=backend.prepare_weight(torch.cat([gate, up]).contiguous()),
+                    down=backend.prepare_weight(take(p + "mlp.down_proj.weight")),
                 )
             )
         self.norm = take("model.norm.weight")
         lm_head = take("lm_head.weight", required=not c.tie_word_embeddings)
-        self.lm_head = self.embed if lm_head is None else lm_head
+        self.lm_head = backend.prepare_weight(self.embed if lm_head is None else lm_head)
         self.cos_sin = c.rope_cos_sin(max_positions).to(dev)
         self.scale = c.head_dim**-0.5
 
