@@ -6,7 +6,15 @@ Precedence, lowest to highest (later files override keys of earlier ones, dicts 
 2. ``profiles/<vendor>/default.yaml`` (or ``profiles/<vendor>.yaml`` for single-file vendors)
 3. ``profiles/<vendor>/<arch>.yaml``
 4. a tuned file written by ``portable-xy kernels tune`` in ``$PORTABLE_XY_PROFILE_DIR``
-   (default ``~/.cache/portable_xy/profiles``), same ``<vendor>/<arch>.yaml`` layout.
+   (default ``~/.cache/portable_xy/profiles``), same ``<vendor>/<arch>.yaml`` layout
+   (``<vendor>/default.yaml`` when no arch is given, e.g. the ``interpret`` backend).
+
+A tuned file starts with header fields (:data:`TUNED_HEADER_KEYS`): ``device`` (the device name it
+was timed on), ``triton_version`` / ``triton_package`` and ``kernel_source_hash`` (of the kernel
+modules). They are metadata, not profile data: the loader removes them (``Profile.tuned`` keeps
+them) and IGNORES the whole tuned file, with a warning, when the hash or the Triton version no
+longer match what is installed (or, if ``load_profile`` is given ``device_name``, the device), so a
+stale tuning never silently drives new kernels.
 
 No autotuning happens on the hot path: kernels read their tiles from the resolved profile.
 """
@@ -14,7 +22,9 @@ No autotuning happens on the hot path: kernels read their tiles from the resolve
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +32,11 @@ from typing import Any
 import yaml
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
+
+# Header fields of a tuned profile file (not merged into the profile data).
+TUNED_HEADER_KEYS = ("device", "triton_version", "triton_package", "kernel_source_hash", "tuned_at", "tuner")
+# Kernel tooling that does not change what the kernels compute or how fast they run.
+_HASH_EXCLUDE = {"aot.py"}
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -38,6 +53,56 @@ def tuned_profile_dir() -> Path:
     return Path(os.environ.get("PORTABLE_XY_PROFILE_DIR", Path.home() / ".cache" / "portable_xy" / "profiles"))
 
 
+def kernel_source_dir() -> Path:
+    """The ``portable_xy.triton_kernels`` folder (a sibling of this package both in the source
+    tree and in an installed wheel), found without importing it."""
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "triton_kernels", here.parent / "portable_xy" / "triton_kernels"):
+        if cand.is_dir():
+            return cand
+    raise FileNotFoundError(f"triton_kernels package not found next to {here}")
+
+
+def kernel_source_hash() -> str:
+    """``sha256:<hex>`` over the kernel modules' sources (file names and bytes, sorted)."""
+    h = hashlib.sha256()
+    for path in sorted(kernel_source_dir().glob("*.py")):
+        if path.name in _HASH_EXCLUDE:
+            continue
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def installed_triton() -> tuple[str | None, str | None]:
+    """``(package, version)`` of the installed Triton distribution (``triton`` or
+    ``triton-ascend``, which share the ``triton`` module and may share version numbers), read
+    from package metadata without importing Triton; ``(None, None)`` when there is none."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("triton", "triton-ascend"):
+        try:
+            return dist, version(dist)
+        except PackageNotFoundError:
+            continue
+    return None, None
+
+
+def tuned_file_problems(header: dict, device_name: str | None = None) -> list[str]:
+    """Why a tuned file's header does not match this installation (empty list: it matches)."""
+    out = []
+    want_hash = kernel_source_hash()
+    if header.get("kernel_source_hash") != want_hash:
+        out.append(f"kernel_source_hash {header.get('kernel_source_hash')!r} != current {want_hash!r}")
+    pkg, ver = installed_triton()
+    if str(header.get("triton_version")) != str(ver):
+        out.append(f"triton_version {header.get('triton_version')!r} != installed {ver!r}")
+    elif header.get("triton_package") and header.get("triton_package") != pkg:
+        out.append(f"triton_package {header.get('triton_package')!r} != installed {pkg!r}")
+    if device_name is not None and header.get("device") != device_name:
+        out.append(f"device {header.get('device')!r} != {device_name!r}")
+    return out
+
+
 @dataclass
 class Profile:
     """Resolved tuning data for one backend on one architecture."""
@@ -46,6 +111,8 @@ class Profile:
     arch: str | None
     data: dict[str, Any]
     sources: list[str] = field(default_factory=list)
+    # header of the tuned file that was applied (device, triton_version, kernel_source_hash, ...)
+    tuned: dict[str, Any] | None = None
 
     @property
     def kv_block_size(self) -> int:
@@ -71,7 +138,7 @@ class Profile:
         """A copy whose core count is ``n`` (read from the device at start-up)."""
         data = copy.deepcopy(self.data)
         data["num_cores"] = int(n)
-        return Profile(self.vendor, self.arch, data, list(self.sources))
+        return Profile(self.vendor, self.arch, data, list(self.sources), copy.deepcopy(self.tuned))
 
 
 def _vendor_files(vendor: str, arch: str | None) -> list[Path]:
@@ -83,25 +150,40 @@ def _vendor_files(vendor: str, arch: str | None) -> list[Path]:
             files.append(vdir / f"{arch}.yaml")
     else:
         files.append(PROFILE_DIR / f"{vendor}.yaml")
-    if arch:
-        files.append(tuned_profile_dir() / vendor / f"{arch}.yaml")
+    # tuned file: <vendor>/<arch>.yaml, or <vendor>/default.yaml for arch-less vendors (interpret)
+    files.append(tuned_profile_dir() / vendor / f"{arch or 'default'}.yaml")
     return files
 
 
-def load_profile(vendor: str, arch: str | None = None) -> Profile:
+def load_profile(vendor: str, arch: str | None = None, device_name: str | None = None) -> Profile:
     """Resolve the profile for ``vendor`` (``cpu``, ``interpret``, ``cuda``, ``ascend``) and
-    ``arch`` (``sm80``, ``sm90``, ``910b``, ``910_93``...), applying the precedence above."""
+    ``arch`` (``sm80``, ``sm90``, ``910b``, ``910_93``...), applying the precedence above.
+    ``device_name``: when given, a tuned file timed on another device is ignored too."""
     known = sorted(p.stem if p.is_file() else p.name for p in PROFILE_DIR.iterdir() if p.stem != "default")
     if not (PROFILE_DIR / vendor).is_dir() and not (PROFILE_DIR / f"{vendor}.yaml").is_file():
         raise ValueError(f"no profile for vendor {vendor!r}; known vendors: {known}")
     data: dict[str, Any] = {}
     sources = []
-    for path in _vendor_files(vendor, arch):
+    tuned = None
+    files = _vendor_files(vendor, arch)
+    tuned_path = files[-1]
+    for path in files:
         if path.is_file():
             with open(path) as f:
                 layer = yaml.safe_load(f) or {}
             if not isinstance(layer, dict):
                 raise ValueError(f"profile file {path} must hold a mapping, got {type(layer).__name__}")
+            if path == tuned_path:
+                header = {k: layer.pop(k) for k in TUNED_HEADER_KEYS if k in layer}
+                problems = tuned_file_problems(header, device_name)
+                if problems:
+                    warnings.warn(
+                        f"ignoring stale tuned profile {path}: {'; '.join(problems)} "
+                        "(re-run `portable-xy kernels tune`)",
+                        stacklevel=2,
+                    )
+                    continue
+                tuned = header
             data = _deep_merge(data, layer)
             sources.append(str(path))
-    return Profile(vendor=vendor, arch=arch, data=data, sources=sources)
+    return Profile(vendor=vendor, arch=arch, data=data, sources=sources, tuned=tuned)
