@@ -1,0 +1,153 @@
+"""RMSNorm with an optional fused residual add.
+
+Torch reference: ``portable_xy.backends.cpu.rms_norm_ref`` (semantics of ``Backend.rms_norm``)::
+
+    r = x + residual            (in x.dtype; only with a residual, and returned)
+    y = (r.float() * rsqrt(mean(r.float()^2) + eps)).to(x.dtype) * weight
+
+Shapes and layouts
+    x         [T, D] or [T, H, D] (e.g. per-head q/k norm on a strided view of the QKV output);
+              the last dim must be contiguous, the others may have any stride
+    residual  same shape as x (any strides, last dim contiguous), optional
+    weight    [D]
+    y         x's shape, contiguous, dtype promote(x.dtype, weight.dtype) like torch
+    r         x's shape, contiguous, x.dtype (only with a residual)
+
+One program normalises rows ``pid, pid + num_programs, ...`` (``num_programs`` = rows on CUDA,
+the vector-core count on Ascend, see :func:`support_programs`). A row is processed in chunks of
+BLOCK_D elements: pass 1 accumulates the sum of squares (and writes ``r``), pass 2 recomputes
+``x + residual`` from the inputs (no read-after-write of ``r``) and writes ``y``.
+
+Constexprs: BLOCK_D (chunk, power of two), HAS_RESIDUAL.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, y_ptr, r_out_ptr,
+    n_rows, H, D, stride_xt, stride_xh, stride_rt, stride_rh, eps, num_programs,
+    BLOCK_D: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    for row in tl.range(pid, n_rows, num_programs):
+        t = row // H
+        h = row % H
+        x_row = x_ptr + tl.cast(t, tl.int64) * stride_xt + h * stride_xh
+        r_row = res_ptr + tl.cast(t, tl.int64) * stride_rt + h * stride_rh
+        out_row = tl.cast(row, tl.int64) * D
+        # pass 1: sum of squares (the residual sum is written out here)
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            mask = cols < D - d0
+            x = tl.load(x_row + d0 + cols, mask=mask, other=0.0)
+            if HAS_RESIDUAL:
+                x = x + tl.load(r_row + d0 + cols, mask=mask, other=0.0)
+                tl.store(r_out_ptr + out_row + d0 + cols, x, mask=mask)
+            xf = x.to(tl.float32)
+            acc += xf * xf
+        rstd = tl.rsqrt(tl.sum(acc, axis=0) / D + eps)
+        # pass 2: normalise, cast back to x's dtype, scale by the weight
+        for d0 in range(0, D, BLOCK_D):
+            mask = cols < D - d0
+            x = tl.load(x_row + d0 + cols, mask=mask, other=0.0)
+            if HAS_RESIDUAL:
+                x = x + tl.load(r_row + d0 + cols, mask=mask, other=0.0)
+            w = tl.load(w_ptr + d0 + cols, mask=mask, other=0.0)
+            y = (x.to(tl.float32) * rstd).to(x_ptr.dtype.element_ty) * w
+            tl.store(y_ptr + out_row + d0 + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def support_programs(n_tasks: int, profile, section: str = "support") -> int:
+    """Grid size for a task loop: one program per task, or -- when the profile section says
+    ``persistent`` (Ascend) -- at most ``num_cores * programs_per_core`` programs."""
+    s = profile.data.get(section) or {}
+    if not s.get("persistent", False):
+        return max(1, n_tasks)
+    cap = max(1, int(profile.num_cores) * int(s.get("programs_per_core", 1)))
+    return max(1, min(n_tasks, cap))
+
+
+def launch_options(profile, section: str = "support") -> dict:
+    """``num_warps``/``num_stages`` (CUDA) and ``options`` (e.g. Ascend compile options)."""
+    s = profile.data.get(section) or {}
+    opts = dict(s.get("options") or {})
+    for k in ("num_warps", "num_stages"):
+        if k in s:
+            opts[k] = int(s[k])
+    return opts
+
+
+def _rows_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """(tensor, H, stride_t, stride_h) for a [T, D] or [T, H, D] tensor with a unit last stride."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    if t.dim() == 2:
+        return t, 1, t.stride(0), 0
+    if t.dim() == 3:
+        return t, t.shape[1], t.stride(0), t.stride(1)
+    t = t.reshape(-1, t.shape[-1])
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t, 1, t.stride(0), 0
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, profile=None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Same contract as ``Backend.rms_norm``; inputs are not modified."""
+    D = x.shape[-1]
+    if weight.shape != (D,):
+        raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match last dim {D}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"rms_norm: residual {tuple(residual.shape)} != x {tuple(x.shape)}")
+    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    r_out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else None
+    xv, H, sxt, sxh = _rows_view(x)
+    n_rows = x.numel() // D
+    if n_rows == 0:
+        return y, r_out
+    if residual is not None:
+        rv, _, srt, srh = _rows_view(residual)  # same shape as x, so the same row decomposition
+    else:
+        rv, srt, srh = xv, 0, 0
+    s = (profile.data.get("support") or {}) if profile is not None else {}
+    block_d = min(triton.next_power_of_2(D), int(s.get("block_d", 4096)))
+    progs = support_programs(n_rows, profile) if profile is not None else n_rows
+    rms_norm_kernel[(progs,)](
+        xv, rv, weight, y, r_out if r_out is not None else y,
+        n_rows, H, D, sxt, sxh, srt, srh, float(eps), progs,
+        BLOCK_D=block_d, HAS_RESIDUAL=residual is not None,
+        **(launch_options(profile) if profile is not None else {}),
+    )  # fmt: skip
+    return y, r_out
+
+
+_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def aot_specs(profile) -> list[dict]:
+    """fp16/bf16, hidden size 4096 in chunks of ``support.block_d``, with and without residual."""
+    s = profile.data.get("support") or {}
+    block_d = min(4096, int(s.get("block_d", 4096)))
+    nw = int(s.get("num_warps", 4))
+    dts = ["fp16"] + (["bf16"] if (profile.data.get("supports") or {}).get("bf16", True) else [])
+    specs = []
+    for ty in dts:
+        for has_res in (False, True):
+            sig = {"x_ptr": f"*{ty}", "res_ptr": f"*{ty}", "w_ptr": f"*{ty}", "y_ptr": f"*{ty}",
+                   "r_out_ptr": f"*{ty}", "n_rows": "i32", "H": "i32", "D": "i32", "stride_xt": "i32",
+                   "stride_xh": "i32", "stride_rt": "i32", "stride_rh": "i32", "eps": "fp32",
+                   "num_programs": "i32", "BLOCK_D": "constexpr", "HAS_RESIDUAL": "constexpr"}  # fmt: skip
+            specs.append(dict(
+                name=f"rms_norm_{ty}{'_res' if has_res else ''}", fn=rms_norm_kernel, signature=sig,
+                constexprs={"BLOCK_D": block_d, "HAS_RESIDUAL": has_res}, num_warps=nw, num_stages=1,
+                expect_tensor_cores=False, divisible_by_16=["D", "stride_xt", "stride_rt"],
+            ))  # fmt: skip
+    return specs
