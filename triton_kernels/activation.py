@@ -24,16 +24,16 @@ from .rms_norm import launch_options, support_programs
 
 
 @triton.jit
-def silu_and_mul_kernel(x_ptr, y_ptr, n_rows, I, stride_xm, stride_ym, num_programs, BLOCK_I: tl.constexpr):
+def silu_and_mul_kernel(x_ptr, y_ptr, n_rows, n_cols, stride_xm, stride_ym, num_programs, BLOCK_I: tl.constexpr):
     pid = tl.program_id(0)
-    n_cb = tl.cdiv(I, BLOCK_I)
+    n_cb = tl.cdiv(n_cols, BLOCK_I)
     cols = tl.arange(0, BLOCK_I)
     for task in tl.range(pid, n_rows * n_cb, num_programs):
         row = tl.cast(task // n_cb, tl.int64)
         c0 = (task % n_cb) * BLOCK_I
-        mask = cols < I - c0
+        mask = cols < n_cols - c0
         gate = tl.load(x_ptr + row * stride_xm + c0 + cols, mask=mask, other=0.0)
-        up = tl.load(x_ptr + row * stride_xm + I + c0 + cols, mask=mask, other=0.0)
+        up = tl.load(x_ptr + row * stride_xm + n_cols + c0 + cols, mask=mask, other=0.0)
         g = gate.to(tl.float32)
         silu = (g / (1.0 + tl.exp(-g))).to(x_ptr.dtype.element_ty)
         tl.store(y_ptr + row * stride_ym + c0 + cols, silu * up, mask=mask)
@@ -43,23 +43,23 @@ def silu_and_mul(x: torch.Tensor, profile=None) -> torch.Tensor:
     """``x [..., 2I] -> silu(x[..., :I]) * x[..., I:]``."""
     if x.shape[-1] % 2:
         raise ValueError(f"silu_and_mul: last dim {x.shape[-1]} is odd")
-    lead, I = x.shape[:-1], x.shape[-1] // 2
-    x2 = x.reshape(-1, 2 * I)
+    lead, n_cols = x.shape[:-1], x.shape[-1] // 2
+    x2 = x.reshape(-1, 2 * n_cols)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    y = torch.empty((M, I), dtype=x.dtype, device=x.device)
-    if M == 0 or I == 0:
-        return y.reshape(*lead, I)
+    y = torch.empty((M, n_cols), dtype=x.dtype, device=x.device)
+    if M == 0 or n_cols == 0:
+        return y.reshape(*lead, n_cols)
     s = (profile.data.get("support") or {}) if profile is not None else {}
-    block_i = min(triton.next_power_of_2(I), int(s.get("block_i", 1024)))
-    tasks = M * triton.cdiv(I, block_i)
+    block_i = min(triton.next_power_of_2(n_cols), int(s.get("block_i", 1024)))
+    tasks = M * triton.cdiv(n_cols, block_i)
     progs = support_programs(tasks, profile) if profile is not None else tasks
     silu_and_mul_kernel[(progs,)](
-        x2, y, M, I, x2.stride(0), y.stride(0), progs, BLOCK_I=block_i,
+        x2, y, M, n_cols, x2.stride(0), y.stride(0), progs, BLOCK_I=block_i,
         **(launch_options(profile) if profile is not None else {}),
     )  # fmt: skip
-    return y.reshape(*lead, I)
+    return y.reshape(*lead, n_cols)
 
 
 def aot_specs(profile) -> list[dict]:
@@ -67,11 +67,11 @@ def aot_specs(profile) -> list[dict]:
     dts = ["fp16"] + (["bf16"] if (profile.data.get("supports") or {}).get("bf16", True) else [])
     specs = []
     for ty in dts:
-        sig = {"x_ptr": f"*{ty}", "y_ptr": f"*{ty}", "n_rows": "i32", "I": "i32", "stride_xm": "i32",
+        sig = {"x_ptr": f"*{ty}", "y_ptr": f"*{ty}", "n_rows": "i32", "n_cols": "i32", "stride_xm": "i32",
                "stride_ym": "i32", "num_programs": "i32", "BLOCK_I": "constexpr"}  # fmt: skip
         specs.append(dict(
             name=f"silu_and_mul_{ty}", fn=silu_and_mul_kernel, signature=sig,
             constexprs={"BLOCK_I": int(s.get("block_i", 1024))}, num_warps=int(s.get("num_warps", 4)),
-            num_stages=1, expect_tensor_cores=False, divisible_by_16=["I", "stride_xm", "stride_ym"],
+            num_stages=1, expect_tensor_cores=False, divisible_by_16=["n_cols", "stride_xm", "stride_ym"],
         ))  # fmt: skip
     return specs
