@@ -39,7 +39,7 @@ def silu_and_mul_kernel(x_ptr, y_ptr, n_rows, n_cols, stride_xm, stride_ym, num_
         tl.store(y_ptr + row * stride_ym + c0 + cols, silu * up, mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor, profile=None) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, profile=None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., 2I] -> silu(x[..., :I]) * x[..., I:]``."""
     if x.shape[-1] % 2:
         raise ValueError(f"silu_and_mul: last dim {x.shape[-1]} is odd")
@@ -48,7 +48,12 @@ def silu_and_mul(x: torch.Tensor, profile=None) -> torch.Tensor:
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    y = torch.empty((M, n_cols), dtype=x.dtype, device=x.device)
+    if out is None:
+        y = torch.empty((M, n_cols), dtype=x.dtype, device=x.device)
+    else:
+        y = out.reshape(M, n_cols)
+        if y.stride(-1) != 1 or y.dtype != x.dtype or y.data_ptr() != out.data_ptr():
+            raise ValueError("silu_and_mul: out must have x's dtype, shape [..., I] and a unit last stride")
     if M == 0 or n_cols == 0:
         return y.reshape(*lead, n_cols)
     s = (profile.data.get("support") or {}) if profile is not None else {}

@@ -99,16 +99,29 @@ def _rows_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, profile=None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    profile=None,
+    out: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Same contract as ``Backend.rms_norm``; inputs are not modified."""
+    """Same contract as ``Backend.rms_norm``; inputs are not modified. ``out`` / ``residual_out``:
+    optional contiguous destinations."""
     D = x.shape[-1]
     if weight.shape != (D,):
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match last dim {D}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"rms_norm: residual {tuple(residual.shape)} != x {tuple(x.shape)}")
-    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    r_out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else None
+    y_dtype = torch.promote_types(x.dtype, weight.dtype)
+    y = out if out is not None else torch.empty(x.shape, dtype=y_dtype, device=x.device)
+    r_out = None
+    if residual is not None:
+        r_out = residual_out if residual_out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    for t, what in ((y, "out"), (r_out, "residual_out")):
+        if t is not None and (t.shape != x.shape or not t.is_contiguous()):
+            raise ValueError(f"rms_norm: {what} must be contiguous with shape {tuple(x.shape)}")
     xv, H, sxt, sxh = _rows_view(x)
     n_rows = x.numel() // D
     if n_rows == 0:

@@ -71,9 +71,16 @@ def _block_h(n_heads: int, profile) -> int:
 
 
 def rope(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, profile=None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    profile=None,
+    q_out: torch.Tensor | None = None,
+    k_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as ``Backend.rope``; returns new contiguous q and k."""
+    """Same contract as ``Backend.rope``; returns new contiguous q and k (or fills the optional
+    contiguous ``q_out`` / ``k_out``)."""
     T, HQ, D = q.shape
     HK = k.shape[1]
     if k.shape[0] != T or k.shape[2] != D or positions.shape != (T,):
@@ -86,8 +93,10 @@ def rope(
         k = k.contiguous()
     if cos_sin.stride(-1) != 1:
         cos_sin = cos_sin.contiguous()
-    qo = torch.empty((T, HQ, D), dtype=q.dtype, device=q.device)
-    ko = torch.empty((T, HK, D), dtype=k.dtype, device=k.device)
+    qo = q_out if q_out is not None else torch.empty((T, HQ, D), dtype=q.dtype, device=q.device)
+    ko = k_out if k_out is not None else torch.empty((T, HK, D), dtype=k.dtype, device=k.device)
+    if qo.shape != (T, HQ, D) or ko.shape != (T, HK, D) or not (qo.is_contiguous() and ko.is_contiguous()):
+        raise ValueError("rope: q_out / k_out must be contiguous and shaped like q / k")
     if T == 0:
         return qo, ko
     progs = support_programs(T, profile) if profile is not None else T

@@ -222,10 +222,14 @@ def sample(
     min_p: torch.Tensor,
     uniform: torch.Tensor,
     profile=None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as ``Backend.sample``: one int64 token per row of ``logits [N, V]``."""
     N, V = logits.shape
-    out = torch.empty(N, dtype=torch.long, device=logits.device)
+    if out is None:
+        out = torch.empty(N, dtype=torch.long, device=logits.device)
+    elif out.shape != (N,) or out.dtype != torch.long:
+        raise ValueError(f"sample: out must be int64 [{N}]")
     if N == 0:
         return out
     dev = logits.device

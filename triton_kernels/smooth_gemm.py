@@ -67,6 +67,7 @@ including padded rows, columns and K tail) for the padding-efficiency analysis.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -360,6 +361,32 @@ def _profile_key(profile) -> str:
     return key
 
 
+def plan_from_tiles(M: int, N: int, K: int, tiles, profile, elem_bytes: int = 2) -> GemmPlan | None:
+    """The plan that runs ``tiles`` (menu entries or dicts) body first: every tile but the last
+    takes as many whole tiles of rows as fit, the last one takes the rest (padding its final
+    tile). None when a body tile would get no rows. Costed with the module's model."""
+    tiles = [GemmTile.from_dict(t) if isinstance(t, dict) else t for t in tiles]
+    g = profile.gemm
+    cores = max(1, int(profile.num_cores))
+    persistent = bool(g.get("persistent", False))
+    flops, bw, overhead = _device_peaks(profile, elem_bytes)
+    share = float(g.get("core_bw_share", 2.0))
+    tile_oh = float(g.get("tile_overhead_us", 0.5)) * 1e-6
+    segs, start, cost, rest = [], 0, 0.0, M
+    for i, tile in enumerate(tiles):
+        rows = rest if i == len(tiles) - 1 else (rest // tile.BLOCK_M) * tile.BLOCK_M
+        if rows == 0:
+            if M == 0:
+                break
+            return None
+        t, tm, tn = _segment_cost(rows, N, K, tile, cores, flops, bw, elem_bytes, share, tile_oh)
+        progs = min(cores, tm * tn) if persistent else tm * tn
+        segs.append(GemmSegment(start, rows, tile, tm, tn, progs))
+        cost += t + overhead
+        start, rest = start + rows, rest - rows
+    return GemmPlan(M, N, K, tuple(segs), cores, persistent, int(g.get("group_m", 1)), cost)
+
+
 def plan_gemm(M: int, N: int, K: int, profile, elem_bytes: int = 2) -> GemmPlan:
     """Pick (and cache) the tile plan for an ``[M, K] x [N, K]^T`` GEMM; see the module doc."""
     if M < 0 or N <= 0 or K <= 0:
@@ -368,51 +395,23 @@ def plan_gemm(M: int, N: int, K: int, profile, elem_bytes: int = 2) -> GemmPlan:
     plan = _PLAN_CACHE.get(ck)
     if plan is not None:
         return plan
-    g = profile.gemm
-    cores = max(1, int(profile.num_cores))
-    persistent = bool(g.get("persistent", False))
-    group_m = int(g.get("group_m", 1))
-    max_segments = max(1, int(g.get("max_segments", 2)))
-    flops, bw, overhead = _device_peaks(profile, elem_bytes)
-    share = float(g.get("core_bw_share", 2.0))
-    tile_oh = float(g.get("tile_overhead_us", 0.5)) * 1e-6
+    max_segments = max(1, int(profile.gemm.get("max_segments", 2)))
     cands = []
     for chain in _chains(menu(profile), max_segments):
-        segs, start, cost, rest = [], 0, 0.0, M
-        for i, tile in enumerate(chain):
-            last = i == len(chain) - 1
-            rows = rest if last else (rest // tile.BLOCK_M) * tile.BLOCK_M
-            if rows == 0:
-                continue
-            t, tm, tn = _segment_cost(rows, N, K, tile, cores, flops, bw, elem_bytes, share, tile_oh)
-            progs = min(cores, tm * tn) if persistent else tm * tn
-            segs.append(GemmSegment(start, rows, tile, tm, tn, progs))
-            cost += t + overhead
-            start, rest = start + rows, rest - rows
-        if len(segs) != len(chain):
-            continue  # a body tile took no rows: the shorter chain covers this plan
-        cands.append(GemmPlan(M, N, K, tuple(segs), cores, persistent, group_m, cost))
-    if not cands:  # M == 0
-        best = GemmPlan(M, N, K, (), cores, persistent, group_m, 0.0)
-    else:
-        cheapest = min(c.est_time_s for c in cands)
-        near = [c for c in cands if c.est_time_s <= cheapest * 1.02]
-        best = min(near, key=lambda c: (c.executed_macs, len(c.segments), c.est_time_s))
-        best = GemmPlan(M, N, K, best.segments, cores, persistent, group_m, best.est_time_s, len(cands))
+        cand = plan_from_tiles(M, N, K, chain, profile, elem_bytes)
+        if cand is not None:  # None: a body tile got no rows (a shorter chain is the same plan)
+            cands.append(cand)
+    cheapest = min(c.est_time_s for c in cands)
+    near = [c for c in cands if c.est_time_s <= cheapest * 1.02]
+    best = min(near, key=lambda c: (c.executed_macs, len(c.segments), c.est_time_s))
+    best = dataclasses.replace(best, candidates=len(cands))
     _PLAN_CACHE[ck] = best
     return best
 
 
 def single_tile_plan(M: int, N: int, K: int, tile: GemmTile | dict, profile) -> GemmPlan:
     """A plan that runs all M rows on one given tile (tests and tile sweeps)."""
-    if isinstance(tile, dict):
-        tile = GemmTile.from_dict(tile)
-    persistent = bool(profile.gemm.get("persistent", False))
-    cores = max(1, int(profile.num_cores))
-    tm, tn = math.ceil(M / tile.BLOCK_M), math.ceil(N / tile.BLOCK_N)
-    progs = min(cores, tm * tn) if persistent else tm * tn
-    segs = (GemmSegment(0, M, tile, tm, tn, progs),) if M else ()
-    return GemmPlan(M, N, K, segs, cores, persistent, int(profile.gemm.get("group_m", 1)))
+    return plan_from_tiles(M, N, K, [tile], profile)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -426,9 +425,11 @@ def smooth_gemm(
     bias: torch.Tensor | None = None,
     profile=None,
     plan: GemmPlan | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x [..., K] @ weight[N, K]^T (+ bias)`` -> ``[..., N]`` in x.dtype, using ``plan`` or the
-    cached plan of ``profile`` for this shape."""
+    cached plan of ``profile`` for this shape. ``out``: optional ``[M, N]`` destination (any
+    strides; only its first M rows and N columns are written)."""
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: x has K={x.shape[-1]} but weight is {tuple(weight.shape)}")
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
@@ -437,7 +438,12 @@ def smooth_gemm(
     x2 = x.reshape(-1, x.shape[-1])
     M, K = x2.shape
     N = weight.shape[0]
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if out is None:
+        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    else:
+        if out.shape != (M, N) or out.dtype != x.dtype:
+            raise ValueError(f"out must be [{M}, {N}] {x.dtype}, got {tuple(out.shape)} {out.dtype}")
+        y = out
     if M == 0:
         return y.reshape(*lead, N)
     if plan is None:

@@ -1,0 +1,236 @@
+"""Triton backends: ``interpret`` (Triton interpreter on CPU tensors), ``cuda`` and ``npu``.
+
+All three run the same kernels from ``portable_xy.triton_kernels`` (SmoothGEMM, RMSNorm, RoPE,
+SiLU-and-mul, KV store, sampling, and the Meta-Attention module) with a per-vendor, per-arch
+profile:
+
+* ``interpret``: ``TRITON_INTERPRET=1`` and CPU tensors, profile ``interpret``. Triton decides
+  at ``@triton.jit`` decoration time whether a kernel is interpreted, so the variable is set
+  *before* the kernel modules are imported; if they were already imported as compiled kernels
+  (same process, variable unset) this raises instead of silently compiling. fp32/fp16 only: the
+  interpreter has no bfloat16.
+* ``cuda``: device ``cuda``, profile ``cuda/sm<cc>`` from
+  ``triton.runtime.driver.active.get_current_target()`` (``cuda/default`` for archs without a
+  file), core count = SM count.
+* ``npu``: Ascend via ``torch_npu`` + triton-ascend, profile ``ascend/910b`` or
+  ``ascend/910_93`` from the target arch string, core count = ``num_aicore``.
+
+Kernel modules are imported lazily (inside :func:`make_triton_backend`), and the Meta-Attention
+module only when attention is first planned or run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+
+from .base import AttnMetadata, Backend
+from .profile import Profile, load_profile
+
+_KERNELS = ("smooth_gemm", "rms_norm", "rope", "activation", "kv_cache", "sampling")
+_PKG = "portable_xy.triton_kernels"
+
+
+def _env_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _imported_kernel_mode() -> str | None:
+    """How the already-imported kernel modules' ``@triton.jit`` functions were created:
+    ``"interpret"``, ``"compiled"`` or ``None`` (none imported yet)."""
+    mods = [m for n, m in list(sys.modules.items()) if n.startswith(_PKG + ".") and m is not None]
+    if not mods:
+        return None
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    for mod in mods:
+        for obj in vars(mod).values():
+            if isinstance(obj, InterpretedFunction):
+                return "interpret"
+            if isinstance(obj, JITFunction):
+                return "compiled"
+    return None
+
+
+def _load_kernels(interpret: bool) -> SimpleNamespace:
+    mode = _imported_kernel_mode()
+    if interpret:
+        if mode == "compiled":
+            raise RuntimeError(
+                "backend 'interpret': the Triton kernels of portable_xy.triton_kernels were already imported "
+                "as compiled (GPU) kernels, because TRITON_INTERPRET was not '1' at import time. Triton fixes "
+                "this when a @triton.jit function is created, so set TRITON_INTERPRET=1 before anything imports "
+                "portable_xy.triton_kernels (or use a fresh process)."
+            )
+        os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        if _env_interpret() or mode == "interpret":
+            raise RuntimeError(
+                "TRITON_INTERPRET=1 is set (or the kernels were imported under it): Triton kernels in this "
+                "process run in the CPU interpreter. Unset TRITON_INTERPRET and use a fresh process for a "
+                "device backend, or use backend 'interpret'."
+            )
+    ns = SimpleNamespace(**{k: importlib.import_module(f"{_PKG}.{k}") for k in _KERNELS})
+    got = _imported_kernel_mode()
+    if got is not None and got != ("interpret" if interpret else "compiled"):
+        raise RuntimeError(f"Triton kernels were created in {got!r} mode, which does not match this backend")
+    return ns
+
+
+class TritonBackend(Backend):
+    """Every op is a Triton kernel; attention is Meta-Attention (``triton_kernels.meta_attention``)."""
+
+    def __init__(self, name: str, device: torch.device, profile: Profile, kernels: SimpleNamespace) -> None:
+        super().__init__(device, profile)
+        self.name = name
+        self.k = kernels
+        self.supports_bf16 = bool((profile.data.get("supports") or {}).get("bf16", True))
+
+    # ---- dtype guard -------------------------------------------------------------------------
+    def supports_dtype(self, dtype: torch.dtype) -> bool:
+        return dtype in (torch.float32, torch.float16) or (dtype == torch.bfloat16 and self.supports_bf16)
+
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        if dtype == torch.bfloat16 and not self.supports_bf16:
+            raise TypeError(
+                f"backend {self.name!r} does not support bfloat16 (the Triton interpreter has no bf16: tl.dot "
+                "on bf16 is wrong there); use dtype float16 or float32"
+            )
+
+    # ---- planning ----------------------------------------------------------------------------
+    def prepare(self, meta: AttnMetadata, num_heads: int, num_kv_heads: int) -> None:
+        from portable_xy.triton_kernels.meta_attention import plan_attention
+
+        meta.plan = plan_attention(meta, num_heads, num_kv_heads, self.profile)
+
+    # ---- ops ---------------------------------------------------------------------------------
+    def linear(self, x, weight, bias=None):
+        self.check_dtype(x.dtype)
+        return self.k.smooth_gemm.smooth_gemm(x, weight, bias, self.profile)
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        self.check_dtype(x.dtype)
+        return self.k.rms_norm.rms_norm(x, weight, eps, residual, self.profile)
+
+    def rope(self, q, k, positions, cos_sin):
+        self.check_dtype(q.dtype)
+        return self.k.rope.rope(q, k, positions, cos_sin, self.profile)
+
+    def silu_and_mul(self, x):
+        self.check_dtype(x.dtype)
+        return self.k.activation.silu_and_mul(x, self.profile)
+
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
+        self.check_dtype(k_cache.dtype)
+        self.k.kv_cache.store_kv(k, v, k_cache, v_cache, slot_mapping, self.profile)
+
+    def attention(self, q, k_cache, v_cache, meta, scale):
+        self.check_dtype(q.dtype)
+        from portable_xy.triton_kernels.meta_attention import meta_attention, plan_attention
+
+        plan = meta.plan
+        if plan is None:  # prepare() was not called for this step
+            plan = meta.plan = plan_attention(meta, q.shape[1], k_cache.shape[2], self.profile)
+        return meta_attention(q, k_cache, v_cache, meta, scale, plan)
+
+    def sample(self, logits, temperature, top_k, top_p, min_p, uniform):
+        return self.k.sampling.sample(logits, temperature, top_k, top_p, min_p, uniform, self.profile)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.device.type == "npu":
+            torch.npu.synchronize()
+
+
+# ------------------------------------------------------------------------------------------------
+# construction
+# ------------------------------------------------------------------------------------------------
+
+
+def cuda_profile_arch(cc: int) -> str | None:
+    """``sm<cc>`` when a profile file exists for it, else None (``cuda/default``)."""
+    from .profile import PROFILE_DIR
+
+    arch = f"sm{cc}"
+    return arch if (PROFILE_DIR / "cuda" / f"{arch}.yaml").is_file() else None
+
+
+def ascend_profile_arch(target_arch: str) -> str | None:
+    """``Ascend910B3`` -> ``910b``; ``Ascend910_9382`` -> ``910_93``; anything else -> None."""
+    a = str(target_arch).lower().replace("ascend", "")
+    if a.startswith("910_93"):
+        return "910_93"
+    if a.startswith("910b"):
+        return "910b"
+    return None
+
+
+def _with_cores(profile: Profile, source: str, value) -> Profile:
+    if profile.data.get("num_cores_from") == source and value:
+        return profile.with_num_cores(int(value))
+    return profile
+
+
+def _make_interpret() -> TritonBackend:
+    kernels = _load_kernels(interpret=True)
+    return TritonBackend("interpret", torch.device("cpu"), load_profile("interpret"), kernels)
+
+
+def _make_cuda() -> TritonBackend:
+    if not torch.cuda.is_available():
+        raise RuntimeError("backend 'cuda' needs an NVIDIA GPU visible to torch (torch.cuda.is_available() is False)")
+    kernels = _load_kernels(interpret=False)
+    import triton
+
+    target = triton.runtime.driver.active.get_current_target()
+    if target.backend != "cuda":
+        raise RuntimeError(f"backend 'cuda': the active Triton driver targets {target.backend!r}, not CUDA")
+    dev = torch.device("cuda", torch.cuda.current_device())
+    profile = load_profile("cuda", cuda_profile_arch(int(target.arch)))
+    profile = _with_cores(profile, "sm_count", torch.cuda.get_device_properties(dev).multi_processor_count)
+    return TritonBackend("cuda", dev, profile, kernels)
+
+
+def _make_npu() -> TritonBackend:
+    try:
+        import torch_npu  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(
+            "backend 'npu' needs torch_npu (Ascend's PyTorch plugin) and triton-ascend: "
+            "pip install 'portable-xy[ascend]' on a machine with CANN; torch_npu could not be imported "
+            f"({e})"
+        ) from e
+    if importlib.util.find_spec("triton.backends.ascend") is None:
+        raise RuntimeError(
+            "backend 'npu': the installed triton is upstream Triton, not triton-ascend (they cannot coexist: "
+            "uninstall both, then install triton-ascend)"
+        )
+    if not torch.npu.is_available():
+        raise RuntimeError("backend 'npu': torch_npu is installed but no NPU is available")
+    kernels = _load_kernels(interpret=False)
+    import triton
+
+    dev_index = torch.npu.current_device()
+    target = triton.runtime.driver.active.get_current_target()
+    profile = load_profile("ascend", ascend_profile_arch(target.arch))
+    props = triton.runtime.driver.active.utils.get_device_properties(dev_index)
+    profile = _with_cores(profile, "num_aicore", props.get("num_aicore"))
+    return TritonBackend("npu", torch.device("npu", dev_index), profile, kernels)
+
+
+def make_triton_backend(name: str) -> TritonBackend:
+    """Build the ``interpret``, ``cuda`` or ``npu`` backend (see the module doc)."""
+    makers = {"interpret": _make_interpret, "cuda": _make_cuda, "npu": _make_npu}
+    if name not in makers:
+        raise ValueError(f"not a Triton backend: {name!r} (choose from {sorted(makers)})")
+    return makers[name]()
+
+
+__all__ = ["TritonBackend", "ascend_profile_arch", "cuda_profile_arch", "make_triton_backend"]
