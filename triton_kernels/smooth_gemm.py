@@ -409,9 +409,9 @@ def plan_gemm(M: int, N: int, K: int, profile, elem_bytes: int = 2) -> GemmPlan:
     return best
 
 
-def single_tile_plan(M: int, N: int, K: int, tile: GemmTile | dict, profile) -> GemmPlan:
+def single_tile_plan(M: int, N: int, K: int, tile: GemmTile | dict, profile, elem_bytes: int = 2) -> GemmPlan:
     """A plan that runs all M rows on one given tile (tests and tile sweeps)."""
-    return plan_from_tiles(M, N, K, [tile], profile)
+    return plan_from_tiles(M, N, K, [tile], profile, elem_bytes)
 
 
 # ------------------------------------------------------------------------------------------------
