@@ -112,8 +112,8 @@ def test_planned_gemm_all_m(dtype):
 def test_two_segment_plan_and_persistent_grid(dtype):
     tiles = load_profile("interpret").gemm["tiles"]
     for persistent, cores in ((False, 4), (True, 3)):
-        prof = dataclasses.replace(_prof(persistent=persistent), data={**_prof(persistent=persistent).data,
-                                                                       "num_cores": cores})  # fmt: skip
+        base = _prof(persistent=persistent)
+        prof = dataclasses.replace(base, data={**base.data, "num_cores": cores})
         M, N, K = 300, 70, 48
         plan = sg.plan_from_tiles(M, N, K, [tiles[2], tiles[0]], prof)
         assert [s.m_rows for s in plan.segments] == [256, 44] and plan.padded_rows == 4
@@ -153,8 +153,8 @@ def test_rows_bit_exact_across_batch_sizes(dtype):
     # the batch sizes really use different tiles / segmentations
     assert len({tuple(s.tile.name for s in p.segments) for p in plans.values()}) >= 2
     full = sg.smooth_gemm(x, w, b, prof)
-    two_seg = sg.smooth_gemm(x, w, b, prof, plan=sg.plan_from_tiles(300, N, K, [prof.gemm["tiles"][2],
-                                                                                prof.gemm["tiles"][0]], prof))  # fmt: skip
+    tiles = prof.gemm["tiles"]
+    two_seg = sg.smooth_gemm(x, w, b, prof, plan=sg.plan_from_tiles(300, N, K, [tiles[2], tiles[0]], prof))
     assert torch.equal(full, two_seg)
     for m in MS:
         assert torch.equal(sg.smooth_gemm(x[:m], w, b, prof), full[:m]), m
