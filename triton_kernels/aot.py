@@ -114,17 +114,37 @@ def kernel_modules() -> list[str]:
     )
 
 
-def collect_specs(profile, kernels: list[str] | None = None) -> list[tuple[str, dict]]:
-    """``[(module name, spec)]`` for every module exporting ``aot_specs``; ``kernels`` filters by
-    spec name, module name (short or full) or a prefix of the spec name."""
+def _specs_from_file(path: str):
+    """Load ``aot_specs`` from a Python file (``--specs``: check kernels outside the package)."""
+    import importlib.util
+
+    p = Path(path).resolve()
+    spec = importlib.util.spec_from_file_location(f"_pxy_aot_specs_{abs(hash(str(p)))}", p)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"cannot import {path}")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses & co. look their module up
+    spec.loader.exec_module(mod)
+    if not hasattr(mod, "aot_specs"):
+        raise ValueError(f"{path} defines no aot_specs(profile)")
+    return p.stem, mod.aot_specs
+
+
+def collect_specs(profile, kernels: list[str] | None = None, specs_file: str | None = None) -> list[tuple[str, dict]]:
+    """``[(module name, spec)]`` for every module exporting ``aot_specs`` (or only ``specs_file``);
+    ``kernels`` filters by spec name, module name (short or full) or a prefix of the spec name."""
     out = []
-    for modname in kernel_modules():
-        mod = importlib.import_module(modname)
-        fn = getattr(mod, "aot_specs", None)
-        if fn is None:
-            continue
-        for spec in fn(profile):
-            out.append((modname, spec))
+    if specs_file:
+        name, fn = _specs_from_file(specs_file)
+        out = [(name, s) for s in fn(profile)]
+    else:
+        for modname in kernel_modules():
+            mod = importlib.import_module(modname)
+            fn = getattr(mod, "aot_specs", None)
+            if fn is None:
+                continue
+            for spec in fn(profile):
+                out.append((modname, spec))
     if kernels:
         want = set(kernels)
 
@@ -135,6 +155,26 @@ def collect_specs(profile, kernels: list[str] | None = None) -> list[tuple[str, 
 
         out = [(m, s) for m, s in out if keep(m, s)]
     return out
+
+
+def _interpret_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_compiled_mode() -> None:
+    """AOT compilation needs Triton imported in compiled mode: under ``TRITON_INTERPRET=1`` every
+    ``@triton.jit`` function -- Triton's own ``tl.cdiv`` & co., created when ``triton`` is first
+    imported -- is an interpreter object the compiler cannot lower. Raise a clear error then."""
+    import triton.language.standard as std
+    from triton.runtime.jit import JITFunction
+
+    probe = getattr(std, "cdiv", None)
+    if _interpret_env() or (probe is not None and not isinstance(probe, JITFunction)):
+        raise RuntimeError(
+            "aot-report needs a process where triton was imported WITHOUT TRITON_INTERPRET=1 (Triton creates its "
+            "@jit helpers at import time); run `portable-xy kernels aot-report` (it clears the variable) or a "
+            "subprocess without it"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,17 +439,21 @@ def _judge(rep: KernelReport, info: dict) -> None:
     rep.verdict = "FAIL" if rep.problems else ("WARN" if rep.warnings else "OK")
 
 
-def aot_report(archs: list[str], kernels: list[str] | None = None, specs=None) -> list[KernelReport]:
+def aot_report(
+    archs: list[str], kernels: list[str] | None = None, specs=None, specs_file: str | None = None
+) -> list[KernelReport]:
     """Compile every spec for every arch. ``specs``: ``{arch: [(module, spec)]}`` or a callable
-    ``profile -> [spec]`` to use instead of the real kernel modules (tests)."""
+    ``profile -> [spec]`` to use instead of the real kernel modules; ``specs_file``: a Python file
+    exporting ``aot_specs(profile)``."""
     from portable_xy.backends.profile import load_profile
 
+    check_compiled_mode()
     reports = []
     for arch in archs:
         arch = normalize_arch(arch)
         profile = load_profile("cuda", ARCHS[arch]["profile_arch"])
         if specs is None:
-            items = collect_specs(profile, kernels)
+            items = collect_specs(profile, kernels, specs_file)
         elif callable(specs):
             items = [("custom", s) for s in specs(profile)]
         else:
@@ -476,13 +520,23 @@ def report_json(reports: list[KernelReport]) -> str:
 
 
 def _run_cli(args: argparse.Namespace) -> int:
+    if _interpret_env() and "triton" not in sys.modules:
+        # compiling needs compiled-mode Triton; nothing imported it yet in this process
+        os.environ.pop("TRITON_INTERPRET", None)
     try:
         import triton  # noqa: F401
     except ImportError:
         print("aot-report needs upstream triton (pip install 'portable-xy[cuda]')", file=sys.stderr)
         return 2
+    if not (Path(triton.__file__).parent / "backends" / "nvidia").is_dir():
+        print("aot-report needs upstream triton with its NVIDIA backend (not triton-ascend)", file=sys.stderr)
+        return 2
     archs = args.arch or ["sm_80", "sm_90"]
-    reports = aot_report(archs, args.kernels)
+    try:
+        reports = aot_report(archs, args.kernels, specs_file=args.specs)
+    except RuntimeError as e:
+        print(f"aot-report: {e}", file=sys.stderr)
+        return 2
     if not reports:
         print("no kernel exports aot_specs (or none matched --kernels)", file=sys.stderr)
         return 1
@@ -500,6 +554,9 @@ def add_aot_report_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--arch", action="append", type=normalize_arch, help="sm_80 or sm_90 (repeatable; default both)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--kernels", nargs="+", metavar="NAME", help="only these spec names / modules")
+    p.add_argument(
+        "--specs", metavar="FILE.py", help="check the aot_specs(profile) of this file instead of the package's"
+    )
     p.set_defaults(func=_run_cli)
     return p
 
