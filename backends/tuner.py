@@ -248,6 +248,19 @@ def detect_device(backend: str) -> tuple[str, str | None, Any, int | None]:
     return f"Triton interpreter ({platform.machine()} CPU)", None, torch.device("cpu"), None
 
 
+def _enter_interpret_mode() -> None:
+    """Triton decides interpret vs compile when a @jit function is created, including its own
+    helpers (tl.cdiv & co.) created when ``triton`` is first imported: TRITON_INTERPRET=1 must be
+    set before that. Set it if nothing imported triton yet, refuse otherwise."""
+    on = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    if "triton" in sys.modules and not on:
+        raise RuntimeError(
+            "--backend interpret: triton was already imported without TRITON_INTERPRET=1 in this process; "
+            "run `TRITON_INTERPRET=1 portable-xy kernels tune --backend interpret` (or a fresh process)"
+        )
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
 def ascend_arch(soc: str) -> str:
     s = soc.lower().replace("ascend", "")
     if s.startswith("910_93") or s.startswith("910c"):
@@ -497,7 +510,7 @@ def tune(
         arch = arch or det_arch
         name = device_name or name
         if backend == "interpret":
-            os.environ["TRITON_INTERPRET"] = "1"
+            _enter_interpret_mode()
     profile = shipped_profile(vendor, arch)
     if cores and profile.data.get("num_cores_from") in ("sm_count", "num_aicore"):
         profile = profile.with_num_cores(cores)
