@@ -490,7 +490,7 @@ def format_table(reports: list[KernelReport]) -> str:
                 _fmt(r.stack_bytes),
                 _fmt(r.smem_bytes),
                 str(r.smem_limit),
-                f"{tc} {tc_name}" + ("" if r.expect_tensor_cores else " (n/e)"),
+                f"{tc} {tc_name}" if (tc or r.expect_tensor_cores) else "- (n/e)",
                 r.verdict + (f": {note}" if note else ""),
             ]
         )
@@ -501,6 +501,7 @@ def format_table(reports: list[KernelReport]) -> str:
         lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
     n_fail = sum(not r.ok for r in reports)
     n_warn = sum(r.verdict == "WARN" for r in reports)
+    lines.append("(TC insns: static count in the SASS; n/e = no tensor cores expected by the spec)")
     lines.append(f"\n{len(reports)} configs: {len(reports) - n_fail} pass ({n_warn} with warnings), {n_fail} fail")
     return "\n".join(lines)
 
