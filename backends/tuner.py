@@ -324,6 +324,32 @@ def time_gemm_tiles(
     return out
 
 
+def aot_filter(tiles: list[dict], profile: Profile, arch: str | None, log) -> list[dict]:
+    """Drop CUDA candidates whose compiled SmoothGEMM (fp16) spills registers, overflows shared
+    memory or misses tensor cores, by the AOT report (compiles for the arch, no GPU needed)."""
+    from portable_xy.triton_kernels import aot
+    from portable_xy.triton_kernels import smooth_gemm as sg
+
+    try:
+        aot_arch = aot.normalize_arch(arch or "")
+    except ValueError:
+        log(f"aot check: no AOT limits for arch {arch!r}; candidates kept")
+        return tiles
+    aot.check_compiled_mode()
+    kept = []
+    for t in tiles:
+        specs = [x for x in sg.aot_specs(_with(profile, gemm={"tiles": [t]})) if "fp16" in x["name"]] or None
+        if not specs:
+            kept.append(t)
+            continue
+        rep = aot.compile_spec(specs[0], aot_arch, "smooth_gemm")
+        if rep.ok:
+            kept.append(t)
+        else:
+            log(f"  aot check drops {tile_key(t)}: {'; '.join(rep.problems)}")
+    return kept
+
+
 def choose_menu(
     tiles: list[dict], times: dict[str, dict[str, float]], menu_size: int, max_subsets: int = 50000
 ) -> tuple[list[dict], float]:
@@ -494,6 +520,7 @@ def tune(
     warmup: int | None = None,
     reps: int | None = None,
     device_name: str | None = None,
+    aot_check: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Run the tuner; returns the path of the written profile file."""
@@ -525,6 +552,14 @@ def tune(
         f"tuning {backend} ({name}, arch={arch or '-'}, {profile.num_cores} cores): {len(tiles)} GEMM tiles x "
         f"{len(problems)} problems" + (" [dry-run: fake timer]" if dry_run else "")
     )
+    if aot_check is None:
+        aot_check = backend == "cuda" and not dry_run
+    if aot_check:
+        if backend != "cuda":
+            raise RuntimeError("--aot-check applies to --backend cuda only")
+        n0 = len(tiles)
+        tiles = aot_filter(tiles, profile, arch, log)
+        log(f"aot check: {len(tiles)}/{n0} candidate tiles compile without spills within shared memory")
     dtype = None
     timer = None
     if not dry_run:
@@ -567,6 +602,7 @@ def tune(
             "gemm_shapes_NK": [list(s) for s in shapes],
             "m_values": list(m_values),
             "gemm_candidates": len(tiles),
+            "aot_checked": bool(aot_check),
             "gemm_menu_score": round(score, 4),
             "shipped_menu_score": round(shipped_score, 4),
             **({"attention": att_info} if att_info else {}),
@@ -624,6 +660,7 @@ def _run_cli(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             reps=args.reps,
             device_name=args.device_name,
+            aot_check=args.aot_check,
         )
     except RuntimeError as e:
         print(f"tune: {e}", file=sys.stderr)
@@ -650,5 +687,11 @@ def add_tune_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int)
     p.add_argument("--reps", type=int)
     p.add_argument("--device-name", help="override the device name written to the header")
+    p.add_argument(
+        "--aot-check",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="cuda: first drop candidates whose AOT compile spills / overflows smem (default: on unless --dry-run)",
+    )
     p.set_defaults(func=_run_cli)
     return p
