@@ -82,8 +82,10 @@ class Backend:
     def rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """RMSNorm over the last dim. With ``residual``: ``r = x + residual`` first, and returns
-        ``(norm(r) * weight, r)``; without: ``(norm(x) * weight, None)``. Inputs are not modified."""
+        """RMSNorm over the last dim, computed in fp32. With ``residual``: ``r = x + residual``
+        first (in ``promote(x.dtype, residual.dtype)``, so an fp32 residual stream stays fp32) and
+        returns ``(norm(r) * weight, r)``; without: ``(norm(x) * weight, None)``. The normalised
+        value is cast to ``x.dtype`` before the weight multiply. Inputs are not modified."""
         raise NotImplementedError
 
     def rope(

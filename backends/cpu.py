@@ -24,9 +24,11 @@ def rms_norm_ref(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     if residual is not None:
-        x = x + residual
-        residual = x
-    xf = x.float()
+        residual = x + residual  # kept in promote(x, residual): an fp32 residual stream stays fp32
+        src = residual
+    else:
+        src = x
+    xf = src.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (xf.to(x.dtype) * weight), residual
 
@@ -145,7 +147,11 @@ def sample_ref(
     return out
 
 
-_HAS_MKLDNN_PACKING = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+_HAS_MKLDNN_PACKING = (
+    torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+)
 
 
 @dataclass
@@ -174,10 +180,10 @@ class CpuBackend(Backend):
         self._slots_all_valid = True
 
     def prepare_weight(self, weight):
-        # bf16/fp16 GEMMs run through oneDNN; packing the weight into its blocked layout once
+        # bf16 GEMMs run through oneDNN; packing the weight into its blocked layout once
         # saves a reorder per call (~25% of decode time here) and is bit-identical to F.linear.
         # fp32 stays on F.linear: oneDNN's packed fp32 path is not row-invariant across M.
-        if weight.dtype in (torch.bfloat16, torch.float16) and _HAS_MKLDNN_PACKING:
+        if weight.dtype == torch.bfloat16 and _HAS_MKLDNN_PACKING:
             return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
         return weight
 
@@ -187,10 +193,12 @@ class CpuBackend(Backend):
         return F.linear(x, weight, bias)
 
     def rms_norm(self, x, weight, eps, residual=None):
-        if residual is not None:
-            x = x + residual
-            residual = x
-        return F.rms_norm(x, (x.shape[-1],), weight, eps), residual
+        src = x if residual is None else x + residual
+        if src.dtype == weight.dtype:
+            out = F.rms_norm(src, (x.shape[-1],), weight, eps)
+        else:  # fp32 residual stream, bf16/fp16 activations
+            out = F.rms_norm(src.float(), (x.shape[-1],), None, eps).to(x.dtype) * weight
+        return out, (None if residual is None else src)
 
     def rope(self, q, k, positions, cos_sin):
         # cos/sin rows are gathered once per step (every layer passes the same positions)

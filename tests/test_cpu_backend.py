@@ -49,3 +49,23 @@ def test_batched_decode_attention_matches_reference(dtype, tol):
     out = be.attention(q, k_cache, v_cache, meta, 0.125)
     ref = attention_ref(q, k_cache, v_cache, meta, 0.125)
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("x_dtype,res_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_rms_norm_fast_path_matches_reference(x_dtype, res_dtype, rows):
+    from portable_xy.backends.cpu import rms_norm_ref
+
+    be = get_backend("cpu")
+    x = torch.randn(rows, 576).to(x_dtype)
+    w = (1 + 0.1 * torch.randn(576)).to(x_dtype)
+    res = torch.randn(rows, 576).to(res_dtype)
+    out, r = be.rms_norm(x, w, 1e-5, res)
+    ref_out, ref_r = rms_norm_ref(x, w, 1e-5, res)
+    assert r.dtype == res_dtype and out.dtype == x_dtype
+    torch.testing.assert_close(r, ref_r, atol=0, rtol=0)
+    tol = 1e-5 if x_dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=tol, rtol=tol)
+    out, none = be.rms_norm(x, w, 1e-5)
+    assert none is None
+    torch.testing.assert_close(out.float(), rms_norm_ref(x, w, 1e-5)[0].float(), atol=tol, rtol=tol)

@@ -104,7 +104,9 @@ class LlamaForCausalLM:
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x, residual = be.rms_norm(h, layer.input_norm, c.rms_norm_eps, residual)
             if residual is None:
-                residual = h
+                # the residual stream is kept in fp32 whatever the activation dtype: 30 bf16
+                # adds lose enough precision to flip near-tied greedy choices of small models
+                residual = h.float()
             qkv = be.linear(x, layer.qkv, layer.qkv_bias)
             q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
             q, k, v = q.reshape(t, hq, d), k.reshape(t, hkv, d), v.reshape(t, hkv, d)
