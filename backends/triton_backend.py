@@ -5,10 +5,12 @@ SiLU-and-mul, KV store, sampling, and the Meta-Attention module) with a per-vend
 profile:
 
 * ``interpret``: ``TRITON_INTERPRET=1`` and CPU tensors, profile ``interpret``. Triton decides
-  at ``@triton.jit`` decoration time whether a kernel is interpreted, so the variable is set
-  *before* the kernel modules are imported; if they were already imported as compiled kernels
-  (same process, variable unset) this raises instead of silently compiling. fp32/fp16 only: the
-  interpreter has no bfloat16.
+  at ``@triton.jit`` decoration time whether a kernel is interpreted -- for its own standard
+  library too (``tl.sum``, ``tl.cdiv`` are jit functions created when ``triton`` is imported) --
+  so the variable is set here *before* triton and the kernel modules are imported (nothing in
+  ``portable_xy`` imports triton earlier). If triton or the kernels were already imported
+  without it, this raises a clear error instead of failing inside a kernel. fp32/fp16 only:
+  the interpreter has no bfloat16.
 * ``cuda``: device ``cuda``, profile ``cuda/sm<cc>`` from
   ``triton.runtime.driver.active.get_current_target()`` (``cuda/default`` for archs without a
   file), core count = SM count.
@@ -58,19 +60,29 @@ def _imported_kernel_mode() -> str | None:
     return None
 
 
+def _triton_mode() -> str | None:
+    """How Triton's own standard library (``tl.sum``, ``tl.cdiv``... are ``@triton.jit`` functions)
+    was created: ``"interpret"``, ``"compiled"`` or ``None`` (triton not imported yet)."""
+    std = sys.modules.get("triton.language.standard")
+    if std is None:
+        return None
+    return "interpret" if type(getattr(std, "sum", None)).__name__ == "InterpretedFunction" else "compiled"
+
+
 def _load_kernels(interpret: bool) -> SimpleNamespace:
     mode = _imported_kernel_mode()
     if interpret:
-        if mode == "compiled":
+        if mode == "compiled" or _triton_mode() == "compiled":
+            what = "portable_xy.triton_kernels" if mode == "compiled" else "triton"
             raise RuntimeError(
-                "backend 'interpret': the Triton kernels of portable_xy.triton_kernels were already imported "
-                "as compiled (GPU) kernels, because TRITON_INTERPRET was not '1' at import time. Triton fixes "
-                "this when a @triton.jit function is created, so set TRITON_INTERPRET=1 before anything imports "
-                "portable_xy.triton_kernels (or use a fresh process)."
+                f"backend 'interpret': {what} was already imported while TRITON_INTERPRET was not '1'. Triton "
+                "decides when a @triton.jit function is created (its own tl.sum, tl.cdiv... included) whether "
+                "it is interpreted, so set TRITON_INTERPRET=1 before anything imports triton (e.g. in the "
+                "environment of the process), or use a fresh process."
             )
         os.environ["TRITON_INTERPRET"] = "1"
     else:
-        if _env_interpret() or mode == "interpret":
+        if _env_interpret() or mode == "interpret" or _triton_mode() == "interpret":
             raise RuntimeError(
                 "TRITON_INTERPRET=1 is set (or the kernels were imported under it): Triton kernels in this "
                 "process run in the CPU interpreter. Unset TRITON_INTERPRET and use a fresh process for a "
