@@ -194,11 +194,13 @@ def test_interpreter_end_to_end(tuned_dir):
     """Real timing of the SmoothGEMM kernel under the Triton interpreter on tiny shapes, in a fresh
     process (TRITON_INTERPRET must be set before triton is imported); the written profile is the
     one ``load_profile("interpret")`` resolves, and every tuned tile computes the right GEMM."""
+    import importlib.util
     import os
     import subprocess
     import sys
 
-    pytest.importorskip("triton")
+    if importlib.util.find_spec("triton") is None:  # (no import here: it would fix this process's mode)
+        pytest.skip("triton not installed")
     env = dict(os.environ, PORTABLE_XY_PROFILE_DIR=str(tuned_dir))
     env.pop("TRITON_INTERPRET", None)  # the tuner sets it itself before importing triton
     r = subprocess.run([sys.executable, "-c", _E2E], capture_output=True, text=True, env=env, timeout=600)
