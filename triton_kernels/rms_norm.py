@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .smooth_gemm import launch_kwargs
+
 
 @triton.jit
 def rms_norm_kernel(
@@ -75,13 +77,14 @@ def support_programs(n_tasks: int, profile, section: str = "support") -> int:
 
 
 def launch_options(profile, section: str = "support") -> dict:
-    """``num_warps``/``num_stages`` (CUDA) and ``options`` (e.g. Ascend compile options)."""
+    """``num_warps``/``num_stages`` (CUDA) and ``options`` (e.g. Ascend compile options); empty
+    under the interpreter."""
     s = profile.data.get(section) or {}
     opts = dict(s.get("options") or {})
     for k in ("num_warps", "num_stages"):
         if k in s:
             opts[k] = int(s[k])
-    return opts
+    return launch_kwargs(opts)
 
 
 def _rows_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:

@@ -70,6 +70,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -419,6 +420,16 @@ def single_tile_plan(M: int, N: int, K: int, tile: GemmTile | dict, profile, ele
 # ------------------------------------------------------------------------------------------------
 
 
+def launch_kwargs(options: dict) -> dict:
+    """Launch/compile options for ``kernel[grid](...)``; none under the interpreter (upstream's
+    ignores them, but triton-ascend 3.2.0's rejects anything beyond num_warps & co., e.g.
+    ``multibuffer``)."""
+    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on"):
+        return {}
+    return dict(options)
+
+
+
 def smooth_gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -464,7 +475,7 @@ def smooth_gemm(
             s.programs,
             BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K, GROUP_M=plan.group_m,
             HAS_BIAS=bias is not None, EVEN_K=K % t.BLOCK_K == 0, FP32_IEEE=fp32_ieee,
-            PERSISTENT=plan.persistent, **t.launch_options,
+            PERSISTENT=plan.persistent, **launch_kwargs(t.launch_options),
         )  # fmt: skip
     return y.reshape(*lead, N)
 
