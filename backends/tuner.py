@@ -483,6 +483,8 @@ def time_attention(
                     res[c["name"]] = timer(
                         lambda bk=bk, q=q, kc=kc, vc=vc, meta=meta, s=scale: bk.attention(q, kc, vc, meta, s)
                     )
+                except ImportError as e:  # e.g. the Meta-Attention module is not there yet
+                    return None, {"skipped": f"attention not tuned: {type(e).__name__}: {e}"}
                 except NotImplementedError as e:
                     return None, {
                         "skipped": f"attention not tuned: {type(base).__name__}.attention not implemented ({e})"
