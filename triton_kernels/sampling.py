@@ -53,57 +53,67 @@ from .rms_norm import launch_options, support_programs
 
 @triton.jit
 def _block_probs(row_ptr, v0, V, temp, xmax, z, BLOCK_V: tl.constexpr):
-    """(bit patterns, probabilities, ids) of one vocabulary chunk; 0 outside the vocabulary."""
+    """(probabilities, ids) of one vocabulary chunk; -1 outside the vocabulary, so that no
+    threshold (all >= 0) ever selects a padding lane."""
     offs = v0 + tl.arange(0, BLOCK_V)
     mask = offs < V
     logit = tl.load(row_ptr + offs, mask=mask, other=float("-inf"))
-    p = tl.where(mask, tl.exp(logit / temp - xmax) / z, 0.0)
-    return p.to(tl.int32, bitcast=True), p, offs
+    p = tl.where(mask, tl.exp(logit / temp - xmax) / z, -1.0)
+    return p, offs
+
+
+# The searches run over int32 bit patterns ``t``; the passes compare the probabilities with the
+# float ``t`` stands for (the same order for non-negative floats), since fp32 compares vectorise
+# everywhere (Ascend turns int32 vector compares into scalar code).
 
 
 @triton.jit
 def _count_ge(row_ptr, V, temp, xmax, z, t, BLOCK_V: tl.constexpr):
+    tf = t.to(tl.float32, bitcast=True)
     n = tl.zeros((BLOCK_V,), dtype=tl.int32)
     for v0 in range(0, V, BLOCK_V):
-        bits, p, offs = _block_probs(row_ptr, v0, V, temp, xmax, z, BLOCK_V)
-        n += (bits >= t).to(tl.int32)
+        p, offs = _block_probs(row_ptr, v0, V, temp, xmax, z, BLOCK_V)
+        n += (p >= tf).to(tl.int32)
     return tl.sum(n, axis=0)
 
 
 @triton.jit
 def _mass_ge(row_ptr, V, temp, xmax, z, t, BLOCK_V: tl.constexpr):
+    tf = t.to(tl.float32, bitcast=True)
     acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        bits, p, offs = _block_probs(row_ptr, v0, V, temp, xmax, z, BLOCK_V)
-        acc += tl.where(bits >= t, p, 0.0)
+        p, offs = _block_probs(row_ptr, v0, V, temp, xmax, z, BLOCK_V)
+        acc += tl.where(p >= tf, p, 0.0)
     return tl.sum(acc, axis=0)
 
 
 @triton.jit
 def _group_stats(row_ptr, V, temp, xmax, z, t, BLOCK_V: tl.constexpr):
-    """Smallest bit pattern >= t present in the row, how many tokens have it, lowest such id."""
-    big = 0x7F800000  # +inf: above every probability
-    vmin = tl.full((BLOCK_V,), big, dtype=tl.int32)
+    """Smallest probability >= bits t present in the row (as bits), how many tokens have it, and
+    the lowest such id."""
+    tf = t.to(tl.float32, bitcast=True)
+    vmin = tl.full((BLOCK_V,), float("inf"), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        bits, p, offs = _block_probs(row_ptr, v0, V, temp, xmax, z, BLOCK_V)
-        vmin = tl.minimum(vmin, tl.where(bits >= t, bits, big))
+        p, offs = _block_probs(row_ptr, v0, V, temp, xmax, z, BLOCK_V)
+        vmin = tl.minimum(vmin, tl.where(p >= tf, p, float("inf")))
     vstar = tl.min(vmin, axis=0)
     cnt = tl.zeros((BLOCK_V,), dtype=tl.int32)
     first = tl.full((BLOCK_V,), 2147483647, dtype=tl.int32)
     for v0 in range(0, V, BLOCK_V):
-        bits, p, offs = _block_probs(row_ptr, v0, V, temp, xmax, z, BLOCK_V)
-        hit = bits == vstar
+        p, offs = _block_probs(row_ptr, v0, V, temp, xmax, z, BLOCK_V)
+        hit = p == vstar
         cnt += hit.to(tl.int32)
         first = tl.minimum(first, tl.where(hit, offs, 2147483647))
-    return vstar, tl.sum(cnt, axis=0), tl.min(first, axis=0)
+    return vstar.to(tl.int32, bitcast=True), tl.sum(cnt, axis=0), tl.min(first, axis=0)
 
 
 @triton.jit
 def _count_eq_upto(row_ptr, V, temp, xmax, z, vstar, last, BLOCK_V: tl.constexpr):
+    vf = vstar.to(tl.float32, bitcast=True)
     n = tl.zeros((BLOCK_V,), dtype=tl.int32)
     for v0 in range(0, V, BLOCK_V):
-        bits, p, offs = _block_probs(row_ptr, v0, V, temp, xmax, z, BLOCK_V)
-        n += ((bits == vstar) & (offs <= last)).to(tl.int32)
+        p, offs = _block_probs(row_ptr, v0, V, temp, xmax, z, BLOCK_V)
+        n += ((p == vf) & (offs <= last)).to(tl.int32)
     return tl.sum(n, axis=0)
 
 

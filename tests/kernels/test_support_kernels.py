@@ -192,6 +192,20 @@ def test_sampling_inverse_cdf_boundaries_and_ties():
     assert got.tolist() == want.tolist() == [5]
 
 
+def test_sampling_tie_groups_with_padding_lanes():
+    """Integer logits (many exact ties), banned tokens, V = 61 (padding lanes in the chunk) and
+    uniforms at 0 and just below 1: still the reference's tokens."""
+    g = _gen()
+    n, V = 16, 61
+    logits = torch.randint(-3, 3, (n, V), generator=g).float()
+    logits[:, torch.randint(0, V, (5,), generator=g)] = float("-inf")
+    u = torch.rand(n, generator=g)
+    u[0], u[1] = 0.99999994, 0.0
+    ones, zeros = torch.ones(n), torch.zeros(n)
+    got, want = _sample_both(logits, ones, zeros.long(), ones, zeros, u, _profile(False))
+    assert got.tolist() == want.tolist()
+
+
 def test_sampling_greedy_many_rows():
     g = _gen()
     logits = torch.randn(13, 300, generator=g)
