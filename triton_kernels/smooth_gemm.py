@@ -12,7 +12,7 @@ Shapes and layouts
     x      [M, K]  fp16 / bf16 / fp32, any strides (row-major is fastest)
     weight [N, K]  same dtype (PyTorch ``nn.Linear`` layout: one output feature per row)
     bias   [N]     optional, same dtype
-    y      [M, N]  x.dtype, row-major (allocated here)
+    y      [M, N]  x.dtype, row-major (allocated here, or any-strided ``out``)
     Accumulation is always fp32; fp32 inputs use IEEE products unless the profile sets
     ``gemm.fp32_precision: tf32``.
 
@@ -63,6 +63,14 @@ Bit-exactness across batch sizes
 
 Plans expose ``useful_macs`` (M*N*K) and ``executed_macs`` (every launched tile in full,
 including padded rows, columns and K tail) for the padding-efficiency analysis.
+
+Compiled-code notes (Triton 3.9 AOT, see :func:`aot_specs`): every CUDA menu tile compiles to
+HMMA (sm80) / HGMMA (sm90, BLOCK_M >= 64) without spills *given* 16-aligned pointers, N, K and
+row strides (what the JIT specialises on for model shapes); without those hints the loads are
+scalar and the 64x128 / 128x256 tiles spill. The PERSISTENT variant needs more registers (the
+128x256 tile spills on sm90), which is why only the Ascend profiles turn it on. fp32 operands
+use FMA (no tensor cores) and can spill on sm80 (32x64x64: 48 B): fp32 is for CPU/interpreter
+parity, not GPU speed.
 """
 
 from __future__ import annotations
