@@ -115,6 +115,12 @@ class TritonBackend(Backend):
                 "on bf16 is wrong there); use dtype float16 or float32"
             )
 
+    def prepare_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Weights are used as they are (``[N, K]`` row-major); checked at load time so that an
+        unsupported dtype fails before the first step."""
+        self.check_dtype(weight.dtype)
+        return weight
+
     # ---- planning ----------------------------------------------------------------------------
     def prepare(self, meta: AttnMetadata, num_heads: int, num_kv_heads: int) -> None:
         from portable_xy.triton_kernels.meta_attention import plan_attention

@@ -103,6 +103,10 @@ def test_bf16_is_a_clear_error(be):
         be.linear(x, torch.randn(8, 16, dtype=torch.bfloat16))
     with pytest.raises(TypeError, match="bfloat16"):
         be.rms_norm(x, torch.ones(16, dtype=torch.bfloat16), 1e-6)
+    with pytest.raises(TypeError, match="bfloat16"):  # at model load time already
+        be.prepare_weight(torch.zeros(8, 16, dtype=torch.bfloat16))
+    w = torch.zeros(8, 16, dtype=torch.float16)
+    assert be.prepare_weight(w) is w
 
 
 def test_attention_goes_to_meta_attention(be, monkeypatch):
