@@ -437,7 +437,6 @@ def launch_kwargs(options: dict) -> dict:
     return dict(options)
 
 
-
 def smooth_gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
