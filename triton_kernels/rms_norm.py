@@ -121,7 +121,8 @@ def rms_norm(
     y = out if out is not None else torch.empty(x.shape, dtype=y_dtype, device=x.device)
     r_out = None
     if residual is not None:
-        r_out = residual_out if residual_out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        r_dtype = torch.promote_types(x.dtype, residual.dtype)  # an fp32 residual stream stays fp32
+        r_out = residual_out if residual_out is not None else torch.empty(x.shape, dtype=r_dtype, device=x.device)
     for t, what in ((y, "out"), (r_out, "residual_out")):
         if t is not None and (t.shape != x.shape or not t.is_contiguous()):
             raise ValueError(f"rms_norm: {what} must be contiguous with shape {tuple(x.shape)}")

@@ -72,6 +72,20 @@ def test_rms_norm(dtype, persistent):
             _close(y, ref.rms_norm_ref(x, w, 1e-5)[0])
 
 
+def test_rms_norm_fp32_residual_stream_with_fp16_activations():
+    """The engine keeps the residual stream in fp32: the sum stays fp32, the output is fp16."""
+    g = _gen()
+    D = 72
+    w = (1 + 0.1 * torch.randn(D, generator=g)).half()
+    for M in (1, 17):
+        x = torch.randn(M, D, generator=g).half()
+        res = torch.randn(M, D, generator=g)
+        y, r = rms_norm.rms_norm(x, w, 1e-6, res, _profile(False, block_d=64))
+        y_ref, r_ref = ref.rms_norm_ref(x, w, 1e-6, res)
+        assert r.dtype == torch.float32 and torch.equal(r, r_ref)
+        _close(y, y_ref)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_per_head_on_strided_view(dtype):
     """Qwen3-style q/k norm: [T, H, D] views into the fused QKV output (non-contiguous)."""
