@@ -9,6 +9,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton decides at import time whether @triton.jit functions are interpreted: every in-process
+# kernel run in this suite uses the interpreter on CPU tensors (CUDA compilation checks run in
+# subprocesses, see tests/test_aot.py).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY = dict(
     vocab_size=49152,
