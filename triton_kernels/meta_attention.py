@@ -5,26 +5,37 @@ Torch reference: ``portable_xy.backends.cpu.attention_ref``.
 
 Layouts
   q, out          ``[T, Hq, D]`` (any token/head strides, unit last stride)
-  k_cache/v_cache ``[num_blocks, KV_BLOCK, Hkv, D]``; token ``j`` of stage ``s`` lives in block
+  k_cache/v_cache ``[num_blocks, KV_BLOCK, Hkv, D]``; KV column ``j`` of stage ``s`` lives in block
                   ``block_tables[s, j // KV_BLOCK]`` at offset ``j % KV_BLOCK``
-  units           int32 ``[U, 7]`` = (stage, tok_start, n_tok, kv_head, kv_lo, kv_hi, split), dealt
-                  to cores by :mod:`task_table`; core ``p`` owns ``core_offsets[p]:core_offsets[p+1]``
+  block_tables    int32 ``[S, max_blocks]``
+  units           int32 ``[U, 8]`` = (stage, tok_start, n_tok, kv_head, kv_lo, kv_hi, split, tile_m),
+                  dealt to cores by :mod:`.task_table`; core ``p`` owns units
+                  ``core_offsets[p]:core_offsets[p+1]``
+  tree masks      int8, stage ``s``'s ``q_len x q_len`` mask at ``tree_mask_offsets[s]`` (-1: causal)
 
-Every unit is one GEMM-softmax-GEMM tile: ``BLOCK_M`` rows = ``n_tok`` query tokens x ``GROUP``
-query heads of one KV head (GQA heads share each K/V load), online softmax over ``BLOCK_N``-column
-KV tiles read straight from the cache through the block table (no gather, no padded copy).
-Visibility of column ``j`` to the stage's new token ``i`` (history ``hist = seq_len - q_len``):
-``j < hist`` always; for ``j >= hist`` causal ``j <= hist + i`` (derived from positions, no mask
-tensor), or the stage's ``q_len x q_len`` int8 tree mask. A causal unit stops at its last
-token's column, so fully masked KV tiles are skipped.
+Every unit is one GEMM-softmax-GEMM tile: ``BLOCK_M`` rows = query tokens x ``GROUP`` query heads of
+one KV head (row = token * GROUP + head, so GQA heads share every K/V load), online softmax in fp32
+over ``BLOCK_N``-column KV tiles read straight from the cache through the block table (no gather,
+no padded copy). Visibility of column ``j`` to the stage's new token ``i`` (``hist = seq_len -
+q_len``): ``j < hist`` always; for ``j >= hist`` causal ``j <= hist + i`` (derived from positions,
+no mask tensor), or the stage's tree mask. Each unit runs two loops: the KV tiles every row of the
+unit sees in full (no mask work at all), then the few edge tiles (causal diagonal, tree block, KV
+tail) with masks. Columns past the unit's last visible one are never read (causal tile skipping).
 
-Constexprs: ``GROUP`` (query heads per KV head), ``HEAD_DIM`` (power of two >= 16), ``BLOCK_M``
-(the launch's query tile, from the profile menu), ``BLOCK_N`` (``attention.kv_tile``),
-``KV_BLOCK`` (cache block size), ``HAS_TREE``, ``SPLIT`` (write split-KV partials for
-:func:`split_kv_reduce_kernel` instead of the output), ``FP32_IEEE``.
+Per-stage tile sizes in one launch: the launch is compiled for up to four query-tile sizes of the
+profile menu (``M_TILE0 <= .. <= M_TILE3``, unused ones repeat the previous value); a unit runs in
+the smallest of them holding its ``tile_m`` rows, so a decode in a batch with a long prefill still
+runs a 16-row tile.
 
-The grid is persistent: ``num_cores`` programs (SMs on CUDA, AI cores on Ascend), each walking
-its unit list.
+Constexprs: ``GROUP`` (query heads per KV head), ``HEAD_DIM`` (a power of two >= 16),
+``M_TILE0..3`` (query tiles, from ``attention.q_tiles``), ``BLOCK_N`` (``attention.kv_tile``),
+``KV_BLOCK`` (the cache block size), ``HAS_TREE`` (the step has a tree-verify stage), ``SPLIT``
+(write split-KV partials for :func:`split_kv_reduce_kernel` instead of the output),
+``FP32_IEEE`` (fp32 inputs: exact fp32 dots instead of tf32).
+
+The grid is persistent: ``num_cores`` programs (SMs on CUDA, AI cores on Ascend), each walking its
+unit list. Only Triton 3.2 language features are used (no descriptors, no tl.range options, no
+pointer-to-pointer loads) so that triton-ascend 3.2 compiles and interprets the same source.
 """
 
 from __future__ import annotations
@@ -36,9 +47,142 @@ import triton
 import triton.language as tl
 
 from .smooth_gemm import launch_kwargs
-from .task_table import TaskTable, build_task_table
+from .task_table import UNIT_FIELDS, TaskTable, build_task_table, choose_num_splits
 
-N_FIELDS = 7
+UNIT_WIDTH = tl.constexpr(len(UNIT_FIELDS))
+MAX_LAUNCH_TILES = 4  # query-tile sizes one launch can dispatch to (M_TILE0..M_TILE3)
+
+
+@triton.jit
+def _kv_step(
+    q, acc, m_i, l_i, k_base, v_base, bt_row, tree_ptr,
+    j0, end, hist, tpos, row_ok, tree_off, q_len,
+    stride_kb, stride_ks, stride_vb, stride_vs, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
+    MASKED: tl.constexpr, HAS_TREE: tl.constexpr, FP32_IEEE: tl.constexpr,
+):  # fmt: skip
+    """One online-softmax step over KV columns ``j0 .. j0 + BLOCK_N``. ``MASKED=False``: every row
+    sees every column (no bounds or visibility masks); ``MASKED=True``: columns ``>= end`` and
+    invisible (row, column) pairs are masked out. Returns the updated ``(acc, m_i, l_i)``."""
+    cols = j0 + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, HEAD_DIM)
+    if MASKED:
+        col_ok = cols < end
+        blk = tl.load(bt_row + cols // KV_BLOCK, mask=col_ok, other=0).to(tl.int64)
+    else:
+        blk = tl.load(bt_row + cols // KV_BLOCK).to(tl.int64)
+    off = cols % KV_BLOCK
+    k_ptrs = k_base + (blk * stride_kb + off * stride_ks)[None, :] + d[:, None]  # [HEAD_DIM, BLOCK_N]
+    v_ptrs = v_base + (blk * stride_vb + off * stride_vs)[:, None] + d[None, :]  # [BLOCK_N, HEAD_DIM]
+    if MASKED:
+        kt = tl.load(k_ptrs, mask=col_ok[None, :], other=0.0)
+    else:
+        kt = tl.load(k_ptrs)
+    if FP32_IEEE:
+        s = tl.dot(q, kt, input_precision="ieee") * scale
+    else:
+        s = tl.dot(q, kt) * scale
+    if MASKED:
+        new = cols[None, :] - hist  # the column among the stage's new tokens (< 0: history)
+        ok = col_ok[None, :] & row_ok[:, None]
+        if HAS_TREE:
+            is_tree = tree_off >= 0  # (a scalar & a tensor mask trips the interpreter: use where)
+            in_tree = tl.where(is_tree, ok & (new >= 0), False)
+            tm = tl.load(tree_ptr + tree_off + tpos[:, None] * q_len + new, mask=in_tree, other=0)
+            ok = ok & ((new < 0) | tl.where(is_tree, tm != 0, new <= tpos[:, None]))
+        else:
+            ok = ok & (new <= tpos[:, None])
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    if FP32_IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_unit(
+    u, q_ptr, k_ptr, v_ptr, o_ptr,
+    units_ptr, q_start_ptr, seq_lens_ptr, tables_ptr, tree_off_ptr, tree_ptr,
+    part_m_ptr, part_l_ptr, part_acc_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+    num_q_heads, num_splits, scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    KV_BLOCK: tl.constexpr, HAS_TREE: tl.constexpr, SPLIT: tl.constexpr, FP32_IEEE: tl.constexpr,
+):  # fmt: skip
+    """Unit ``u`` of the task table in a ``BLOCK_M``-row query tile."""
+    unit = units_ptr + u * UNIT_WIDTH
+    s = tl.load(unit)
+    t0 = tl.load(unit + 1)
+    n_tok = tl.load(unit + 2)
+    kvh = tl.load(unit + 3)
+    kv_lo = tl.load(unit + 4)
+    kv_hi = tl.load(unit + 5)
+    q0 = tl.load(q_start_ptr + s)
+    q_len = tl.load(q_start_ptr + s + 1) - q0
+    hist = tl.load(seq_lens_ptr + s) - q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, HEAD_DIM)
+    row_ok = rows // GROUP < n_tok
+    tpos = t0 + rows // GROUP  # the row's token among the stage's new tokens
+    qh = kvh * GROUP + rows % GROUP  # the row's query head
+    tok = (q0 + tpos).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + qh[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None], other=0.0)  # fmt: skip
+
+    # [kv_lo, mid): tiles every row sees in full; [mid, end): edge tiles with masks; nothing past end
+    if HAS_TREE:
+        tree_off = tl.load(tree_off_ptr + s)
+    else:
+        tree_off = -1
+    end = tl.minimum(kv_hi, hist + t0 + n_tok)  # causal: the unit's last token's column + 1
+    full = hist + t0 + 1  # causal: columns its first token sees
+    if HAS_TREE:
+        end = tl.where(tree_off >= 0, kv_hi, end)
+        full = tl.where(tree_off >= 0, hist, full)
+    full = tl.minimum(full, end)
+    mid = kv_lo + tl.maximum(full - kv_lo, 0) // BLOCK_N * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    k_base = k_ptr + kvh * stride_kh
+    v_base = v_ptr + kvh * stride_vh
+    bt_row = tables_ptr + s * stride_bt
+    for j0 in range(kv_lo, mid, BLOCK_N):
+        acc, m_i, l_i = _kv_step(
+            q, acc, m_i, l_i, k_base, v_base, bt_row, tree_ptr, j0, end, hist, tpos, row_ok, tree_off, q_len,
+            stride_kb, stride_ks, stride_vb, stride_vs, scale,
+            HEAD_DIM, BLOCK_N, KV_BLOCK, False, HAS_TREE, FP32_IEEE,
+        )  # fmt: skip
+    for j0 in range(mid, end, BLOCK_N):
+        acc, m_i, l_i = _kv_step(
+            q, acc, m_i, l_i, k_base, v_base, bt_row, tree_ptr, j0, end, hist, tpos, row_ok, tree_off, q_len,
+            stride_kb, stride_ks, stride_vb, stride_vs, scale,
+            HEAD_DIM, BLOCK_N, KV_BLOCK, True, HAS_TREE, FP32_IEEE,
+        )  # fmt: skip
+
+    if SPLIT:  # partial (max, sum, acc) of this KV piece, combined by split_kv_reduce_kernel
+        part = (tok * num_q_heads + qh) * num_splits + tl.load(unit + 6)
+        tl.store(part_m_ptr + part, m_i, mask=row_ok)
+        tl.store(part_l_ptr + part, l_i, mask=row_ok)
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
+    else:
+        out = acc / tl.where(row_ok, l_i, 1.0)[:, None]  # padded rows: no 0/0
+        tl.store(o_ptr + tok[:, None] * stride_ot + qh[:, None] * stride_oh + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
 
 
 @triton.jit
@@ -48,112 +192,71 @@ def meta_attention_kernel(
     part_m_ptr, part_l_ptr, part_acc_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-    num_q_heads, scale,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    KV_BLOCK: tl.constexpr, HAS_TREE: tl.constexpr, SPLIT: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    num_q_heads, num_splits, scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    M_TILE0: tl.constexpr, M_TILE1: tl.constexpr, M_TILE2: tl.constexpr, M_TILE3: tl.constexpr,
+    BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr, HAS_TREE: tl.constexpr, SPLIT: tl.constexpr,
     FP32_IEEE: tl.constexpr,
 ):  # fmt: skip
+    """Persistent Meta-Attention: program ``p`` runs units ``core_offsets[p]:core_offsets[p+1]``,
+    each in the smallest of the launch's query tiles ``M_TILE0..3`` holding its ``tile_m`` rows."""
     pid = tl.program_id(0)
     u_lo = tl.load(core_offsets_ptr + pid)
     u_hi = tl.load(core_offsets_ptr + pid + 1)
-    rows = tl.arange(0, BLOCK_M)
-    tok_in_unit = rows // GROUP
-    head_in_group = rows % GROUP
-    d = tl.arange(0, HEAD_DIM)
-    cols = tl.arange(0, BLOCK_N)
     for u in range(u_lo, u_hi):
-        unit = units_ptr + u * 7
-        s = tl.load(unit)
-        t0 = tl.load(unit + 1)
-        n_tok = tl.load(unit + 2)
-        kvh = tl.load(unit + 3)
-        kv_lo = tl.load(unit + 4)
-        kv_hi = tl.load(unit + 5)
-        q0 = tl.load(q_start_ptr + s)
-        q_len = tl.load(q_start_ptr + s + 1) - q0
-        hist = tl.load(seq_lens_ptr + s) - q_len
-        row_ok = tok_in_unit < n_tok
-        tpos = t0 + tok_in_unit  # index among the stage's new tokens
-        tok = (q0 + tpos).to(tl.int64)
-        qh = kvh * GROUP + head_in_group
-        q = tl.load(q_ptr + tok[:, None] * stride_qt + qh[:, None] * stride_qh + d[None, :],
-                    mask=row_ok[:, None], other=0.0)  # fmt: skip
-        # a causal unit needs no column past its last token; a tree unit may look at all of them
-        if HAS_TREE:
-            tree_off = tl.load(tree_off_ptr + s)
-            end = tl.where(tree_off < 0, tl.minimum(kv_hi, hist + t0 + n_tok), kv_hi)
-        else:
-            end = tl.minimum(kv_hi, hist + t0 + n_tok)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        for j0 in range(kv_lo, end, BLOCK_N):
-            j = j0 + cols
-            col_ok = j < end
-            blk = tl.load(tables_ptr + s * stride_bt + j // KV_BLOCK, mask=col_ok, other=0).to(tl.int64)
-            off = j % KV_BLOCK
-            kt = tl.load(
-                k_ptr + (blk * stride_kb + off * stride_ks + kvh * stride_kh)[None, :] + d[:, None],
-                mask=col_ok[None, :],
-                other=0.0,
-            )  # fmt: skip  [HEAD_DIM, BLOCK_N]
-            if FP32_IEEE:
-                scores = tl.dot(q, kt, input_precision="ieee") * scale
-            else:
-                scores = tl.dot(q, kt) * scale
-            new = j[None, :] - hist  # column index among the new tokens (negative: history)
-            visible = col_ok[None, :] & row_ok[:, None]
-            if HAS_TREE:
-                is_tree = tree_off >= 0
-                in_tree = visible & (new >= 0) & is_tree
-                # masked-off lanes read element 0 (always valid) instead of using a load mask
-                tm = tl.load(tree_ptr + tl.where(in_tree, tree_off + tpos[:, None] * q_len + new, 0))
-                tree_ok = (new < 0) | (in_tree & (tm != 0))
-                causal_ok = new <= tpos[:, None]
-                visible = visible & ((is_tree & tree_ok) | ((tree_off < 0) & causal_ok))
-            else:
-                visible = visible & (new <= tpos[:, None])
-            scores = tl.where(visible, scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-            p = tl.exp(scores - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(
-                v_ptr + (blk * stride_vb + off * stride_vs + kvh * stride_vh)[:, None] + d[None, :],
-                mask=col_ok[:, None],
-                other=0.0,
-            )  # fmt: skip  [BLOCK_N, HEAD_DIM]
-            if FP32_IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-        if SPLIT:
-            part = (tok * num_q_heads + qh) * NUM_SPLITS + tl.load(unit + 6)
-            tl.store(part_m_ptr + part, m_i, mask=row_ok)
-            tl.store(part_l_ptr + part, l_i, mask=row_ok)
-            tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
-        else:
-            out = acc / tl.where(row_ok, l_i, 1.0)[:, None]  # padded rows: no 0/0
-            tl.store(o_ptr + tok[:, None] * stride_ot + qh[:, None] * stride_oh + d[None, :],
-                     out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
+        tile_m = tl.load(units_ptr + u * UNIT_WIDTH + 7)
+        if tile_m <= M_TILE0:
+            _attend_unit(
+                u, q_ptr, k_ptr, v_ptr, o_ptr, units_ptr, q_start_ptr, seq_lens_ptr, tables_ptr, tree_off_ptr,
+                tree_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, stride_qt, stride_qh, stride_ot, stride_oh,
+                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                num_q_heads, num_splits, scale,
+                GROUP, HEAD_DIM, M_TILE0, BLOCK_N, KV_BLOCK, HAS_TREE, SPLIT, FP32_IEEE,
+            )  # fmt: skip
+        if M_TILE1 > M_TILE0:  # compile-time: the launch has a second tile size
+            if (tile_m > M_TILE0) & (tile_m <= M_TILE1):
+                _attend_unit(
+                    u, q_ptr, k_ptr, v_ptr, o_ptr, units_ptr, q_start_ptr, seq_lens_ptr, tables_ptr, tree_off_ptr,
+                    tree_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, stride_qt, stride_qh, stride_ot, stride_oh,
+                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                    num_q_heads, num_splits, scale,
+                    GROUP, HEAD_DIM, M_TILE1, BLOCK_N, KV_BLOCK, HAS_TREE, SPLIT, FP32_IEEE,
+                )  # fmt: skip
+        if M_TILE2 > M_TILE1:
+            if (tile_m > M_TILE1) & (tile_m <= M_TILE2):
+                _attend_unit(
+                    u, q_ptr, k_ptr, v_ptr, o_ptr, units_ptr, q_start_ptr, seq_lens_ptr, tables_ptr, tree_off_ptr,
+                    tree_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, stride_qt, stride_qh, stride_ot, stride_oh,
+                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                    num_q_heads, num_splits, scale,
+                    GROUP, HEAD_DIM, M_TILE2, BLOCK_N, KV_BLOCK, HAS_TREE, SPLIT, FP32_IEEE,
+                )  # fmt: skip
+        if M_TILE3 > M_TILE2:
+            if tile_m > M_TILE2:
+                _attend_unit(
+                    u, q_ptr, k_ptr, v_ptr, o_ptr, units_ptr, q_start_ptr, seq_lens_ptr, tables_ptr, tree_off_ptr,
+                    tree_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, stride_qt, stride_qh, stride_ot, stride_oh,
+                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                    num_q_heads, num_splits, scale,
+                    GROUP, HEAD_DIM, M_TILE3, BLOCK_N, KV_BLOCK, HAS_TREE, SPLIT, FP32_IEEE,
+                )  # fmt: skip
 
 
 @triton.jit
 def split_kv_reduce_kernel(
     part_m_ptr, part_l_ptr, part_acc_ptr, o_ptr,
-    n_rows, num_q_heads, stride_ot, stride_oh, num_programs,
-    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+    n_rows, num_q_heads, num_splits, stride_ot, stride_oh, num_programs,
+    SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
-    """Combine the split-KV partials of row ``r = token * Hq + head``: weights
-    ``exp(m_i - max m)``, ``out = sum(w_i acc_i) / sum(w_i l_i)``."""
+    """Combine the split-KV partials of row ``r = token * Hq + head`` (partials at
+    ``r * num_splits + split``): weights ``w_i = exp(m_i - max m)``,
+    ``out = sum(w_i acc_i) / sum(w_i l_i)``. Persistent: program ``p`` does rows ``p, p + P, ..``."""
     pid = tl.program_id(0)
     sp = tl.arange(0, SPLITS_P2)
     d = tl.arange(0, HEAD_DIM)
-    sp_ok = sp < NUM_SPLITS
+    sp_ok = sp < num_splits
     for r in range(pid, n_rows, num_programs):
-        base = r * NUM_SPLITS
+        base = r * num_splits
         m = tl.load(part_m_ptr + base + sp, mask=sp_ok, other=float("-inf"))
         ell = tl.load(part_l_ptr + base + sp, mask=sp_ok, other=0.0)
         acc = tl.load(part_acc_ptr + (base + sp)[:, None] * HEAD_DIM + d[None, :], mask=sp_ok[:, None], other=0.0)
@@ -165,45 +268,83 @@ def split_kv_reduce_kernel(
         tl.store(o_ptr + tok.to(tl.int64) * stride_ot + head * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
+# -------------------------------------------------------------------------------------------------
+# host side
+# -------------------------------------------------------------------------------------------------
 @dataclass
 class AttentionPlan:
-    """Host work done once per step and reused by every layer."""
+    """Host work done once per step and reused by every layer: the task table (on the device)
+    and the launch configuration."""
 
     table: TaskTable
     group: int
     num_q_heads: int
+    num_kv_heads: int
+    launch_tiles: tuple[int, int, int, int]  # M_TILE0..3
     block_n: int
-    num_warps: int
-    options: dict
+    has_tree: bool
+    attention: dict  # the profile's ``attention`` section (warps, stages, compile options)
 
 
-def _num_warps(profile, block_m: int) -> int:
-    warps = (profile.attention.get("num_warps") or {}) if profile is not None else {}
-    return int(warps.get(block_m, warps.get(str(block_m), 4 if block_m <= 64 else 8)))
+def _num_warps(att: dict, block_m: int, head_dim: int) -> int:
+    """``attention.num_warps[block_m]`` from the profile, else 4 warps below 4096 fp32
+    accumulator elements per tile (BLOCK_M x HEAD_DIM) and 8 from there."""
+    warps = att.get("num_warps") or {}
+    default = 4 if block_m * head_dim < 4096 else 8
+    return int(warps.get(block_m, warps.get(str(block_m), default)))
+
+
+def _launch_options(att: dict, block_m: int, head_dim: int) -> dict:
+    """Compile options of a launch whose largest query tile is ``block_m``."""
+    opts = {"num_warps": _num_warps(att, block_m, head_dim), "num_stages": int(att.get("num_stages", 2))}
+    return {**opts, **(att.get("options") or {})}
+
+
+def launch_tiles(tile_menu: list[int]) -> tuple[int, int, int, int]:
+    """``M_TILE0..3`` for a launch whose units use tiles up to ``tile_menu[-1]``: the (at most four
+    largest) menu entries, ascending, the last one repeated. A unit runs in the smallest of them
+    holding its rows, so dropping small entries is safe."""
+    tiles = list(tile_menu[-MAX_LAUNCH_TILES:])
+    tiles += [tiles[-1]] * (MAX_LAUNCH_TILES - len(tiles))
+    return tuple(tiles)  # type: ignore[return-value]
 
 
 def plan_attention(meta, num_heads: int, num_kv_heads: int, profile) -> AttentionPlan:
-    """Token table (``meta``) -> task table for ``profile``'s tile menu and core count. Decode-only
-    steps with at most ``attention.split_kv.max_seqs`` sequences also split the KV range into
-    ``attention.split_kv.num_splits`` pieces so every core has work."""
+    """Token table (``meta``) -> task table for ``profile``'s tile menu and core count.
+
+    Profile keys (``attention.*``): ``q_tiles`` (query-tile menu, powers of two >= 16),
+    ``kv_tile``, ``tree_max_q_tile`` (steps with a tree-verify stage use menu tiles up to this;
+    default: no limit), ``split_kv: {max_seqs, num_splits}`` (decode-only steps of at most
+    ``max_seqs`` sequences that leave cores idle split each sequence's KV into up to
+    ``num_splits`` pieces, see :func:`~.task_table.choose_num_splits`), ``num_warps``
+    (``{tile: warps}``), ``num_stages`` (default 2), ``options`` (extra compile options, e.g.
+    triton-ascend's ``multibuffer``)."""
     att = profile.attention
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     group = num_heads // num_kv_heads
-    split_cfg = att.get("split_kv") or {}
-    num_splits = int(split_cfg.get("num_splits", 1))
-    use_split = (
-        num_splits > 1
-        and meta.max_query_len == 1
-        and meta.tree_mask_offsets is None
-        and meta.num_stages <= int(split_cfg.get("max_seqs", 0))
-    )
+    menu = sorted(int(t) for t in att["q_tiles"])
+    if any(t < 16 or t & (t - 1) for t in menu):
+        raise ValueError(f"attention.q_tiles {menu}: tiles must be powers of two >= 16 (tl.dot)")
     block_n = int(att["kv_tile"])
+    has_tree = meta.tree_mask_offsets is not None
+    if has_tree and att.get("tree_max_q_tile"):  # the tree-mask tile costs registers
+        menu = [t for t in menu if t <= int(att["tree_max_q_tile"])] or menu[:1]
+    split_cfg = att.get("split_kv") or {}
+    num_splits = 1
+    if not has_tree:
+        num_splits = choose_num_splits(
+            meta.query_lens_cpu, meta.seq_lens_cpu, num_kv_heads, profile.num_cores,
+            int(split_cfg.get("max_seqs", 0)), int(split_cfg.get("num_splits", 1)), block_n,
+        )  # fmt: skip
     table = build_task_table(
-        meta.query_lens_cpu, meta.seq_lens_cpu, num_kv_heads, group, list(att["q_tiles"]), profile.num_cores,
-        num_splits=num_splits if use_split else 1, kv_tile=block_n, device=meta.query_start_loc.device,
+        meta.query_lens_cpu, meta.seq_lens_cpu, num_kv_heads, group, menu, profile.num_cores,
+        num_splits=num_splits, kv_tile=block_n, device=meta.query_start_loc.device,
     )  # fmt: skip
+    tiles = launch_tiles(table.tile_menu)
     return AttentionPlan(
-        table=table, group=group, num_q_heads=num_heads, block_n=block_n,
-        num_warps=_num_warps(profile, table.block_m), options=dict(att.get("options") or {}),
+        table=table, group=group, num_q_heads=num_heads, num_kv_heads=num_kv_heads, launch_tiles=tiles,
+        block_n=block_n, has_tree=has_tree, attention=dict(att),
     )  # fmt: skip
 
 
@@ -216,14 +357,23 @@ def meta_attention(
     plan: AttentionPlan,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of ``q [T, Hq, D]`` over the paged cache for the whole mixed batch in one launch
-    (plus one reduce launch on the split-KV path). Same contract as ``Backend.attention``."""
+    """Attention of ``q [T, Hq, D]`` over the paged caches ``[num_blocks, block_size, Hkv, D]``
+    (which already hold this step's K/V) for the whole mixed batch described by ``meta``
+    (:class:`~portable_xy.backends.base.AttnMetadata`), in one launch (plus one reduce launch on
+    the split-KV path). ``plan`` comes from :func:`plan_attention` for the same ``meta``.
+    Returns ``out [T, Hq, D]`` (``q``'s dtype; written in place when given). Reference:
+    ``portable_xy.backends.cpu.attention_ref``."""
     t, hq, d = q.shape
+    if hq != plan.num_q_heads or k_cache.shape[2] != plan.num_kv_heads:
+        raise ValueError(
+            f"meta_attention: plan is for {plan.num_q_heads}/{plan.num_kv_heads} heads, got {hq}/{k_cache.shape[2]}"
+        )
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"meta_attention: head_dim {d} must be a power of two >= 16")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("meta_attention: q and the caches need a unit last stride")
     out = torch.empty_like(q) if out is None else out
     table = plan.table
-    has_tree = meta.tree_mask_offsets is not None
     dummy = meta.seq_lens
     split = table.num_splits > 1
     if split:
@@ -233,71 +383,72 @@ def meta_attention(
         part_acc = torch.empty(parts, d, dtype=torch.float32, device=q.device)
     else:
         part_m = part_l = part_acc = dummy
-    kw = launch_kwargs({"num_warps": plan.num_warps, "num_stages": 2, **plan.options})
+    kw = launch_kwargs(_launch_options(plan.attention, plan.launch_tiles[-1], d))
+    m0, m1, m2, m3 = plan.launch_tiles
     meta_attention_kernel[(table.num_cores,)](
         q, k_cache, v_cache, out,
         table.units, table.core_offsets, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-        meta.tree_mask_offsets if has_tree else dummy, meta.tree_masks if has_tree else dummy,
+        meta.tree_mask_offsets if plan.has_tree else dummy, meta.tree_masks if plan.has_tree else dummy,
         part_m, part_l, part_acc,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), meta.block_tables.stride(0),
-        hq, float(scale),
-        GROUP=plan.group, HEAD_DIM=d, BLOCK_M=table.block_m, BLOCK_N=plan.block_n, KV_BLOCK=k_cache.shape[1],
-        HAS_TREE=has_tree, SPLIT=split, NUM_SPLITS=table.num_splits, FP32_IEEE=q.dtype == torch.float32,
-        **kw,
+        hq, table.num_splits, float(scale),
+        GROUP=plan.group, HEAD_DIM=d, M_TILE0=m0, M_TILE1=m1, M_TILE2=m2, M_TILE3=m3,
+        BLOCK_N=plan.block_n, KV_BLOCK=k_cache.shape[1], HAS_TREE=plan.has_tree, SPLIT=split,
+        FP32_IEEE=q.dtype == torch.float32, **kw,
     )  # fmt: skip
     if split:
         rows = t * hq
         progs = min(rows, table.num_cores * 4)
         split_kv_reduce_kernel[(progs,)](
-            part_m, part_l, part_acc, out, rows, hq, out.stride(0), out.stride(1), progs,
-            NUM_SPLITS=table.num_splits, SPLITS_P2=triton.next_power_of_2(table.num_splits), HEAD_DIM=d,
-            **launch_kwargs({"num_warps": 4}),
+            part_m, part_l, part_acc, out, rows, hq, table.num_splits, out.stride(0), out.stride(1), progs,
+            SPLITS_P2=triton.next_power_of_2(table.num_splits), HEAD_DIM=d, **launch_kwargs({"num_warps": 4}),
         )  # fmt: skip
     return out
 
 
-_TY = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+# -------------------------------------------------------------------------------------------------
+# AOT compile specs (``portable-xy kernels aot-report``)
+# -------------------------------------------------------------------------------------------------
+_PTR_ARGS = ("q_ptr", "k_ptr", "v_ptr", "o_ptr")
+_I32_PTR_ARGS = ("units_ptr", "core_offsets_ptr", "q_start_ptr", "seq_lens_ptr", "tables_ptr", "tree_off_ptr")
+_STRIDE_ARGS = ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "stride_ks", "stride_kh",
+                "stride_vb", "stride_vs", "stride_vh")  # fmt: skip
 
 
 def aot_specs(profile) -> list[dict]:
-    """Every (query tile of the menu, head dim 64/128, fp16/bf16) of the main kernel, causal and
-    tree variants, plus the split-KV reduce."""
+    """The launch variants the profile produces, per dtype (fp16, bf16 where supported) and head
+    dim (64, 128), GQA group 4: ``full`` (every menu tile: a mixed step with a long prefill),
+    ``tree`` (the tree-mask variant over the tree menu), ``decode_split`` (the smallest tile alone,
+    writing split-KV partials), plus the split-KV reduce kernel."""
     att = profile.attention
+    menu = sorted(int(t) for t in att["q_tiles"])
+    tree_menu = [t for t in menu if t <= int(att.get("tree_max_q_tile") or menu[-1])] or menu[:1]
+    variants = [("full", menu, False, False), ("tree", tree_menu, True, False), ("decode_split", menu[:1], False, True)]
     dts = ["fp16"] + (["bf16"] if (profile.data.get("supports") or {}).get("bf16", True) else [])
-    ptrs = ("q_ptr", "k_ptr", "v_ptr", "o_ptr")
-    ints = ("units_ptr", "core_offsets_ptr", "q_start_ptr", "seq_lens_ptr", "tables_ptr", "tree_off_ptr")
-    strides = ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "stride_ks", "stride_kh",
-               "stride_vb", "stride_vs", "stride_vh", "stride_bt", "num_q_heads")  # fmt: skip
     specs = []
     for ty in dts:
         for head_dim in (64, 128):
-            for block_m in att["q_tiles"]:
-                for tree in (False, True):
-                    cx = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=int(att["kv_tile"]),
-                              KV_BLOCK=int(profile.kv_block_size), HAS_TREE=tree, SPLIT=False, NUM_SPLITS=1,
-                              FP32_IEEE=False)  # fmt: skip
-                    sig = {p: f"*{ty}" for p in ptrs}
-                    sig.update({p: "*i32" for p in ints})
-                    sig.update(
-                        {"tree_ptr": "*i8", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32"}
-                    )
-                    sig.update({k: "i32" for k in strides})
-                    sig["scale"] = "fp32"
-                    sig.update({k: "constexpr" for k in cx})
-                    specs.append(dict(
-                        name=f"meta_attention_{ty}_d{head_dim}_m{block_m}{'_tree' if tree else ''}",
-                        fn=meta_attention_kernel, signature=sig, constexprs=cx,
-                        num_warps=_num_warps(profile, block_m), num_stages=2, expect_tensor_cores=True,
-                        divisible_by_16=["stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb",
-                                         "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh"],
-                        options=dict(att.get("options") or {}),
-                    ))  # fmt: skip
-        cx = dict(NUM_SPLITS=8, SPLITS_P2=8, HEAD_DIM=128)
+            for label, tiles, tree, split in variants:
+                m = launch_tiles(tiles)
+                cx = dict(GROUP=4, HEAD_DIM=head_dim, M_TILE0=m[0], M_TILE1=m[1], M_TILE2=m[2], M_TILE3=m[3],
+                          BLOCK_N=int(att["kv_tile"]), KV_BLOCK=int(profile.kv_block_size), HAS_TREE=tree,
+                          SPLIT=split, FP32_IEEE=False)  # fmt: skip
+                sig = {p: f"*{ty}" for p in _PTR_ARGS}
+                sig.update({p: "*i32" for p in _I32_PTR_ARGS})
+                sig.update({"tree_ptr": "*i8", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32"})
+                sig.update({k: "i32" for k in (*_STRIDE_ARGS, "stride_bt", "num_q_heads", "num_splits")})
+                sig["scale"] = "fp32"
+                opts = _launch_options(att, m[-1], head_dim)
+                specs.append(dict(
+                    name=f"meta_attention_{ty}_d{head_dim}_{label}", fn=meta_attention_kernel, signature=sig,
+                    constexprs=cx, num_warps=opts.pop("num_warps"), num_stages=opts.pop("num_stages"),
+                    expect_tensor_cores=True, divisible_by_16=list(_STRIDE_ARGS), options=opts,
+                ))  # fmt: skip
+        cx = dict(SPLITS_P2=8, HEAD_DIM=128)
         sig = {"part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32", "o_ptr": f"*{ty}"}
-        sig.update({k: "i32" for k in ("n_rows", "num_q_heads", "stride_ot", "stride_oh", "num_programs")})
-        sig.update({k: "constexpr" for k in cx})
+        sig.update({k: "i32" for k in ("n_rows", "num_q_heads", "num_splits", "stride_ot", "stride_oh", "num_programs")})
         specs.append(dict(name=f"split_kv_reduce_{ty}", fn=split_kv_reduce_kernel, signature=sig, constexprs=cx,
                           num_warps=4, num_stages=1, expect_tensor_cores=False,
                           divisible_by_16=["stride_ot", "stride_oh"]))  # fmt: skip

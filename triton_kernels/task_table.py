@@ -2,13 +2,21 @@
 
 XY-Serve's decomposition (digest section 3): every stage (a prefill chunk, a decode, a verify)
 is cut into query tiles whose size comes from the profile's tile menu; a *unit* is one
-(stage, query tile, KV head) triple. Units are sorted by cost = tile rows x KV length and dealt
-to the profile's core count in snake (boustrophedon) order: cores 0..C-1, then C-1..0, ...
-The kernel walks its core's units (a persistent grid of ``num_cores`` programs).
+(stage, query tile, KV head) triple (plus a KV range when split-KV is on). Units are sorted by
+cost = tile rows x KV length (the paper's load model) and dealt to the profile's core count in
+snake (boustrophedon) order: cores 0..C-1, then C-1..0, ... The kernel walks its core's units
+(a persistent grid of ``num_cores`` programs).
 
-GQA: the query heads sharing one KV head are packed into the tile's rows, so a tile of ``R`` rows
-holds ``R // group`` query tokens of ``group`` heads each, and every K/V load serves them all.
-Pure host code: no Triton import.
+Tile choice: a stage of ``q`` tokens has ``q * group`` query rows (see GQA below); its tile is
+the smallest menu entry holding them, and a stage bigger than the largest tile is cut into
+largest-tile pieces (the last piece may be partly empty).
+
+GQA: the ``group`` query heads sharing one KV head are packed into the tile's M dimension, so a
+tile of ``R`` rows holds ``R // group`` query tokens x ``group`` heads (row = token * group +
+head) and every K/V load serves all of them. A decode of a model with 4 query heads per KV head
+therefore fills 4 rows of a 16-row tile.
+
+Pure host code (torch + Python, no Triton import), run once per step.
 """
 
 from __future__ import annotations
@@ -17,21 +25,32 @@ from dataclasses import dataclass
 
 import torch
 
-UNIT_FIELDS = ("stage", "tok_start", "n_tok", "kv_head", "kv_lo", "kv_hi", "split")
+UNIT_FIELDS = ("stage", "tok_start", "n_tok", "kv_head", "kv_lo", "kv_hi", "split", "tile_m")
 
 
 @dataclass
 class TaskTable:
-    """``units``: int32 ``[U, 7]`` rows of :data:`UNIT_FIELDS` (``tok_start`` relative to the
-    stage's first query row; ``[kv_lo, kv_hi)`` the KV columns the unit reads; ``split`` its
-    split-KV slot). Core ``c`` owns units ``core_offsets[c]:core_offsets[c+1]``."""
+    """The step's task table.
+
+    ``units``: int32 ``[U, 8]``, one row of :data:`UNIT_FIELDS` per unit: ``stage``; ``tok_start``
+    and ``n_tok``, the unit's query tokens relative to the stage's first query row; ``kv_head``;
+    ``[kv_lo, kv_hi)``, the KV columns it reads (the whole stage unless split-KV); ``split``, its
+    split-KV slot; ``tile_m``, its query-tile rows (a ``tile_menu`` entry).
+    ``core_offsets``: int32 ``[num_cores + 1]``; core ``c`` owns ``units[core_offsets[c]:
+    core_offsets[c + 1]]``, in dealing order (most expensive first).
+    """
 
     units: torch.Tensor
     core_offsets: torch.Tensor
-    block_m: int  # the launch's query-tile rows (largest tile used by any stage)
-    tile_rows: list[int]  # per stage, from the profile menu
+    tile_menu: list[int]  # the menu entries up to the largest one used (the kernel's constexprs)
+    tile_rows: list[int]  # per stage, from the menu
     costs: list[int]  # per unit, in table order
     num_splits: int = 1
+
+    @property
+    def block_m(self) -> int:
+        """The largest query tile of the step."""
+        return self.tile_menu[-1]
 
     @property
     def num_cores(self) -> int:
@@ -68,12 +87,15 @@ def build_task_table(
     kv_tile: int = 16,
     device: torch.device | str = "cpu",
 ) -> TaskTable:
-    """Decompose stages into units and deal them to ``num_cores`` cores.
+    """Decompose the stages (``query_lens[s]`` new tokens, ``seq_lens[s]`` = history + new KV
+    columns) into units for ``num_kv_heads`` KV heads of ``group`` query heads each, tiles from
+    the menu ``q_tiles``, and deal them to ``num_cores`` cores.
 
-    ``num_splits > 1`` (decode-only steps) also splits each stage's KV range into that many
+    ``num_splits > 1`` (decode-only steps) also cuts each stage's KV range into that many
     ``kv_tile``-aligned pieces whose partial softmax results a reduce kernel combines.
     """
-    if max(q_tiles) < group:
+    menu = sorted(set(int(t) for t in q_tiles))
+    if not menu or menu[-1] < group:
         raise ValueError(f"attention q_tiles {q_tiles} cannot hold one token of {group} GQA heads")
     if num_splits > 1 and any(q != 1 for q in query_lens):
         raise ValueError("split-KV attention is for decode-only steps (every query length 1)")
@@ -81,17 +103,15 @@ def build_task_table(
     costs: list[int] = []
     tiles = []
     for s, (q_len, kv_len) in enumerate(zip(query_lens, seq_lens)):
-        tile = choose_tile(q_len * group, q_tiles)
+        tile = choose_tile(q_len * group, menu)
         tiles.append(tile)
         per_unit = tile // group
-        # cost model of the paper: tile rows x KV length (the kernel itself stops a causal
-        # unit at its last token's column)
         pieces = _split_range(kv_len, num_splits, kv_tile)
         for t0 in range(0, q_len, per_unit):
             n = min(per_unit, q_len - t0)
             for h in range(num_kv_heads):
                 for split, (lo, hi) in enumerate(pieces):
-                    rows.append((s, t0, n, h, lo, hi, split))
+                    rows.append((s, t0, n, h, lo, hi, split, tile))
                     costs.append(tile * max(hi - lo, 1))
     order = sorted(range(len(rows)), key=lambda i: -costs[i])  # stable: ties keep stage order
     cores = snake_order(len(order), num_cores)
@@ -103,14 +123,34 @@ def build_task_table(
     for c in per_core:
         offsets.append(offsets[-1] + len(c))
     units = torch.tensor([rows[i] for i in flat], dtype=torch.int32).reshape(-1, len(UNIT_FIELDS))
+    top = max(tiles, default=menu[0])
     return TaskTable(
         units=units.to(device),
-        core_offsets=torch.tensor(offsets, dtype=torch.int32, device=device),
-        block_m=max(tiles, default=min(q_tiles)),
+        core_offsets=torch.tensor(offsets, dtype=torch.int32).to(device),
+        tile_menu=[t for t in menu if t <= top],
         tile_rows=tiles,
         costs=[costs[i] for i in flat],
         num_splits=num_splits,
     )
+
+
+def choose_num_splits(
+    query_lens: list[int], seq_lens: list[int], num_kv_heads: int, num_cores: int, max_seqs: int, max_splits: int,
+    kv_tile: int,
+) -> int:  # fmt: skip
+    """Split-KV factor for a step: > 1 only for decode-only steps of at most ``max_seqs``
+    sequences whose ``S x num_kv_heads`` units leave cores idle; then just enough splits to give
+    every core a unit (at most ``max_splits``, and no more than the longest sequence has
+    ``kv_tile`` tiles)."""
+    n = len(query_lens)
+    if max_splits <= 1 or n == 0 or n > max_seqs or any(q != 1 for q in query_lens):
+        return 1
+    units = n * num_kv_heads
+    if units >= num_cores:
+        return 1
+    want = -(-num_cores // units)
+    longest = -(-max(seq_lens) // kv_tile)
+    return max(1, min(want, max_splits, longest))
 
 
 def _split_range(length: int, num_splits: int, align: int) -> list[tuple[int, int]]:
