@@ -73,7 +73,6 @@ def _kv_step(
         blk = tl.load(bt_row + cols // KV_BLOCK).to(tl.int64)
     off = cols % KV_BLOCK
     k_ptrs = k_base + (blk * stride_kb + off * stride_ks)[None, :] + d[:, None]  # [HEAD_DIM, BLOCK_N]
-    v_ptrs = v_base + (blk * stride_vb + off * stride_vs)[:, None] + d[None, :]  # [BLOCK_N, HEAD_DIM]
     if MASKED:
         kt = tl.load(k_ptrs, mask=col_ok[None, :], other=0.0)
     else:
@@ -99,6 +98,7 @@ def _kv_step(
     p = tl.exp(s - m_new[:, None])
     alpha = tl.exp(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
+    v_ptrs = v_base + (blk * stride_vb + off * stride_vs)[:, None] + d[None, :]  # [BLOCK_N, HEAD_DIM]
     if MASKED:
         v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
     else:
@@ -133,10 +133,10 @@ def _attend_unit(
     q_len = tl.load(q_start_ptr + s + 1) - q0
     hist = tl.load(seq_lens_ptr + s) - q_len
 
-    rows = tl.arange(0, BLOCK_M)
+    rows = t0 * GROUP + tl.arange(0, BLOCK_M)  # the tile's rows among the stage's token x head rows
     d = tl.arange(0, HEAD_DIM)
-    row_ok = rows // GROUP < n_tok
-    tpos = t0 + rows // GROUP  # the row's token among the stage's new tokens
+    tpos = rows // GROUP  # the row's token among the stage's new tokens
+    row_ok = tpos < t0 + n_tok
     qh = kvh * GROUP + rows % GROUP  # the row's query head
     tok = (q0 + tpos).to(tl.int64)
     q = tl.load(q_ptr + tok[:, None] * stride_qt + qh[:, None] * stride_qh + d[None, :],

@@ -15,15 +15,16 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-def interpreted(kernel) -> bool:
-    """Whether ``kernel`` (a ``@triton.jit`` function) runs under the interpreter in this process."""
-    return type(kernel).__name__ == "InterpretedFunction"
-
-
-def poison(t: torch.Tensor) -> torch.Tensor:
+def _poison(t: torch.Tensor) -> torch.Tensor:
     """Fill ``t`` in place with values no correct kernel leaves behind (NaN for floats, -1 for
     integers) and return it: an output element a kernel forgets to write fails the comparison."""
     return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+
+@pytest.fixture(scope="session")
+def poison():
+    """The ``poison(tensor) -> tensor`` helper (fills outputs with NaN / -1 before a run)."""
+    return _poison
 
 
 @pytest.fixture
@@ -33,6 +34,13 @@ def gen(request) -> torch.Generator:
     seed = int(os.environ.get("PXY_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
     print(f"{request.node.nodeid}: PXY_TEST_SEED={seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="session")
+def interpreted():
+    """``interpreted(kernel) -> bool``: whether a ``@triton.jit`` function runs under the
+    interpreter in this process (kernel modules imported before TRITON_INTERPRET was set do not)."""
+    return lambda kernel: type(kernel).__name__ == "InterpretedFunction"
 
 
 @pytest.fixture
