@@ -448,7 +448,8 @@ def aot_specs(profile) -> list[dict]:
                 ))  # fmt: skip
         cx = dict(SPLITS_P2=8, HEAD_DIM=128)
         sig = {"part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32", "o_ptr": f"*{ty}"}
-        sig.update({k: "i32" for k in ("n_rows", "num_q_heads", "num_splits", "stride_ot", "stride_oh", "num_programs")})
+        ints = ("n_rows", "num_q_heads", "num_splits", "stride_ot", "stride_oh", "num_programs")
+        sig.update({k: "i32" for k in ints})
         specs.append(dict(name=f"split_kv_reduce_{ty}", fn=split_kv_reduce_kernel, signature=sig, constexprs=cx,
                           num_warps=4, num_stages=1, expect_tensor_cores=False,
                           divisible_by_16=["stride_ot", "stride_oh"]))  # fmt: skip
