@@ -1,6 +1,6 @@
 """Engine behaviour: batch invariance, prefix caching, chunked prefill, preemption, metrics."""
 
-from conftest import random_prompts
+from tiny_models import random_prompts
 
 from portable_xy import LLM, SamplingParams
 

@@ -1,7 +1,7 @@
 """Greedy outputs token-identical to HF transformers on tiny random Llama / Qwen2 / Qwen3."""
 
 import pytest
-from conftest import TINY_VARIANTS, hf_greedy, random_prompts
+from tiny_models import TINY_VARIANTS, hf_greedy, random_prompts
 
 from portable_xy import LLM, SamplingParams
 

@@ -4,7 +4,7 @@ that mixes a chunked long prompt, short prompts and running decodes."""
 
 import pytest
 import torch
-from conftest import TINY, _perturb
+from tiny_models import TINY, _perturb
 
 from portable_xy import LLM, SamplingParams
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import random_prompts
+from tiny_models import random_prompts
 
 from portable_xy import SamplingParams
 from portable_xy.backends.cpu import sample_ref
