@@ -9,8 +9,9 @@ Layouts
                   ``block_tables[s, j // KV_BLOCK]`` at offset ``j % KV_BLOCK``
   block_tables    int32 ``[S, max_blocks]``
   units           int32 ``[U, 8]`` = (stage, tok_start, n_tok, kv_head, kv_lo, kv_hi, split, tile_m),
-                  dealt to cores by :mod:`.task_table`; core ``p`` owns units
-                  ``core_offsets[p]:core_offsets[p+1]``
+                  dealt to cores by :mod:`.task_table`
+  segments        int32 ``[num_cores * 4 + 1]``: core ``p`` runs ``units[segments[4p + k] :
+                  segments[4p + k + 1]]`` in query tile ``M_TILE<k>``
   tree masks      int8, stage ``s``'s ``q_len x q_len`` mask at ``tree_mask_offsets[s]`` (-1: causal)
 
 Every unit is one GEMM-softmax-GEMM tile: ``BLOCK_M`` rows = query tokens x ``GROUP`` query heads of
@@ -23,9 +24,11 @@ unit sees in full (no mask work at all), then the few edge tiles (causal diagona
 tail) with masks. Columns past the unit's last visible one are never read (causal tile skipping).
 
 Per-stage tile sizes in one launch: the launch is compiled for up to four query-tile sizes of the
-profile menu (``M_TILE0 <= .. <= M_TILE3``, unused ones repeat the previous value); a unit runs in
-the smallest of them holding its ``tile_m`` rows, so a decode in a batch with a long prefill still
-runs a 16-row tile.
+profile menu (``M_TILE0 <= .. <= M_TILE3``, a size repeating the previous one is compiled out), and
+each program runs one loop per size over its units of that size, so a decode in a batch with a
+long prefill still runs a 16-row tile. (One loop per size rather than a branch per unit: loop
+invariants of the four tile shapes are then never live at the same time, which keeps the 4-size
+kernel within the register budget of the largest tile alone.)
 
 Constexprs: ``GROUP`` (query heads per KV head), ``HEAD_DIM`` (a power of two >= 16),
 ``M_TILE0..3`` (query tiles, from ``attention.q_tiles``), ``BLOCK_N`` (``attention.kv_tile``),
@@ -47,10 +50,10 @@ import triton
 import triton.language as tl
 
 from .smooth_gemm import launch_kwargs
-from .task_table import UNIT_FIELDS, TaskTable, build_task_table, choose_num_splits
+from .task_table import MAX_LAUNCH_TILES, UNIT_FIELDS, TaskTable, build_task_table, choose_num_splits, launch_tiles
 
 UNIT_WIDTH = tl.constexpr(len(UNIT_FIELDS))
-MAX_LAUNCH_TILES = 4  # query-tile sizes one launch can dispatch to (M_TILE0..M_TILE3)
+SEG_WIDTH = tl.constexpr(MAX_LAUNCH_TILES)  # segments per core (M_TILE0..M_TILE3)
 
 
 @triton.jit
@@ -188,7 +191,7 @@ def _attend_unit(
 @triton.jit
 def meta_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr,
-    units_ptr, core_offsets_ptr, q_start_ptr, seq_lens_ptr, tables_ptr, tree_off_ptr, tree_ptr,
+    units_ptr, segments_ptr, q_start_ptr, seq_lens_ptr, tables_ptr, tree_off_ptr, tree_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
@@ -198,48 +201,45 @@ def meta_attention_kernel(
     BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr, HAS_TREE: tl.constexpr, SPLIT: tl.constexpr,
     FP32_IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Persistent Meta-Attention: program ``p`` runs units ``core_offsets[p]:core_offsets[p+1]``,
-    each in the smallest of the launch's query tiles ``M_TILE0..3`` holding its ``tile_m`` rows."""
-    pid = tl.program_id(0)
-    u_lo = tl.load(core_offsets_ptr + pid)
-    u_hi = tl.load(core_offsets_ptr + pid + 1)
-    for u in range(u_lo, u_hi):
-        tile_m = tl.load(units_ptr + u * UNIT_WIDTH + 7)
-        if tile_m <= M_TILE0:
+    """Persistent Meta-Attention: program ``p`` runs its units of each launch tile ``M_TILE<k>``
+    (``units[segments[4p + k] : segments[4p + k + 1]]``), one loop per tile size (tile sizes
+    that repeat the previous one are compiled out)."""
+    seg = segments_ptr + tl.program_id(0) * SEG_WIDTH
+    for u in range(tl.load(seg), tl.load(seg + 1)):
+        _attend_unit(
+            u, q_ptr, k_ptr, v_ptr, o_ptr, units_ptr, q_start_ptr, seq_lens_ptr, tables_ptr, tree_off_ptr,
+            tree_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, stride_qt, stride_qh, stride_ot, stride_oh,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+            num_q_heads, num_splits, scale,
+            GROUP, HEAD_DIM, M_TILE0, BLOCK_N, KV_BLOCK, HAS_TREE, SPLIT, FP32_IEEE,
+        )  # fmt: skip
+    if M_TILE1 > M_TILE0:  # compile time
+        for u in range(tl.load(seg + 1), tl.load(seg + 2)):
             _attend_unit(
                 u, q_ptr, k_ptr, v_ptr, o_ptr, units_ptr, q_start_ptr, seq_lens_ptr, tables_ptr, tree_off_ptr,
                 tree_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, stride_qt, stride_qh, stride_ot, stride_oh,
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
                 num_q_heads, num_splits, scale,
-                GROUP, HEAD_DIM, M_TILE0, BLOCK_N, KV_BLOCK, HAS_TREE, SPLIT, FP32_IEEE,
+                GROUP, HEAD_DIM, M_TILE1, BLOCK_N, KV_BLOCK, HAS_TREE, SPLIT, FP32_IEEE,
             )  # fmt: skip
-        if M_TILE1 > M_TILE0:  # compile-time: the launch has a second tile size
-            if (tile_m > M_TILE0) & (tile_m <= M_TILE1):
-                _attend_unit(
-                    u, q_ptr, k_ptr, v_ptr, o_ptr, units_ptr, q_start_ptr, seq_lens_ptr, tables_ptr, tree_off_ptr,
-                    tree_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, stride_qt, stride_qh, stride_ot, stride_oh,
-                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-                    num_q_heads, num_splits, scale,
-                    GROUP, HEAD_DIM, M_TILE1, BLOCK_N, KV_BLOCK, HAS_TREE, SPLIT, FP32_IEEE,
-                )  # fmt: skip
-        if M_TILE2 > M_TILE1:
-            if (tile_m > M_TILE1) & (tile_m <= M_TILE2):
-                _attend_unit(
-                    u, q_ptr, k_ptr, v_ptr, o_ptr, units_ptr, q_start_ptr, seq_lens_ptr, tables_ptr, tree_off_ptr,
-                    tree_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, stride_qt, stride_qh, stride_ot, stride_oh,
-                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-                    num_q_heads, num_splits, scale,
-                    GROUP, HEAD_DIM, M_TILE2, BLOCK_N, KV_BLOCK, HAS_TREE, SPLIT, FP32_IEEE,
-                )  # fmt: skip
-        if M_TILE3 > M_TILE2:
-            if tile_m > M_TILE2:
-                _attend_unit(
-                    u, q_ptr, k_ptr, v_ptr, o_ptr, units_ptr, q_start_ptr, seq_lens_ptr, tables_ptr, tree_off_ptr,
-                    tree_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, stride_qt, stride_qh, stride_ot, stride_oh,
-                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-                    num_q_heads, num_splits, scale,
-                    GROUP, HEAD_DIM, M_TILE3, BLOCK_N, KV_BLOCK, HAS_TREE, SPLIT, FP32_IEEE,
-                )  # fmt: skip
+    if M_TILE2 > M_TILE1:
+        for u in range(tl.load(seg + 2), tl.load(seg + 3)):
+            _attend_unit(
+                u, q_ptr, k_ptr, v_ptr, o_ptr, units_ptr, q_start_ptr, seq_lens_ptr, tables_ptr, tree_off_ptr,
+                tree_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, stride_qt, stride_qh, stride_ot, stride_oh,
+                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                num_q_heads, num_splits, scale,
+                GROUP, HEAD_DIM, M_TILE2, BLOCK_N, KV_BLOCK, HAS_TREE, SPLIT, FP32_IEEE,
+            )  # fmt: skip
+    if M_TILE3 > M_TILE2:
+        for u in range(tl.load(seg + 3), tl.load(seg + 4)):
+            _attend_unit(
+                u, q_ptr, k_ptr, v_ptr, o_ptr, units_ptr, q_start_ptr, seq_lens_ptr, tables_ptr, tree_off_ptr,
+                tree_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, stride_qt, stride_qh, stride_ot, stride_oh,
+                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                num_q_heads, num_splits, scale,
+                GROUP, HEAD_DIM, M_TILE3, BLOCK_N, KV_BLOCK, HAS_TREE, SPLIT, FP32_IEEE,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -294,31 +294,26 @@ def _num_warps(att: dict, block_m: int, head_dim: int) -> int:
     return int(warps.get(block_m, warps.get(str(block_m), default)))
 
 
+def _tree_max_q_tile(att: dict) -> int:
+    return int(att.get("tree_max_q_tile") or 64)
+
+
 def _launch_options(att: dict, block_m: int, head_dim: int) -> dict:
     """Compile options of a launch whose largest query tile is ``block_m``."""
     opts = {"num_warps": _num_warps(att, block_m, head_dim), "num_stages": int(att.get("num_stages", 2))}
     return {**opts, **(att.get("options") or {})}
 
 
-def launch_tiles(tile_menu: list[int]) -> tuple[int, int, int, int]:
-    """``M_TILE0..3`` for a launch whose units use tiles up to ``tile_menu[-1]``: the (at most four
-    largest) menu entries, ascending, the last one repeated. A unit runs in the smallest of them
-    holding its rows, so dropping small entries is safe."""
-    tiles = list(tile_menu[-MAX_LAUNCH_TILES:])
-    tiles += [tiles[-1]] * (MAX_LAUNCH_TILES - len(tiles))
-    return tuple(tiles)  # type: ignore[return-value]
-
-
 def plan_attention(meta, num_heads: int, num_kv_heads: int, profile) -> AttentionPlan:
     """Token table (``meta``) -> task table for ``profile``'s tile menu and core count.
 
-    Profile keys (``attention.*``): ``q_tiles`` (query-tile menu, powers of two >= 16),
-    ``kv_tile``, ``tree_max_q_tile`` (steps with a tree-verify stage use menu tiles up to this;
-    default: no limit), ``split_kv: {max_seqs, num_splits}`` (decode-only steps of at most
-    ``max_seqs`` sequences that leave cores idle split each sequence's KV into up to
-    ``num_splits`` pieces, see :func:`~.task_table.choose_num_splits`), ``num_warps``
-    (``{tile: warps}``), ``num_stages`` (default 2), ``options`` (extra compile options, e.g.
-    triton-ascend's ``multibuffer``)."""
+    Profile keys (``attention.*``): ``q_tiles`` (query-tile menu, powers of two >= 16);
+    ``kv_tile``; ``tree_max_q_tile`` (steps with a tree-verify stage use menu tiles up to this;
+    default 64: 128-row tree tiles spill registers on sm_80 and sm_90); ``split_kv: {max_seqs,
+    num_splits}`` (decode-only steps of at most ``max_seqs`` sequences that leave cores idle split
+    each sequence's KV into up to ``num_splits`` pieces, see
+    :func:`~.task_table.choose_num_splits`); ``num_warps`` (``{tile: warps}``); ``num_stages``
+    (default 2); ``options`` (extra compile options, e.g. triton-ascend's ``multibuffer``)."""
     att = profile.attention
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
@@ -328,8 +323,8 @@ def plan_attention(meta, num_heads: int, num_kv_heads: int, profile) -> Attentio
         raise ValueError(f"attention.q_tiles {menu}: tiles must be powers of two >= 16 (tl.dot)")
     block_n = int(att["kv_tile"])
     has_tree = meta.tree_mask_offsets is not None
-    if has_tree and att.get("tree_max_q_tile"):  # the tree-mask tile costs registers
-        menu = [t for t in menu if t <= int(att["tree_max_q_tile"])] or menu[:1]
+    if has_tree:  # the per-element tree-mask gather costs registers: smaller tiles
+        menu = [t for t in menu if t <= _tree_max_q_tile(att)] or menu[:1]
     split_cfg = att.get("split_kv") or {}
     num_splits = 1
     if not has_tree:
@@ -341,9 +336,8 @@ def plan_attention(meta, num_heads: int, num_kv_heads: int, profile) -> Attentio
         meta.query_lens_cpu, meta.seq_lens_cpu, num_kv_heads, group, menu, profile.num_cores,
         num_splits=num_splits, kv_tile=block_n, device=meta.query_start_loc.device,
     )  # fmt: skip
-    tiles = launch_tiles(table.tile_menu)
     return AttentionPlan(
-        table=table, group=group, num_q_heads=num_heads, num_kv_heads=num_kv_heads, launch_tiles=tiles,
+        table=table, group=group, num_q_heads=num_heads, num_kv_heads=num_kv_heads, launch_tiles=table.launch_tiles,
         block_n=block_n, has_tree=has_tree, attention=dict(att),
     )  # fmt: skip
 
@@ -387,7 +381,7 @@ def meta_attention(
     m0, m1, m2, m3 = plan.launch_tiles
     meta_attention_kernel[(table.num_cores,)](
         q, k_cache, v_cache, out,
-        table.units, table.core_offsets, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+        table.units, table.segments, meta.query_start_loc, meta.seq_lens, meta.block_tables,
         meta.tree_mask_offsets if plan.has_tree else dummy, meta.tree_masks if plan.has_tree else dummy,
         part_m, part_l, part_acc,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -412,7 +406,7 @@ def meta_attention(
 # AOT compile specs (``portable-xy kernels aot-report``)
 # -------------------------------------------------------------------------------------------------
 _PTR_ARGS = ("q_ptr", "k_ptr", "v_ptr", "o_ptr")
-_I32_PTR_ARGS = ("units_ptr", "core_offsets_ptr", "q_start_ptr", "seq_lens_ptr", "tables_ptr", "tree_off_ptr")
+_I32_PTR_ARGS = ("units_ptr", "segments_ptr", "q_start_ptr", "seq_lens_ptr", "tables_ptr", "tree_off_ptr")
 _STRIDE_ARGS = ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "stride_ks", "stride_kh",
                 "stride_vb", "stride_vs", "stride_vh")  # fmt: skip
 
@@ -424,7 +418,7 @@ def aot_specs(profile) -> list[dict]:
     writing split-KV partials), plus the split-KV reduce kernel."""
     att = profile.attention
     menu = sorted(int(t) for t in att["q_tiles"])
-    tree_menu = [t for t in menu if t <= int(att.get("tree_max_q_tile") or menu[-1])] or menu[:1]
+    tree_menu = [t for t in menu if t <= _tree_max_q_tile(att)] or menu[:1]
     variants = [("full", menu, False, False), ("tree", tree_menu, True, False), ("decode_split", menu[:1], False, True)]
     dts = ["fp16"] + (["bf16"] if (profile.data.get("supports") or {}).get("bf16", True) else [])
     specs = []

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 UNIT_FIELDS = ("stage", "tok_start", "n_tok", "kv_head", "kv_lo", "kv_hi", "split", "tile_m")
+MAX_LAUNCH_TILES = 4  # query-tile sizes one kernel launch runs (its constexprs M_TILE0..M_TILE3)
 
 
 @dataclass
@@ -36,12 +37,15 @@ class TaskTable:
     and ``n_tok``, the unit's query tokens relative to the stage's first query row; ``kv_head``;
     ``[kv_lo, kv_hi)``, the KV columns it reads (the whole stage unless split-KV); ``split``, its
     split-KV slot; ``tile_m``, its query-tile rows (a ``tile_menu`` entry).
-    ``core_offsets``: int32 ``[num_cores + 1]``; core ``c`` owns ``units[core_offsets[c]:
-    core_offsets[c + 1]]``, in dealing order (most expensive first).
+    ``segments``: int32 ``[num_cores * MAX_LAUNCH_TILES + 1]``; core ``c`` runs, for each launch
+    tile ``k`` (``launch_tiles[k]``, see :func:`launch_tiles`), the units
+    ``units[segments[c * MAX_LAUNCH_TILES + k] : segments[c * MAX_LAUNCH_TILES + k + 1]]`` in
+    that tile size (a core's units are contiguous, grouped by launch tile, costliest first).
     """
 
     units: torch.Tensor
-    core_offsets: torch.Tensor
+    segments: torch.Tensor
+    launch_tiles: tuple[int, int, int, int]
     tile_menu: list[int]  # the menu entries up to the largest one used (the kernel's constexprs)
     tile_rows: list[int]  # per stage, from the menu
     costs: list[int]  # per unit, in table order
@@ -54,10 +58,14 @@ class TaskTable:
 
     @property
     def num_cores(self) -> int:
-        return self.core_offsets.numel() - 1
+        return (self.segments.numel() - 1) // MAX_LAUNCH_TILES
+
+    def core_offsets(self) -> list[int]:
+        """``[num_cores + 1]``: core ``c`` owns units ``offsets[c]:offsets[c + 1]``."""
+        return self.segments.tolist()[::MAX_LAUNCH_TILES]
 
     def core_costs(self) -> list[int]:
-        offs = self.core_offsets.tolist()
+        offs = self.core_offsets()
         return [sum(self.costs[offs[c] : offs[c + 1]]) for c in range(self.num_cores)]
 
 
@@ -65,6 +73,15 @@ def choose_tile(rows: int, menu: list[int]) -> int:
     """Smallest menu tile holding ``rows`` query rows; the largest tile when none does."""
     fits = [t for t in sorted(menu) if t >= rows]
     return fits[0] if fits else max(menu)
+
+
+def launch_tiles(tile_menu: list[int]) -> tuple[int, int, int, int]:
+    """The launch's query tiles for a step whose units use menu tiles up to ``tile_menu[-1]``:
+    the (at most four largest) entries, ascending, the last repeated. A unit runs in the smallest
+    of them holding its rows, so dropping small entries is safe."""
+    tiles = list(tile_menu[-MAX_LAUNCH_TILES:])
+    tiles += [tiles[-1]] * (MAX_LAUNCH_TILES - len(tiles))
+    return tuple(tiles)  # type: ignore[return-value]
 
 
 def snake_order(num_units: int, num_cores: int) -> list[int]:
@@ -115,19 +132,25 @@ def build_task_table(
                     costs.append(tile * max(hi - lo, 1))
     order = sorted(range(len(rows)), key=lambda i: -costs[i])  # stable: ties keep stage order
     cores = snake_order(len(order), num_cores)
-    per_core: list[list[int]] = [[] for _ in range(num_cores)]
-    for rank, i in enumerate(order):
-        per_core[cores[rank]].append(i)
-    flat = [i for c in per_core for i in c]
-    offsets = [0]
-    for c in per_core:
-        offsets.append(offsets[-1] + len(c))
-    units = torch.tensor([rows[i] for i in flat], dtype=torch.int32).reshape(-1, len(UNIT_FIELDS))
     top = max(tiles, default=menu[0])
+    tile_menu = [t for t in menu if t <= top]
+    ltiles = launch_tiles(tile_menu)
+    # per core and launch tile: the units, costliest first
+    segs: list[list[list[int]]] = [[[] for _ in range(MAX_LAUNCH_TILES)] for _ in range(num_cores)]
+    for rank, i in enumerate(order):
+        k = min(j for j, m in enumerate(ltiles) if m >= rows[i][7])
+        segs[cores[rank]][k].append(i)
+    flat = [i for core in segs for seg in core for i in seg]
+    segments = [0]
+    for core in segs:
+        for seg in core:
+            segments.append(segments[-1] + len(seg))
+    units = torch.tensor([rows[i] for i in flat], dtype=torch.int32).reshape(-1, len(UNIT_FIELDS))
     return TaskTable(
         units=units.to(device),
-        core_offsets=torch.tensor(offsets, dtype=torch.int32).to(device),
-        tile_menu=[t for t in menu if t <= top],
+        segments=torch.tensor(segments, dtype=torch.int32).to(device),
+        launch_tiles=ltiles,
+        tile_menu=tile_menu,
         tile_rows=tiles,
         costs=[costs[i] for i in flat],
         num_splits=num_splits,

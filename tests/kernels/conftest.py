@@ -41,9 +41,3 @@ def interpreted():
     """``interpreted(kernel) -> bool``: whether a ``@triton.jit`` function runs under the
     interpreter in this process (kernel modules imported before TRITON_INTERPRET was set do not)."""
     return lambda kernel: type(kernel).__name__ == "InterpretedFunction"
-
-
-@pytest.fixture
-def no_tuned_profiles(tmp_path, monkeypatch):
-    """Profiles resolve from the shipped YAML only (no tuned files from the user's cache)."""
-    monkeypatch.setenv("PORTABLE_XY_PROFILE_DIR", str(tmp_path / "no-tuned-profiles"))

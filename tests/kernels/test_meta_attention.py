@@ -123,7 +123,7 @@ def test_one_launch_mixed_batch(dtype, gen, poison):
         (4, 29, None),  # chain verify (causal)
         (7, 50, tree_mask([-1, 0, 0, 1, 1, 2, 5])),  # tree verify
     ]
-    plan = run_and_check(stages, 4, 2, 64, dtype, profile(), gen, poison)
+    plan = run_and_check(stages, 4, 2, 64, dtype, profile(tree_max_q_tile=128), gen, poison)
     assert plan.table.units.shape[0] > len(stages)
     assert plan.table.tile_rows == [128, 64, 64, 16, 16, 16, 16]  # group 2: rows = 2 x tokens
     assert plan.launch_tiles == (16, 32, 64, 128)
@@ -174,10 +174,12 @@ def test_tree_offsets_without_tree_stage(gen, poison):
 
 
 def test_tree_tile_limit(gen, poison):
-    """``tree_max_q_tile`` caps the tile menu of steps with a tree stage; results unchanged."""
+    """``tree_max_q_tile`` (default 64) caps the tile menu of steps with a tree stage."""
     stages = [(40, 10, None), (6, 33, tree_mask([-1, 0, 0, 2, 2, 4]))]
     plan = run_and_check(stages, 4, 1, 64, torch.float16, profile(tree_max_q_tile=32), gen, poison)
     assert plan.launch_tiles == (16, 32, 32, 32)
+    k, v, meta = make_batch(stages, 1, 16, torch.float32, gen)
+    assert ma.plan_attention(meta, 4, 1, profile()).launch_tiles == (16, 32, 64, 64)
 
 
 def test_bad_inputs(gen):
@@ -207,7 +209,7 @@ def batches(draw):
     return stages
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     stages=batches(),
     heads=st.sampled_from([(1, 1), (3, 1), (4, 2)]),

@@ -5,10 +5,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from portable_xy.triton_kernels.task_table import (
+    MAX_LAUNCH_TILES,
     UNIT_FIELDS,
     build_task_table,
     choose_num_splits,
     choose_tile,
+    launch_tiles,
     snake_order,
 )
 
@@ -45,12 +47,17 @@ def test_every_token_and_head_covered_once_and_snake_balance(stages, hkv, group,
     for s, q in enumerate(q_lens):
         assert t.tile_rows[s] == choose_tile(q * group, menu)
     assert t.tile_menu == [m for m in sorted(menu) if m <= max(t.tile_rows)]
-    # cores own consecutive, cost-descending slices
-    offs = t.core_offsets.tolist()
-    assert offs[0] == 0 and offs[-1] == len(t.costs) and len(offs) == cores + 1
-    for c in range(cores):
-        mine = t.costs[offs[c] : offs[c + 1]]
+    # each core's units are contiguous, grouped by launch tile, costliest first in a group
+    segs = t.segments.tolist()
+    assert segs[0] == 0 and segs[-1] == len(t.costs) and len(segs) == cores * MAX_LAUNCH_TILES + 1
+    assert segs == sorted(segs) and t.launch_tiles == launch_tiles(t.tile_menu)
+    units = t.units.tolist()
+    for i in range(len(segs) - 1):
+        k = i % MAX_LAUNCH_TILES
+        mine = t.costs[segs[i] : segs[i + 1]]
         assert mine == sorted(mine, reverse=True)
+        for u in units[segs[i] : segs[i + 1]]:  # the smallest launch tile holding the unit
+            assert u[7] <= t.launch_tiles[k] and (k == 0 or u[7] > t.launch_tiles[k - 1])
     # snake dealing of cost-sorted units: every core within one (largest) unit cost of the mean
     if t.costs:
         loads = t.core_costs()
@@ -60,6 +67,12 @@ def test_every_token_and_head_covered_once_and_snake_balance(stages, hkv, group,
 
 def test_snake_order_goes_back_and_forth():
     assert snake_order(10, 4) == [0, 1, 2, 3, 3, 2, 1, 0, 0, 1]
+
+
+def test_launch_tiles():
+    assert launch_tiles([16]) == (16, 16, 16, 16)
+    assert launch_tiles([16, 64]) == (16, 64, 64, 64)
+    assert launch_tiles([16, 32, 64, 128, 256]) == (32, 64, 128, 256)  # 16-row units run in 32
 
 
 def test_paper_example_tiles():
