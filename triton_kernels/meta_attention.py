@@ -59,7 +59,7 @@ SEG_WIDTH = tl.constexpr(MAX_LAUNCH_TILES)  # segments per core (M_TILE0..M_TILE
 @triton.jit
 def _kv_step(
     q, acc, m_i, l_i, k_base, v_base, bt_row, tree_ptr,
-    j0, end, hist, tpos, row_ok, tree_off, q_len,
+    j0, end, hist, tpos, row_ok, tree_row,
     stride_kb, stride_ks, stride_vb, stride_vs, scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
     MASKED: tl.constexpr, HAS_TREE: tl.constexpr, FP32_IEEE: tl.constexpr,
@@ -88,9 +88,8 @@ def _kv_step(
         new = cols[None, :] - hist  # the column among the stage's new tokens (< 0: history)
         ok = col_ok[None, :] & row_ok[:, None]
         if HAS_TREE:
-            is_tree = tree_off >= 0  # (a scalar & a tensor mask trips the interpreter: use where)
-            in_tree = tl.where(is_tree, ok & (new >= 0), False)
-            tm = tl.load(tree_ptr + tree_off + tpos[:, None] * q_len + new, mask=in_tree, other=0)
+            is_tree = tree_row[:, None] >= 0
+            tm = tl.load(tree_ptr + tree_row[:, None] + new, mask=ok & is_tree & (new >= 0), other=0)
             ok = ok & ((new < 0) | tl.where(is_tree, tm != 0, new <= tpos[:, None]))
         else:
             ok = ok & (new <= tpos[:, None])
@@ -146,15 +145,17 @@ def _attend_unit(
                 mask=row_ok[:, None], other=0.0)  # fmt: skip
 
     # [kv_lo, mid): tiles every row sees in full; [mid, end): edge tiles with masks; nothing past end
-    if HAS_TREE:
-        tree_off = tl.load(tree_off_ptr + s)
-    else:
-        tree_off = -1
     end = tl.minimum(kv_hi, hist + t0 + n_tok)  # causal: the unit's last token's column + 1
     full = hist + t0 + 1  # causal: columns its first token sees
     if HAS_TREE:
+        tree_off = tl.load(tree_off_ptr + s)
         end = tl.where(tree_off >= 0, kv_hi, end)
         full = tl.where(tree_off >= 0, hist, full)
+        # each row's offset into the tree masks, -1 in a causal stage (a row-vector condition: the
+        # interpreters mishandle scalar-bool & tensor masks)
+        tree_row = tl.where(tree_off >= 0, tree_off + tpos * q_len, -1)
+    else:
+        tree_row = tpos  # unused
     full = tl.minimum(full, end)
     mid = kv_lo + tl.maximum(full - kv_lo, 0) // BLOCK_N * BLOCK_N
 
@@ -166,13 +167,13 @@ def _attend_unit(
     bt_row = tables_ptr + s * stride_bt
     for j0 in range(kv_lo, mid, BLOCK_N):
         acc, m_i, l_i = _kv_step(
-            q, acc, m_i, l_i, k_base, v_base, bt_row, tree_ptr, j0, end, hist, tpos, row_ok, tree_off, q_len,
+            q, acc, m_i, l_i, k_base, v_base, bt_row, tree_ptr, j0, end, hist, tpos, row_ok, tree_row,
             stride_kb, stride_ks, stride_vb, stride_vs, scale,
             HEAD_DIM, BLOCK_N, KV_BLOCK, False, HAS_TREE, FP32_IEEE,
         )  # fmt: skip
     for j0 in range(mid, end, BLOCK_N):
         acc, m_i, l_i = _kv_step(
-            q, acc, m_i, l_i, k_base, v_base, bt_row, tree_ptr, j0, end, hist, tpos, row_ok, tree_off, q_len,
+            q, acc, m_i, l_i, k_base, v_base, bt_row, tree_ptr, j0, end, hist, tpos, row_ok, tree_row,
             stride_kb, stride_ks, stride_vb, stride_vs, scale,
             HEAD_DIM, BLOCK_N, KV_BLOCK, True, HAS_TREE, FP32_IEEE,
         )  # fmt: skip
