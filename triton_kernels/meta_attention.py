@@ -86,7 +86,7 @@ def _kv_step(
         s = tl.dot(q, kt) * scale
     if MASKED:
         new = cols[None, :] - hist  # the column among the stage's new tokens (< 0: history)
-        ok = col_ok[None, :] & row_ok[:, None]
+        ok = col_ok[None, :]  # (padded rows compute values that are never stored)
         if HAS_TREE:
             is_tree = tree_row[:, None] >= 0
             tm = tl.load(tree_ptr + tree_row[:, None] + new, mask=ok & is_tree & (new >= 0), other=0)
@@ -95,8 +95,8 @@ def _kv_step(
             ok = ok & (new <= tpos[:, None])
         s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASKED:
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    if MASKED:  # a row with nothing visible yet keeps a finite max far below any score: p = 0
+        m_new = tl.maximum(m_new, -1e30)
     p = tl.exp(s - m_new[:, None])
     alpha = tl.exp(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -151,9 +151,9 @@ def _attend_unit(
         tree_off = tl.load(tree_off_ptr + s)
         end = tl.where(tree_off >= 0, kv_hi, end)
         full = tl.where(tree_off >= 0, hist, full)
-        # each row's offset into the tree masks, -1 in a causal stage (a row-vector condition: the
-        # interpreters mishandle scalar-bool & tensor masks)
-        tree_row = tl.where(tree_off >= 0, tree_off + tpos * q_len, -1)
+        # each row's offset into the tree masks, -1 in a causal stage and in padded rows (a
+        # row-vector condition: the interpreters mishandle scalar-bool & tensor masks)
+        tree_row = tl.where((tree_off >= 0) & row_ok, tree_off + tpos * q_len, -1)
     else:
         tree_row = tpos  # unused
     full = tl.minimum(full, end)

@@ -182,6 +182,20 @@ def test_tree_tile_limit(gen, poison):
     assert ma.plan_attention(meta, 4, 1, profile()).launch_tiles == (16, 32, 64, 64)
 
 
+def test_rows_seeing_only_late_columns(gen, poison):
+    """Tree rows that see nothing in the first KV tiles, with scores far below zero (exp(score)
+    underflows): the running max must stay -inf until a row sees something."""
+    q_len = 40
+    stages = [(q_len, 0, torch.eye(q_len, dtype=torch.bool))]  # every row sees only itself
+    k_cache, v_cache, meta = make_batch(stages, 1, 16, torch.float32, gen)
+    keys = k_cache[meta.block_tables[0].long()].flatten(0, 1)[:q_len, 0]  # [q_len, 16]
+    q = (-10.0 * keys)[:, None, :].contiguous()  # score = -10 |k|^2 ~ -160
+    plan = ma.plan_attention(meta, 1, 1, profile(kv_tile=16))
+    out = ma.meta_attention(q, k_cache, v_cache, meta, 1.0, plan, out=poison(torch.empty_like(q)))
+    values = v_cache[meta.block_tables[0].long()].flatten(0, 1)[:q_len]
+    torch.testing.assert_close(out, values, atol=1e-6, rtol=1e-6)
+
+
 def test_bad_inputs(gen):
     k, v, meta = make_batch([(2, 3, None)], 1, 64, torch.float32, gen)
     plan = ma.plan_attention(meta, 2, 1, profile())
