@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     add_aot_report_command(ksub)
     add_tune_command(ksub)
 
+    from .bench import add_bench_command
+
+    add_bench_command(sub)
+
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -1,0 +1,103 @@
+"""Where a benchmark ran: device, driver, library versions, profile, peaks, and the timer."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+_PEAK_KEY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def profile_name(profile) -> str:
+    """``cuda/sm90``, ``ascend/910b``, ``cuda/default``, ``cpu``, ``interpret``."""
+    if profile.vendor in ("cpu", "interpret"):
+        return profile.vendor
+    return f"{profile.vendor}/{profile.arch or 'default'}"
+
+
+def device_peaks(profile, dtype: torch.dtype) -> tuple[float | None, float | None]:
+    """(peak TFLOP/s for ``dtype``, peak GB/s) from the profile's ``device`` section (None: absent)."""
+    dev = profile.data.get("device") or {}
+    tf = (dev.get("peak_tflops") or {}).get(_PEAK_KEY.get(dtype, "fp16"))
+    gbps = dev.get("peak_gbps")
+    return (float(tf) if tf else None), (float(gbps) if gbps else None)
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0].strip() if out else None
+
+
+def environment(backend: str, device: torch.device, profile) -> dict[str, Any]:
+    """The ``env`` block of a report."""
+    from ..backends.profile import installed_triton
+
+    triton_pkg, triton_ver = installed_triton()
+    env: dict[str, Any] = {
+        "backend": backend,
+        "device": f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)",
+        "driver": None,
+        "torch": torch.__version__,
+        "triton": triton_ver,
+        "triton_package": triton_pkg,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "profile": profile_name(profile),
+        "profile_sources": list(profile.sources),
+        "num_cores": profile.num_cores,
+    }
+    if device.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+        env["driver"] = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+        env["cuda"] = torch.version.cuda
+    elif device.type == "npu":
+        import torch_npu
+
+        env["device"] = torch.npu.get_device_name(device.index or 0)
+        env["driver"] = getattr(getattr(torch_npu, "version", None), "cann", None) or _run(["npu-smi", "-v"])
+        env["torch_npu"] = getattr(torch_npu, "__version__", None)
+    return env
+
+
+def make_timer(device: torch.device, warmup: int, reps: int) -> tuple[Callable[[Callable[[], Any]], float], str]:
+    """``(timer, method)``: ``timer(fn)`` is the median seconds of ``reps`` calls after ``warmup``;
+    device events on cuda / npu, ``time.perf_counter`` on CPU."""
+    if device.type in ("cuda", "npu"):
+        mod = torch.cuda if device.type == "cuda" else torch.npu
+
+        def device_timer(fn: Callable[[], Any]) -> float:
+            for _ in range(warmup):
+                fn()
+            mod.synchronize()
+            times = []
+            for _ in range(reps):
+                a, b = mod.Event(enable_timing=True), mod.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) * 1e-3)
+            return statistics.median(times)
+
+        return device_timer, f"{device.type}_event"
+
+    def cpu_timer(fn: Callable[[], Any]) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    return cpu_timer, "perf_counter"

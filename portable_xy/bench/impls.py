@@ -1,0 +1,176 @@
+"""The implementations a kernel benchmark times, each as a zero-argument callable over prepared
+inputs (set-up, plans and KV gathers happen outside the timed call).
+
+GEMM ``y = x @ w^T``:
+  ``smooth_gemm``  the backend's ``linear`` op (SmoothGEMM with its planned menu tiles on the
+                   Triton backends; the torch reference op on ``cpu``)
+  ``single_tile``  SmoothGEMM with every row on one fixed tile (the largest of the menu)
+  ``vendor``       ``torch.matmul`` (cuBLAS on cuda) / ``F.linear`` (torch_npu on npu)
+
+Attention over the paged KV cache:
+  ``meta_attention``  the backend's ``attention`` op: one launch for the whole mixed step
+  ``per_stage``       the same op called once per stage (one launch per stage)
+  ``vendor``          flash-attn varlen (cuda, when importable), torch_npu ``npu_fusion_attention``
+                      per sequence (npu), else torch SDPA per sequence; all over K/V gathered into
+                      contiguous tensors beforehand (the gather is not timed)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..backends import AttnMetadata, Backend
+from ..backends.cpu import gather_kv, stage_mask
+
+Fn = Callable[[], object]
+
+
+# ------------------------------------------------------------------------------------------------
+# GEMM
+# ------------------------------------------------------------------------------------------------
+
+
+def largest_tile(profile):
+    """The menu tile with the most output elements (ties: more rows)."""
+    from ..triton_kernels.smooth_gemm import menu
+
+    return max(menu(profile), key=lambda t: (t.BLOCK_M * t.BLOCK_N, t.BLOCK_M))
+
+
+def gemm_impls(backend: Backend, x: torch.Tensor, w: torch.Tensor) -> dict[str, tuple[Fn, str]]:
+    """``{impl: (fn, detail)}`` for ``x [M, K] @ w [N, K]^T``."""
+    M, K = x.shape
+    N = w.shape[0]
+    wp = backend.prepare_weight(w)
+    out: dict[str, tuple[Fn, str]] = {}
+    if backend.name == "cpu":
+        out["smooth_gemm"] = (lambda: backend.linear(x, wp), "cpu backend linear (torch reference op)")
+    else:
+        sg = backend.k.smooth_gemm
+        plan = sg.plan_gemm(M, N, K, backend.profile, x.element_size())
+        out["smooth_gemm"] = (lambda: sg.smooth_gemm(x, w, None, backend.profile, plan), plan.describe())
+        single = sg.single_tile_plan(M, N, K, largest_tile(backend.profile), backend.profile, x.element_size())
+        out["single_tile"] = (lambda: sg.smooth_gemm(x, w, None, backend.profile, single), single.describe())
+    if backend.device.type == "npu":
+        out["vendor"] = (lambda: F.linear(x, w), "torch_npu F.linear")
+    else:
+        wt = w.t()
+        lib = "cuBLAS" if backend.device.type == "cuda" else "CPU BLAS"
+        out["vendor"] = (lambda: torch.matmul(x, wt), f"torch.matmul ({lib})")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# attention
+# ------------------------------------------------------------------------------------------------
+
+
+def stage_meta(meta: AttnMetadata, s: int) -> AttnMetadata:
+    """The token table of stage ``s`` alone."""
+    a, b = int(meta.query_start_loc[s]), int(meta.query_start_loc[s + 1])
+    dev = meta.query_start_loc.device
+    return AttnMetadata(
+        query_start_loc=torch.tensor([0, b - a], dtype=torch.int32, device=dev),
+        seq_lens=meta.seq_lens[s : s + 1],
+        block_tables=meta.block_tables[s : s + 1],
+        slot_mapping=meta.slot_mapping[a:b],
+        positions=meta.positions[a:b],
+        query_lens_cpu=[meta.query_lens_cpu[s]],
+        seq_lens_cpu=[meta.seq_lens_cpu[s]],
+    )
+
+
+def _gathered(q, k_cache, v_cache, meta):
+    """Per stage: (q rows, K, V) with K/V gathered contiguous ``[kv_len, Hkv, D]``."""
+    starts = meta.query_start_loc.tolist()
+    out = []
+    for s, (ql, sl) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        k = gather_kv(k_cache, meta.block_tables[s], sl).contiguous()
+        v = gather_kv(v_cache, meta.block_tables[s], sl).contiguous()
+        out.append((q[starts[s] : starts[s] + ql], k, v))
+    return out
+
+
+def _sdpa_vendor(q, k_cache, v_cache, meta, scale) -> Fn:
+    calls = []
+    for qs, k, v in _gathered(q, k_cache, v_cache, meta):
+        ql, kl = qs.shape[0], k.shape[0]
+        mask = None if ql == 1 or ql == kl else stage_mask(ql, kl, None, q.device)
+        calls.append((qs.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask, ql == kl > 1))
+
+    def run():
+        return [
+            F.scaled_dot_product_attention(a, b, c, attn_mask=m, is_causal=causal, scale=scale, enable_gqa=True)
+            for a, b, c, m, causal in calls
+        ]
+
+    return run
+
+
+def _flash_vendor(q, k_cache, v_cache, meta, scale) -> Fn:
+    from flash_attn import flash_attn_varlen_func
+
+    parts = _gathered(q, k_cache, v_cache, meta)
+    k = torch.cat([p[1] for p in parts])
+    v = torch.cat([p[2] for p in parts])
+    cu_k = torch.tensor([0, *torch.tensor(meta.seq_lens_cpu).cumsum(0).tolist()], dtype=torch.int32, device=q.device)
+    cu_q = meta.query_start_loc
+
+    def run():  # causal masks align bottom-right (flash-attn >= 2.1): history columns stay visible
+        return flash_attn_varlen_func(
+            q, k, v, cu_q, cu_k, meta.max_query_len, meta.max_seq_len, softmax_scale=scale, causal=True
+        )
+
+    return run
+
+
+def _npu_vendor(q, k_cache, v_cache, meta, scale) -> Fn:
+    import torch_npu
+
+    calls = []
+    for qs, k, v in _gathered(q, k_cache, v_cache, meta):
+        ql, kl = qs.shape[0], k.shape[0]
+        masked = None if ql == 1 else ~stage_mask(ql, kl, None, q.device)  # True = hidden
+        calls.append((qs[None], k[None], v[None], masked))
+    hq = q.shape[1]
+
+    def run():
+        return [
+            torch_npu.npu_fusion_attention(a, b, c, hq, "BSND", atten_mask=m, scale=scale)[0] for a, b, c, m in calls
+        ]
+
+    return run
+
+
+def vendor_attention(q, k_cache, v_cache, meta, scale) -> tuple[Fn, str]:
+    """The vendor library's attention for this step (see the module doc)."""
+    if q.device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return _flash_vendor(q, k_cache, v_cache, meta, scale), "flash-attn varlen (gathered KV)"
+    if q.device.type == "npu":
+        return _npu_vendor(q, k_cache, v_cache, meta, scale), "torch_npu npu_fusion_attention per sequence"
+    return _sdpa_vendor(q, k_cache, v_cache, meta, scale), "torch SDPA per sequence (gathered KV)"
+
+
+def attention_impls(backend: Backend, q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> dict[str, tuple[Fn, str]]:
+    """``{impl: (fn, detail)}`` for one attention step (plans built here, outside the timed calls)."""
+    hq, hkv = q.shape[1], k_cache.shape[2]
+    backend.prepare(meta, hq, hkv)
+    starts = meta.query_start_loc.tolist()
+    stages = []
+    for s in range(meta.num_stages):
+        sm = stage_meta(meta, s)
+        backend.prepare(sm, hq, hkv)
+        stages.append((q[starts[s] : starts[s + 1]], sm))
+    one = "one launch" if backend.name != "cpu" else "cpu backend attention (torch reference op)"
+    return {
+        "meta_attention": (lambda: backend.attention(q, k_cache, v_cache, meta, scale), one),
+        "per_stage": (
+            lambda: [backend.attention(qs, k_cache, v_cache, sm, scale) for qs, sm in stages],
+            f"{len(stages)} calls",
+        ),
+        "vendor": vendor_attention(q, k_cache, v_cache, meta, scale),
+    }
