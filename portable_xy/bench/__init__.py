@@ -10,9 +10,11 @@ def add_bench_command(subparsers) -> argparse.ArgumentParser:
     """Register ``bench {kernels, compare, padding, e2e}`` on the top-level subparsers."""
     from .compare import add_compare_command
     from .kernels import add_kernels_command
+    from .padding import add_padding_command
 
     bench = subparsers.add_parser("bench", help="benchmarks: kernels, compare, padding, e2e")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     add_kernels_command(bsub)
     add_compare_command(bsub)
+    add_padding_command(bsub)
     return bench

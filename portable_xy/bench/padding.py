@@ -1,0 +1,223 @@
+"""``portable-xy bench padding``: virtual-padding analysis of SmoothGEMM tile plans.
+
+For every model GEMM shape (:mod:`.shapes`) and every M in 1..``m_max``, compares the profile's
+tile menu (``plan_gemm``: up to ``max_segments`` tiles per GEMM) with one fixed 128-row tile
+(``single_tile_plan``): executed MACs (every launched tile in full, padding included) over useful
+MACs (M*N*K), and how many distinct kernels (tile configurations) each needs. No kernel runs: the
+plans are what the Triton backends would launch. Writes ``padding.md`` and ``img/padding_*.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .shapes import MODELS, TP, GemmShape, gemm_shapes, model_names
+
+DEFAULT_PROFILES = ("cuda/sm90", "cuda/sm80", "ascend/910b")
+FIXED_BLOCK_M = 128
+
+
+@dataclass
+class ShapeStats:
+    """Sums over M = 1..m_max for one GEMM shape."""
+
+    shape: GemmShape
+    useful: int = 0
+    menu_exec: int = 0
+    fixed_exec: int = 0
+    menu_ratio_sum: float = 0.0  # sum over M of executed / useful (for the unweighted mean)
+    fixed_ratio_sum: float = 0.0
+    count: int = 0
+    menu_tiles: set[str] = field(default_factory=set)
+    # per M (index M - 1): executed / useful of the menu and of the fixed tile
+    menu_curve: list[float] = field(default_factory=list)
+    fixed_curve: list[float] = field(default_factory=list)
+
+
+@dataclass
+class ProfileStats:
+    profile: str
+    menu: list[str]
+    fixed_tile: str
+    m_max: int
+    shapes: list[ShapeStats]
+
+    def _sum(self, attr: str) -> int:
+        return sum(getattr(s, attr) for s in self.shapes)
+
+    @property
+    def menu_weighted(self) -> float:
+        """MAC-weighted executed / useful over every shape and M."""
+        return self._sum("menu_exec") / self._sum("useful")
+
+    @property
+    def fixed_weighted(self) -> float:
+        return self._sum("fixed_exec") / self._sum("useful")
+
+    @property
+    def menu_mean(self) -> float:
+        """Unweighted mean of executed / useful over every (shape, M)."""
+        return self._sum("menu_ratio_sum") / self._sum("count")
+
+    @property
+    def fixed_mean(self) -> float:
+        return self._sum("fixed_ratio_sum") / self._sum("count")
+
+    @property
+    def menu_kernels(self) -> int:
+        """Distinct tile configurations the menu plans use over all shapes and M."""
+        return len(set().union(*(s.menu_tiles for s in self.shapes)))
+
+
+def load_shipped(name: str):
+    """The repository's profile ``vendor/arch`` (e.g. ``cuda/sm90``), ignoring tuned files."""
+    from ..backends.tuner import shipped_profile
+
+    vendor, _, arch = name.partition("/")
+    return shipped_profile(vendor, arch or None)
+
+
+def fixed_tile(profile):
+    """The menu's 128 x 128 tile, else its first 128-row tile, else 128 x 128 with the menu's BLOCK_K."""
+    from ..triton_kernels.smooth_gemm import GemmTile, menu
+
+    tiles = menu(profile)
+    rows = [t for t in tiles if t.BLOCK_M == FIXED_BLOCK_M]
+    square = [t for t in rows if t.BLOCK_N == FIXED_BLOCK_M]
+    if square or rows:
+        return (square or rows)[0]
+    return GemmTile(FIXED_BLOCK_M, FIXED_BLOCK_M, tiles[0].BLOCK_K, tiles[0].options)
+
+
+def analyse_profile(name: str, shapes: list[GemmShape], m_max: int = 4096, elem_bytes: int = 2) -> ProfileStats:
+    """Menu vs fixed-128 plans for every shape and M = 1..``m_max`` on profile ``name``."""
+    from ..triton_kernels.smooth_gemm import menu, plan_gemm, single_tile_plan
+
+    profile = load_shipped(name)
+    fixed = fixed_tile(profile)
+    out = []
+    for shape in shapes:
+        st = ShapeStats(shape)
+        for M in range(1, m_max + 1):
+            plan = plan_gemm(M, shape.N, shape.K, profile, elem_bytes)
+            one = single_tile_plan(M, shape.N, shape.K, fixed, profile, elem_bytes)
+            useful = plan.useful_macs
+            st.useful += useful
+            st.menu_exec += plan.executed_macs
+            st.fixed_exec += one.executed_macs
+            st.menu_curve.append(plan.executed_macs / useful)
+            st.fixed_curve.append(one.executed_macs / useful)
+            st.menu_tiles.update(s.tile.name for s in plan.segments)
+        st.menu_ratio_sum, st.fixed_ratio_sum, st.count = sum(st.menu_curve), sum(st.fixed_curve), m_max
+        out.append(st)
+    return ProfileStats(name, [t.name for t in menu(profile)], fixed.name, m_max, out)
+
+
+def plot_profile(stats: ProfileStats, path: Path) -> None:
+    """Executed / useful MACs vs M (MAC-weighted over the shapes at each M): menu vs fixed tile."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ms = range(1, stats.m_max + 1)
+
+    def weighted(curve: str) -> list[float]:
+        num = [sum(getattr(s, curve)[m - 1] * s.shape.N * s.shape.K for s in stats.shapes) for m in ms]
+        den = sum(s.shape.N * s.shape.K for s in stats.shapes)
+        return [n / den for n in num]
+
+    fig, ax = plt.subplots(figsize=(5, 2.8))
+    ax.plot(ms, weighted("fixed_curve"), lw=0.8, label=f"fixed {stats.fixed_tile}")
+    ax.plot(ms, weighted("menu_curve"), lw=0.8, label=f"menu ({len(stats.menu)} tiles)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("M (tokens)", fontsize=8)
+    ax.set_ylabel("executed / useful MACs", fontsize=8)
+    ax.set_title(f"{stats.profile}: virtual padding overhead", fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3, which="both", lw=0.4)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+
+
+def _img_name(profile: str) -> str:
+    return "padding_" + profile.replace("/", "_") + ".png"
+
+
+def markdown(all_stats: list[ProfileStats], models: list[str]) -> str:
+    m_max = all_stats[0].m_max
+    lines = [
+        "# Virtual padding: tile menu vs one fixed 128-row tile",
+        "",
+        "Generated by `portable-xy bench padding "
+        + " ".join(f"--profile {s.profile}" for s in all_stats)
+        + f" --m-max {m_max} --out docs`; no kernel runs: the numbers are the SmoothGEMM tile plans "
+        "(`plan_gemm`) the Triton backends launch for each M, against `single_tile_plan` on one fixed "
+        "128-row tile of the same profile.",
+        "",
+        f"Shapes: the QKV / O / GateUp / Down GEMMs of {', '.join(models)} on one rank at TP={TP} "
+        f"(`portable_xy/bench/shapes.py`), M = 1..{m_max} (every value). *Executed* MACs count every "
+        "launched tile in full (padded rows, N tail, K tail); *useful* MACs are M*N*K. Ratios are "
+        "executed / useful (1 = no padding): *MAC-weighted* = sum of executed over sum of useful over "
+        "all shapes and M (dominated by large M); *mean* = the plain average of the per-(shape, M) "
+        "ratio (dominated by small M, where a 128-row tile is mostly padding). *Kernels* = distinct "
+        "tile configurations compiled.",
+        "",
+        "| profile | menu (BLOCK_M x BLOCK_N x BLOCK_K) | fixed tile | MAC-weighted: menu | fixed | "
+        "mean: menu | fixed | kernels: menu | fixed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in all_stats:
+        lines.append(
+            f"| {s.profile} | {', '.join(s.menu)} | {s.fixed_tile} | {s.menu_weighted:.4f} | "
+            f"{s.fixed_weighted:.4f} | {s.menu_mean:.3f} | {s.fixed_mean:.3f} | {s.menu_kernels} | 1 |"
+        )
+    for s in all_stats:
+        lines += ["", f"## {s.profile}", "", f"![{s.profile}](img/{_img_name(s.profile)})", ""]
+        lines += ["| shape | N | K | MAC-weighted: menu | fixed | mean: menu | fixed | menu tiles used |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for st in s.shapes:
+            lines.append(
+                f"| {st.shape.name} | {st.shape.N} | {st.shape.K} | {st.menu_exec / st.useful:.4f} | "
+                f"{st.fixed_exec / st.useful:.4f} | {st.menu_ratio_sum / st.count:.3f} | "
+                f"{st.fixed_ratio_sum / st.count:.3f} | {', '.join(sorted(st.menu_tiles))} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_padding_report(profiles: list[str], out_dir: str, models: list[str], m_max: int = 4096) -> list[Path]:
+    """Analyse ``profiles`` and write ``out_dir/padding.md`` + ``out_dir/img/padding_*.png``."""
+    out = Path(out_dir)
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    shapes = [s for m in models for s in gemm_shapes(m, TP)]
+    all_stats = [analyse_profile(p, shapes, m_max) for p in profiles]
+    written = []
+    for s in all_stats:
+        path = out / "img" / _img_name(s.profile)
+        plot_profile(s, path)
+        written.append(path)
+    md = out / "padding.md"
+    md.write_text(markdown(all_stats, models))
+    return [md, *written]
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    for p in write_padding_report(args.profile or list(DEFAULT_PROFILES), args.out, model_names(args.models), args.m_max):
+        print(f"wrote {p}")
+    return 0
+
+
+def add_padding_command(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("padding", help="virtual-padding analysis: menu vs fixed 128-row tile (no device)")
+    p.add_argument("--profile", action="append", help=f"vendor/arch, repeatable (default: {' '.join(DEFAULT_PROFILES)})")
+    p.add_argument("--models", default="all", help=f"'all' or a comma list of {list(MODELS)}")
+    p.add_argument("--m-max", type=int, default=4096, help="analyse M = 1..m-max")
+    p.add_argument("--out", required=True, help="output directory (padding.md, img/*.png)")
+    p.set_defaults(func=_run_cli)
+    return p
+
