@@ -68,7 +68,8 @@ def markdown(reports: list[tuple[str, dict]]) -> str:
                      f"{e['torch']} | {e.get('triton') or '-'} | {r['dtype']} | {r['tiny']} | "
                      f"{t['method']}, median of {t['reps']} |")  # fmt: skip
     lines += ["", "## Summary (geometric mean over cases)", "",
-              "| label | kernel | speedup vs vendor | speedup vs baseline | mean utilisation |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+              "| label | kernel | speedup vs vendor | speedup vs baseline | mean utilisation |",
+              "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for label, r in reports:
         for k in KERNELS:
             cases = by_case(r, k)

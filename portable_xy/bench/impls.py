@@ -155,7 +155,9 @@ def vendor_attention(q, k_cache, v_cache, meta, scale) -> tuple[Fn, str]:
     return _sdpa_vendor(q, k_cache, v_cache, meta, scale), "torch SDPA per sequence (gathered KV)"
 
 
-def attention_impls(backend: Backend, q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> dict[str, tuple[Fn, str]]:
+def attention_impls(
+    backend: Backend, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata, scale: float
+) -> dict[str, tuple[Fn, str]]:
     """``{impl: (fn, detail)}`` for one attention step (plans built here, outside the timed calls)."""
     hq, hkv = q.shape[1], k_cache.shape[2]
     backend.prepare(meta, hq, hkv)

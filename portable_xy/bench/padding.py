@@ -207,17 +207,17 @@ def write_padding_report(profiles: list[str], out_dir: str, models: list[str], m
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-    for p in write_padding_report(args.profile or list(DEFAULT_PROFILES), args.out, model_names(args.models), args.m_max):
+    profiles = args.profile or list(DEFAULT_PROFILES)
+    for p in write_padding_report(profiles, args.out, model_names(args.models), args.m_max):
         print(f"wrote {p}")
     return 0
 
 
 def add_padding_command(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("padding", help="virtual-padding analysis: menu vs fixed 128-row tile (no device)")
-    p.add_argument("--profile", action="append", help=f"vendor/arch, repeatable (default: {' '.join(DEFAULT_PROFILES)})")
+    p.add_argument("--profile", action="append", help=f"vendor/arch, repeatable (default: {DEFAULT_PROFILES})")
     p.add_argument("--models", default="all", help=f"'all' or a comma list of {list(MODELS)}")
     p.add_argument("--m-max", type=int, default=4096, help="analyse M = 1..m-max")
     p.add_argument("--out", required=True, help="output directory (padding.md, img/*.png)")
     p.set_defaults(func=_run_cli)
     return p
-
