@@ -59,6 +59,8 @@ class Backend:
     """Base class: a device, a profile and the ops. Subclasses override every op."""
 
     name: str = "base"
+    # whether :meth:`plan_decode` exists: static-shape decode steps (graphs, ``backends/graphs.py``)
+    static_decode: bool = False
 
     def __init__(self, device: torch.device, profile: Profile) -> None:
         self.device = device
@@ -67,6 +69,12 @@ class Backend:
     # ---- planning (host side, once per step) -------------------------------------------------
     def prepare(self, meta: AttnMetadata, num_heads: int, num_kv_heads: int) -> None:
         """Attach backend-private per-step plans to ``meta`` (no-op by default)."""
+
+    def plan_decode(self, batch_size: int, max_seq_len: int, num_heads: int, num_kv_heads: int) -> object:
+        """A fixed per-bucket plan for :attr:`AttnMetadata.plan`: valid for every decode-only step of
+        ``batch_size`` stages with KV lengths up to ``max_seq_len`` (read from ``meta.seq_lens``
+        at run time), so that a captured graph can replay it. Only where :attr:`static_decode`."""
+        raise NotImplementedError(f"backend {self.name!r} has no static decode plan")
 
     def prepare_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """Convert a ``[N, K]`` GEMM weight once, at load time, into the form :meth:`linear` takes

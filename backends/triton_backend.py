@@ -98,6 +98,8 @@ def _load_kernels(interpret: bool) -> SimpleNamespace:
 class TritonBackend(Backend):
     """Every op is a Triton kernel; attention is Meta-Attention (``triton_kernels.meta_attention``)."""
 
+    static_decode = True
+
     def __init__(self, name: str, device: torch.device, profile: Profile, kernels: SimpleNamespace) -> None:
         super().__init__(device, profile)
         self.name = name
@@ -126,6 +128,11 @@ class TritonBackend(Backend):
         from portable_xy.triton_kernels.meta_attention import plan_attention
 
         meta.plan = plan_attention(meta, num_heads, num_kv_heads, self.profile)
+
+    def plan_decode(self, batch_size, max_seq_len, num_heads, num_kv_heads):
+        from portable_xy.triton_kernels.meta_attention import plan_decode_attention
+
+        return plan_decode_attention(batch_size, max_seq_len, num_heads, num_kv_heads, self.profile, self.device)
 
     # ---- ops ---------------------------------------------------------------------------------
     def linear(self, x, weight, bias=None):

@@ -9,7 +9,8 @@ Layouts
                   ``block_tables[s, j // KV_BLOCK]`` at offset ``j % KV_BLOCK``
   block_tables    int32 ``[S, max_blocks]``
   units           int32 ``[U, 8]`` = (stage, tok_start, n_tok, kv_head, kv_lo, kv_hi, split, tile_m),
-                  dealt to cores by :mod:`.task_table`
+                  dealt to cores by :mod:`.task_table` (``kv_hi = -1``: the KV piece is cut from
+                  the run-time ``seq_lens``, for fixed decode plans that CUDA / NPU graphs replay)
   segments        int32 ``[num_cores * 4 + 1]``: core ``p`` runs ``units[segments[4p + k] :
                   segments[4p + k + 1]]`` in query tile ``M_TILE<k>``
   tree masks      int8, stage ``s``'s ``q_len x q_len`` mask at ``tree_mask_offsets[s]`` (-1: causal)
@@ -50,7 +51,15 @@ import triton
 import triton.language as tl
 
 from .smooth_gemm import launch_kwargs
-from .task_table import MAX_LAUNCH_TILES, UNIT_FIELDS, TaskTable, build_task_table, choose_num_splits, launch_tiles
+from .task_table import (
+    MAX_LAUNCH_TILES,
+    UNIT_FIELDS,
+    TaskTable,
+    build_decode_task_table,
+    build_task_table,
+    choose_num_splits,
+    launch_tiles,
+)
 
 UNIT_WIDTH = tl.constexpr(len(UNIT_FIELDS))
 SEG_WIDTH = tl.constexpr(MAX_LAUNCH_TILES)  # segments per core (M_TILE0..M_TILE3)
@@ -133,7 +142,14 @@ def _attend_unit(
     kv_hi = tl.load(unit + 5)
     q0 = tl.load(q_start_ptr + s)
     q_len = tl.load(q_start_ptr + s + 1) - q0
-    hist = tl.load(seq_lens_ptr + s) - q_len
+    seq_len = tl.load(seq_lens_ptr + s)
+    hist = seq_len - q_len
+    # kv_hi < 0 (a fixed decode plan): piece `split` of the run-time length, cut as task_table.split_range
+    piece = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    run_lo = tl.minimum(tl.load(unit + 6) * piece, seq_len)
+    at_run_time = kv_hi < 0
+    kv_lo = tl.where(at_run_time, run_lo, kv_lo)
+    kv_hi = tl.where(at_run_time, tl.minimum(run_lo + piece, seq_len), kv_hi)
 
     rows = t0 * GROUP + tl.arange(0, BLOCK_M)  # the tile's rows among the stage's token x head rows
     d = tl.arange(0, HEAD_DIM)
@@ -305,6 +321,16 @@ def _launch_options(att: dict, block_m: int, head_dim: int) -> dict:
     return {**opts, **(att.get("options") or {})}
 
 
+def _group_and_menu(att: dict, num_heads: int, num_kv_heads: int) -> tuple[int, list[int]]:
+    """GQA group and the checked query-tile menu (ascending)."""
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    menu = sorted(int(t) for t in att["q_tiles"])
+    if any(t < 16 or t & (t - 1) for t in menu):
+        raise ValueError(f"attention.q_tiles {menu}: tiles must be powers of two >= 16 (tl.dot)")
+    return num_heads // num_kv_heads, menu
+
+
 def plan_attention(meta, num_heads: int, num_kv_heads: int, profile) -> AttentionPlan:
     """Token table (``meta``) -> task table for ``profile``'s tile menu and core count.
 
@@ -316,12 +342,7 @@ def plan_attention(meta, num_heads: int, num_kv_heads: int, profile) -> Attentio
     :func:`~.task_table.choose_num_splits`); ``num_warps`` (``{tile: warps}``); ``num_stages``
     (default 2); ``options`` (extra compile options, e.g. triton-ascend's ``multibuffer``)."""
     att = profile.attention
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    group = num_heads // num_kv_heads
-    menu = sorted(int(t) for t in att["q_tiles"])
-    if any(t < 16 or t & (t - 1) for t in menu):
-        raise ValueError(f"attention.q_tiles {menu}: tiles must be powers of two >= 16 (tl.dot)")
+    group, menu = _group_and_menu(att, num_heads, num_kv_heads)
     block_n = int(att["kv_tile"])
     has_tree = meta.tree_mask_offsets is not None
     if has_tree:  # the per-element tree-mask gather costs registers: smaller tiles
@@ -340,6 +361,32 @@ def plan_attention(meta, num_heads: int, num_kv_heads: int, profile) -> Attentio
     return AttentionPlan(
         table=table, group=group, num_q_heads=num_heads, num_kv_heads=num_kv_heads, launch_tiles=table.launch_tiles,
         block_n=block_n, has_tree=has_tree, attention=dict(att),
+    )  # fmt: skip
+
+
+def plan_decode_attention(
+    batch_size: int, max_seq_len: int, num_heads: int, num_kv_heads: int, profile, device: torch.device | str
+) -> AttentionPlan:  # fmt: skip
+    """The fixed plan of a decode-only step of ``batch_size`` stages (query length 1, KV length
+    at most ``max_seq_len``), for a static-shape (graph-captured) decode: its task table has the
+    same shape and contents whatever the step's lengths, and its split-KV factor is the one
+    :func:`plan_attention` would choose for ``batch_size`` sequences of ``max_seq_len``. The
+    kernel cuts each unit's KV piece from the run-time ``seq_lens``."""
+    att = profile.attention
+    group, menu = _group_and_menu(att, num_heads, num_kv_heads)
+    block_n = int(att["kv_tile"])
+    split_cfg = att.get("split_kv") or {}
+    num_splits = choose_num_splits(
+        [1] * batch_size, [max_seq_len] * batch_size, num_kv_heads, profile.num_cores,
+        int(split_cfg.get("max_seqs", 0)), int(split_cfg.get("num_splits", 1)), block_n,
+    )  # fmt: skip
+    table = build_decode_task_table(
+        batch_size, max_seq_len, num_kv_heads, group, menu, profile.num_cores,
+        num_splits=num_splits, kv_tile=block_n, device=device,
+    )  # fmt: skip
+    return AttentionPlan(
+        table=table, group=group, num_q_heads=num_heads, num_kv_heads=num_kv_heads, launch_tiles=table.launch_tiles,
+        block_n=block_n, has_tree=False, attention=dict(att),
     )  # fmt: skip
 
 

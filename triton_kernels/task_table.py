@@ -27,6 +27,7 @@ import torch
 
 UNIT_FIELDS = ("stage", "tok_start", "n_tok", "kv_head", "kv_lo", "kv_hi", "split", "tile_m")
 MAX_LAUNCH_TILES = 4  # query-tile sizes one kernel launch runs (its constexprs M_TILE0..M_TILE3)
+RUNTIME_KV = -1  # a unit's kv_hi: the kernel cuts its KV piece from the stage's run-time length
 
 
 @dataclass
@@ -35,8 +36,11 @@ class TaskTable:
 
     ``units``: int32 ``[U, 8]``, one row of :data:`UNIT_FIELDS` per unit: ``stage``; ``tok_start``
     and ``n_tok``, the unit's query tokens relative to the stage's first query row; ``kv_head``;
-    ``[kv_lo, kv_hi)``, the KV columns it reads (the whole stage unless split-KV); ``split``, its
-    split-KV slot; ``tile_m``, its query-tile rows (a ``tile_menu`` entry).
+    ``[kv_lo, kv_hi)``, the KV columns it reads (the whole stage unless split-KV), or ``kv_hi =
+    -1`` (:data:`RUNTIME_KV`): piece ``split`` of ``num_splits`` of the stage's *run-time* KV
+    length, cut as :func:`split_range` cuts it (fixed decode plans, see
+    :func:`build_decode_task_table`); ``split``, its split-KV slot; ``tile_m``, its query-tile
+    rows (a ``tile_menu`` entry).
     ``segments``: int32 ``[num_cores * MAX_LAUNCH_TILES + 1]``; core ``c`` runs, for each launch
     tile ``k`` (``launch_tiles[k]``, see :func:`launch_tiles`), the units
     ``units[segments[c * MAX_LAUNCH_TILES + k] : segments[c * MAX_LAUNCH_TILES + k + 1]]`` in
@@ -103,6 +107,7 @@ def build_task_table(
     num_splits: int = 1,
     kv_tile: int = 16,
     device: torch.device | str = "cpu",
+    runtime_kv: bool = False,
 ) -> TaskTable:
     """Decompose the stages (``query_lens[s]`` new tokens, ``seq_lens[s]`` = history + new KV
     columns) into units for ``num_kv_heads`` KV heads of ``group`` query heads each, tiles from
@@ -110,6 +115,8 @@ def build_task_table(
 
     ``num_splits > 1`` (decode-only steps) also cuts each stage's KV range into that many
     ``kv_tile``-aligned pieces whose partial softmax results a reduce kernel combines.
+    ``runtime_kv``: units carry ``kv_lo = 0, kv_hi = RUNTIME_KV`` instead of their piece (the
+    kernel cuts it from the run-time length); ``seq_lens`` then only drive the costs.
     """
     menu = sorted(set(int(t) for t in q_tiles))
     if not menu or menu[-1] < group:
@@ -123,12 +130,13 @@ def build_task_table(
         tile = choose_tile(q_len * group, menu)
         tiles.append(tile)
         per_unit = tile // group
-        pieces = _split_range(kv_len, num_splits, kv_tile)
+        pieces = split_range(kv_len, num_splits, kv_tile)
         for t0 in range(0, q_len, per_unit):
             n = min(per_unit, q_len - t0)
             for h in range(num_kv_heads):
                 for split, (lo, hi) in enumerate(pieces):
-                    rows.append((s, t0, n, h, lo, hi, split, tile))
+                    kv = (0, RUNTIME_KV) if runtime_kv else (lo, hi)
+                    rows.append((s, t0, n, h, *kv, split, tile))
                     costs.append(tile * max(hi - lo, 1))
     order = sorted(range(len(rows)), key=lambda i: -costs[i])  # stable: ties keep stage order
     cores = snake_order(len(order), num_cores)
@@ -176,7 +184,29 @@ def choose_num_splits(
     return max(1, min(want, max_splits, longest))
 
 
-def _split_range(length: int, num_splits: int, align: int) -> list[tuple[int, int]]:
+def build_decode_task_table(
+    batch_size: int,
+    max_seq_len: int,
+    num_kv_heads: int,
+    group: int,
+    q_tiles: list[int],
+    num_cores: int,
+    num_splits: int = 1,
+    kv_tile: int = 16,
+    device: torch.device | str = "cpu",
+) -> TaskTable:
+    """The fixed task table of a decode-only step of ``batch_size`` stages (query length 1, KV
+    length up to ``max_seq_len``): its tensors' shapes and contents depend only on the arguments,
+    never on the step's lengths, which the kernel reads at run time (a graph-captured launch
+    replays it for any lengths). Every unit's KV piece is cut from the stage's run-time length
+    (``runtime_kv``), so a short sequence costs little and its splits stay balanced."""
+    return build_task_table(
+        [1] * batch_size, [max_seq_len] * batch_size, num_kv_heads, group, q_tiles, num_cores,
+        num_splits=num_splits, kv_tile=kv_tile, device=device, runtime_kv=True,
+    )  # fmt: skip
+
+
+def split_range(length: int, num_splits: int, align: int) -> list[tuple[int, int]]:
     """``num_splits`` consecutive ``[lo, hi)`` pieces of ``[0, length)``, cut at multiples of
     ``align`` (trailing pieces may be empty)."""
     if num_splits <= 1:
