@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backends import get_backend
+from .backends.graphs import make_decode_graph_runner
 from .engine.block_manager import BlockManager
 from .engine.llm_engine import LLMEngine
 from .engine.model_runner import ModelRunner, kv_bytes_per_block
@@ -71,6 +72,10 @@ class LLM:
         kv_cache_memory_gb: KV cache budget (default 1 GiB on CPU; on GPUs/NPUs
             ``gpu_memory_utilization`` of the device memory minus the weights).
         block_size: KV block size in tokens (default: the backend profile's).
+        enforce_eager: ``None`` (default): decode-only steps replay CUDA / NPU graphs padded to the
+            profile's ``graphs.decode_buckets`` on ``cuda`` / ``npu``, eager elsewhere; ``True``:
+            always eager; ``False``: graphs, or on ``interpret`` the same static-bucket path run
+            eagerly (see ``portable_xy.backends.graphs``).
     """
 
     def __init__(
@@ -89,6 +94,7 @@ class LLM:
         gpu_memory_utilization: float = 0.9,
         block_size: int | None = None,
         skip_tokenizer_init: bool = False,
+        enforce_eager: bool | None = None,
     ) -> None:
         for name, val in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
@@ -124,6 +130,10 @@ class LLM:
         bm = BlockManager(num_kv_blocks, bs, enable_prefix_caching)
         scheduler = Scheduler(bm, max_num_batched_tokens, max_num_seqs, self.backend.profile.chunk_align)
         runner = ModelRunner(model_obj, self.backend, num_kv_blocks, bs, self.dtype)
+        runner.graphs = make_decode_graph_runner(
+            self.backend, lambda ids, meta: model_obj.forward(ids, meta, runner.kv_caches),
+            config.num_heads, config.num_kv_heads, bs, max_model_len, enforce_eager,
+        )  # fmt: skip
         eos = list(config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = sorted(set(eos) | {self.tokenizer.eos_token_id})

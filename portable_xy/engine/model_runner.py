@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import AttnMetadata, Backend
+from ..backends.graphs import DecodeGraphRunner
 from ..models.llama import LlamaForCausalLM
 from .sampler import SampleResult, sample
 from .scheduler import ScheduledBatch
@@ -32,6 +33,7 @@ class ModelRunner:
             )
             for _ in range(c.num_layers)
         ]
+        self.graphs: DecodeGraphRunner | None = None  # static-shape decode steps (set by LLM: enforce_eager)
 
     def build_metadata(self, batch: ScheduledBatch) -> tuple[torch.Tensor, AttnMetadata, list[int]]:
         """Token ids, the step's token table, and the row of each sequence whose logits are
@@ -72,8 +74,11 @@ class ModelRunner:
         """Execute the step; returns the sampled token per sequence id that reached its end."""
         input_ids, meta, rows = self.build_metadata(batch)
         c = self.model.config
-        self.backend.prepare(meta, c.num_heads, c.num_kv_heads)
-        hidden = self.model.forward(input_ids, meta, self.kv_caches)
+        if self.graphs is not None and self.graphs.can_run(meta):  # decode-only: padded to a graph bucket
+            hidden = self.graphs.forward(input_ids, meta)
+        else:
+            self.backend.prepare(meta, c.num_heads, c.num_kv_heads)
+            hidden = self.model.forward(input_ids, meta, self.kv_caches)
         picked: list[Sequence] = [s for s, r in zip(batch.seqs, rows) if r >= 0]
         if not picked:
             return {}
