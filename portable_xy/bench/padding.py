@@ -30,6 +30,9 @@ class ShapeStats:
     menu_ratio_sum: float = 0.0  # sum over M of executed / useful (for the unweighted mean)
     fixed_ratio_sum: float = 0.0
     count: int = 0
+    rows: int = 0  # sum of M
+    menu_rows: int = 0  # sum of rows the tiles cover (real + padded)
+    fixed_rows: int = 0
     menu_tiles: set[str] = field(default_factory=set)
     # per M (index M - 1): executed / useful of the menu and of the fixed tile
     menu_curve: list[float] = field(default_factory=list)
@@ -64,6 +67,20 @@ class ProfileStats:
     @property
     def fixed_mean(self) -> float:
         return self._sum("fixed_ratio_sum") / self._sum("count")
+
+    def _rows(self, attr: str) -> float:
+        """MAC-weighted executed rows / M: the row (M) padding alone, without N and K tails."""
+        return sum(getattr(s, attr) * s.shape.N * s.shape.K for s in self.shapes) / sum(
+            s.rows * s.shape.N * s.shape.K for s in self.shapes
+        )
+
+    @property
+    def menu_rows(self) -> float:
+        return self._rows("menu_rows")
+
+    @property
+    def fixed_rows(self) -> float:
+        return self._rows("fixed_rows")
 
     @property
     def menu_kernels(self) -> int:
@@ -109,6 +126,9 @@ def analyse_profile(name: str, shapes: list[GemmShape], m_max: int = 4096, elem_
             st.fixed_exec += one.executed_macs
             st.menu_curve.append(plan.executed_macs / useful)
             st.fixed_curve.append(one.executed_macs / useful)
+            st.rows += M
+            st.menu_rows += sum(s.tiles_m * s.tile.BLOCK_M for s in plan.segments)
+            st.fixed_rows += one.segments[0].tiles_m * fixed.BLOCK_M
             st.menu_tiles.update(s.tile.name for s in plan.segments)
         st.menu_ratio_sum, st.fixed_ratio_sum, st.count = sum(st.menu_curve), sum(st.fixed_curve), m_max
         out.append(st)
@@ -166,16 +186,18 @@ def markdown(all_stats: list[ProfileStats], models: list[str]) -> str:
         "executed / useful (1 = no padding): *MAC-weighted* = sum of executed over sum of useful over "
         "all shapes and M (dominated by large M); *mean* = the plain average of the per-(shape, M) "
         "ratio (dominated by small M, where a 128-row tile is mostly padding). *Kernels* = distinct "
-        "tile configurations compiled.",
+        "tile configurations compiled. *Rows only* = MAC-weighted executed rows / M, i.e. the M "
+        "(virtual) padding without the N and K tails, which both plans share.",
         "",
         "| profile | menu (BLOCK_M x BLOCK_N x BLOCK_K) | fixed tile | MAC-weighted: menu | fixed | "
-        "mean: menu | fixed | kernels: menu | fixed |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "mean: menu | fixed | rows only: menu | fixed | kernels: menu | fixed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in all_stats:
         lines.append(
             f"| {s.profile} | {', '.join(s.menu)} | {s.fixed_tile} | {s.menu_weighted:.4f} | "
-            f"{s.fixed_weighted:.4f} | {s.menu_mean:.3f} | {s.fixed_mean:.3f} | {s.menu_kernels} | 1 |"
+            f"{s.fixed_weighted:.4f} | {s.menu_mean:.3f} | {s.fixed_mean:.3f} | {s.menu_rows:.4f} | "
+            f"{s.fixed_rows:.4f} | {s.menu_kernels} | 1 |"
         )
     for s in all_stats:
         lines += ["", f"## {s.profile}", "", f"![{s.profile}](img/{_img_name(s.profile)})", ""]

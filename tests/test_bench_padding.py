@@ -1,0 +1,77 @@
+"""``portable-xy bench padding``: the aggregated executed / useful MACs, row padding and kernel counts
+agree with a brute-force count over the plans' tiles; the fixed tile; the written report."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from portable_xy.bench.padding import analyse_profile, fixed_tile, load_shipped
+from portable_xy.bench.shapes import gemm_shapes
+from portable_xy.cli import main
+from portable_xy.triton_kernels.smooth_gemm import plan_gemm
+
+M_MAX = 48
+
+
+def _ceil(a: int, b: int) -> int:
+    return math.ceil(a / b) * b
+
+
+@pytest.mark.parametrize("name", ["cuda/sm90", "cuda/sm80", "ascend/910b"])
+def test_aggregates_match_brute_force(name):
+    shapes = gemm_shapes("qwen2-7b")
+    stats = analyse_profile(name, shapes, M_MAX)
+    profile = load_shipped(name)
+    fx = fixed_tile(profile)
+    assert (fx.BLOCK_M, fx.BLOCK_N) == ((128, 64) if name == "ascend/910b" else (128, 128))
+    tot = {"useful": 0, "menu": 0, "fixed": 0, "menu_rows": 0, "fixed_rows": 0, "rows": 0}
+    ratios_menu, ratios_fixed, tiles = [], [], set()
+    assert [st.shape for st in stats.shapes] == shapes
+    for shape in shapes:
+        nk = shape.N * shape.K
+        for M in range(1, M_MAX + 1):
+            plan = plan_gemm(M, shape.N, shape.K, profile)
+            assert sum(s.m_rows for s in plan.segments) == M
+            menu = sum(
+                _ceil(s.m_rows, s.tile.BLOCK_M) * _ceil(shape.N, s.tile.BLOCK_N) * _ceil(shape.K, s.tile.BLOCK_K)
+                for s in plan.segments
+            )
+            fixed = _ceil(M, 128) * _ceil(shape.N, fx.BLOCK_N) * _ceil(shape.K, fx.BLOCK_K)
+            useful = M * shape.N * shape.K
+            tot["useful"] += useful
+            tot["menu"] += menu
+            tot["fixed"] += fixed
+            tot["menu_rows"] += sum(_ceil(s.m_rows, s.tile.BLOCK_M) for s in plan.segments) * nk
+            tot["fixed_rows"] += _ceil(M, 128) * nk
+            tot["rows"] += M * nk
+            ratios_menu.append(menu / useful)
+            ratios_fixed.append(fixed / useful)
+            tiles.update((s.tile.BLOCK_M, s.tile.BLOCK_N, s.tile.BLOCK_K) for s in plan.segments)
+    assert stats.menu_weighted == pytest.approx(tot["menu"] / tot["useful"], rel=1e-12)
+    assert stats.fixed_weighted == pytest.approx(tot["fixed"] / tot["useful"], rel=1e-12)
+    assert stats.menu_mean == pytest.approx(sum(ratios_menu) / len(ratios_menu), rel=1e-12)
+    assert stats.fixed_mean == pytest.approx(sum(ratios_fixed) / len(ratios_fixed), rel=1e-12)
+    assert stats.menu_rows == pytest.approx(tot["menu_rows"] / tot["rows"], rel=1e-12)
+    assert stats.fixed_rows == pytest.approx(tot["fixed_rows"] / tot["rows"], rel=1e-12)
+    assert stats.menu_kernels == len(tiles) >= 2
+    # for small M the menu pads far less than a 128-row tile
+    assert stats.menu_mean < stats.fixed_mean and stats.menu_rows < stats.fixed_rows
+
+
+def test_cli_writes_report_and_small_plots(tmp_path):
+    args = ["bench", "padding", "--profile", "cuda/sm90", "--profile", "ascend/910b", "--models", "llama2-7b",
+            "--m-max", "32", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    md = (tmp_path / "padding.md").read_text()
+    stats = analyse_profile("cuda/sm90", gemm_shapes("llama2-7b"), 32)
+    row = next(line for line in md.splitlines() if line.startswith("| cuda/sm90 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3:5] == [f"{stats.menu_weighted:.4f}", f"{stats.fixed_weighted:.4f}"]
+    assert cells[-2:] == [str(stats.menu_kernels), "1"]
+    for shape in gemm_shapes("llama2-7b"):
+        assert f"| {shape.name} | {shape.N} | {shape.K} |" in md
+    for img in ("padding_cuda_sm90.png", "padding_ascend_910b.png"):
+        assert f"img/{img}" in md
+        assert 0 < (tmp_path / "img" / img).stat().st_size < 100_000
