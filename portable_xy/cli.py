@@ -40,7 +40,8 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``portable-xy`` argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="portable-xy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -64,8 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     from .bench import add_bench_command
 
     add_bench_command(sub)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
 
