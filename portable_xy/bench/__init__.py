@@ -9,6 +9,7 @@ import argparse
 def add_bench_command(subparsers) -> argparse.ArgumentParser:
     """Register ``bench {kernels, compare, padding, e2e}`` on the top-level subparsers."""
     from .compare import add_compare_command
+    from .e2e import add_e2e_command
     from .kernels import add_kernels_command
     from .padding import add_padding_command
 
@@ -17,4 +18,5 @@ def add_bench_command(subparsers) -> argparse.ArgumentParser:
     add_kernels_command(bsub)
     add_compare_command(bsub)
     add_padding_command(bsub)
+    add_e2e_command(bsub)
     return bench
