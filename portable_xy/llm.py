@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence as Seq
 from pathlib import Path
@@ -15,11 +16,14 @@ from .backends.graphs import make_decode_graph_runner
 from .engine.block_manager import BlockManager
 from .engine.llm_engine import LLMEngine
 from .engine.model_runner import ModelRunner, kv_bytes_per_block
-from .engine.scheduler import Scheduler
+from .engine.scheduler import Scheduler, SchedulerConfig
 from .models.llama import LlamaForCausalLM
 from .models.loader import load_model_files, resolve_model_path
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
+from .spec_decode.config import SpeculativeConfig
+from .spec_decode.draft_model import DraftModelProposer
+from .spec_decode.ngram import NgramProposer
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -76,6 +80,17 @@ class LLM:
             profile's ``graphs.decode_buckets`` on ``cuda`` / ``npu``, eager elsewhere; ``True``:
             always eager; ``False``: graphs, or on ``interpret`` the same static-bucket path run
             eagerly (see ``portable_xy.backends.graphs``).
+        enable_token_wise_reuse: with prefix caching, also reuse a prefix match that ends inside
+            a block, by copy-on-write of that block.
+        scheduler_policy: ``tokenwise`` (P/D/V in one step, default), ``prefill_first`` or
+            ``decode_first``; see :mod:`portable_xy.engine.scheduler`.
+        scheduling_policy: ``fcfs`` or ``priority`` (``generate(..., priority=[...])``, lower first).
+        decode_reserve: most tokens of the budget decode/verify stages take ahead of prefill
+            (default: all they need).
+        max_num_partial_prefills: most prompts prefilled in one step (default: no limit).
+        speculative_config: ``{"method": "ngram", "num_speculative_tokens": k,
+            "prompt_lookup_min": a, "prompt_lookup_max": b}`` or ``{"method": "draft_model",
+            "model": PATH, "num_speculative_tokens": k}``.
     """
 
     def __init__(
@@ -95,10 +110,22 @@ class LLM:
         block_size: int | None = None,
         skip_tokenizer_init: bool = False,
         enforce_eager: bool | None = None,
+        enable_token_wise_reuse: bool = True,
+        scheduler_policy: str = "tokenwise",
+        scheduling_policy: str = "fcfs",
+        decode_reserve: int | None = None,
+        max_num_partial_prefills: int | None = None,
+        speculative_config: dict[str, Any] | None = None,
     ) -> None:
-        for name, val in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
-            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        sched_config = SchedulerConfig(
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            policy=scheduler_policy,
+            scheduling_policy=scheduling_policy,
+            decode_reserve=decode_reserve,
+            max_num_partial_prefills=max_num_partial_prefills,
+        )
+        spec = SpeculativeConfig.from_dict(speculative_config)
         path = resolve_model_path(model)
         self.backend = get_backend(backend)
         self.dtype = resolve_dtype(dtype, self.backend.name)
@@ -127,17 +154,25 @@ class LLM:
                 f"num_kv_blocks={num_kv_blocks} cannot hold one max_model_len={max_model_len} sequence "
                 f"({min_blocks} blocks of {bs} tokens); raise the KV budget or lower max_model_len"
             )
-        bm = BlockManager(num_kv_blocks, bs, enable_prefix_caching)
-        scheduler = Scheduler(bm, max_num_batched_tokens, max_num_seqs, self.backend.profile.chunk_align)
+        bm = BlockManager(num_kv_blocks, bs, enable_prefix_caching, enable_token_wise_reuse)
+        sched_config = dataclasses.replace(sched_config, chunk_align=self.backend.profile.chunk_align)
+        scheduler = Scheduler(bm, sched_config)
         runner = ModelRunner(model_obj, self.backend, num_kv_blocks, bs, self.dtype)
         runner.graphs = make_decode_graph_runner(
             self.backend, lambda ids, meta: model_obj.forward(ids, meta, runner.kv_caches),
             config.num_heads, config.num_kv_heads, bs, max_model_len, enforce_eager,
         )  # fmt: skip
+        proposer = None
+        if spec is not None and spec.method == "ngram":
+            proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
+        elif spec is not None:
+            proposer = DraftModelProposer(
+                spec.model, self.backend, self.dtype, max_model_len, num_kv_blocks, bs, config.vocab_size
+            )
         eos = list(config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = sorted(set(eos) | {self.tokenizer.eos_token_id})
-        self.engine = LLMEngine(runner, bm, scheduler, self.tokenizer, eos, max_model_len, seed)
+        self.engine = LLMEngine(runner, bm, scheduler, self.tokenizer, eos, max_model_len, seed, spec, proposer)
         self._request_counter = 0
 
     def _default_num_blocks(self, per_block: int, memory_gb: float | None, utilization: float) -> int:
@@ -157,12 +192,22 @@ class LLM:
         prompts: str | dict | Seq[str | dict],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: Seq[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate completions for ``prompts`` (a string, a ``{"prompt_token_ids": [...]}``
-        dict, or a list of those). Returns one ``RequestOutput`` per prompt, in input order."""
+        dict, or a list of those). Returns one ``RequestOutput`` per prompt, in input order.
+        ``priority``: one int per prompt (lower first) under ``scheduling_policy="priority"``."""
         items = self._normalize_prompts(prompts)
         params = self._normalize_params(sampling_params, len(items))
-        return self._run(items, params, use_tqdm)
+        if priority is None:
+            priority = [0] * len(items)
+        elif (
+            not isinstance(priority, Seq)
+            or len(priority) != len(items)
+            or not all(isinstance(p, int) and not isinstance(p, bool) for p in priority)
+        ):
+            raise ValueError(f"priority must be a list of {len(items)} ints (one per prompt), got {priority!r}")
+        return self._run(items, params, use_tqdm, list(priority))
 
     def chat(
         self,
@@ -244,12 +289,12 @@ class LLM:
         raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got {type(sp).__name__}")
 
     # ---- the loop ----------------------------------------------------------------------------
-    def _run(self, items, params, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, items, params, use_tqdm: bool, priority: list[int]) -> list[RequestOutput]:
         ids = []
-        for (text, toks), sp in zip(items, params):
+        for (text, toks), sp, prio in zip(items, params, priority):
             rid = str(self._request_counter)
             self._request_counter += 1
-            self.engine.add_request(rid, text, toks, sp)
+            self.engine.add_request(rid, text, toks, sp, prio)
             ids.append(rid)
         results: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)

@@ -37,6 +37,19 @@ class RequestMetrics:
     finished_time: float | None = None
     num_generated_tokens: int = 0
     num_cached_tokens: int = 0
+    # speculative decoding (summed over the request's sequences)
+    num_draft_tokens: int = 0  # draft tokens proposed and verified
+    num_accepted_tokens: int = 0  # of which accepted
+    num_verify_steps: int = 0  # Verify stages run
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return None if not self.num_draft_tokens else self.num_accepted_tokens / self.num_draft_tokens
+
+    @property
+    def mean_acceptance_length(self) -> float | None:
+        """Tokens gained per Verify stage: accepted drafts plus the one sampled by the target."""
+        return None if not self.num_verify_steps else 1 + self.num_accepted_tokens / self.num_verify_steps
 
     @property
     def time_in_queue(self) -> float | None:

@@ -19,24 +19,32 @@ def test_batch_invariance_16_mixed_lengths(tiny_llm):
 
 
 def test_prefix_caching_reuses_blocks_and_keeps_outputs(tiny_llama):
-    shared = random_prompts(1, [200], seed=3)[0]
+    shared = random_prompts(1, [200], seed=3)[0]  # 12 full 16-token blocks + 8 tokens into the 13th
     tails = random_prompts(2, [9, 14], seed=4)
+    assert tails[0][0] != tails[1][0]
     prompts = [{"prompt_token_ids": shared + t} for t in tails]
     results = {}
-    for caching in (True, False):
-        llm = LLM(tiny_llama, backend="cpu", dtype="float32", max_model_len=512, enable_prefix_caching=caching)
+    for caching, token_wise in ((True, True), (True, False), (False, False)):
+        llm = LLM(
+            tiny_llama, backend="cpu", dtype="float32", max_model_len=512,
+            enable_prefix_caching=caching, enable_token_wise_reuse=token_wise,
+        )  # fmt: skip
         first = llm.generate(prompts[0], GREEDY, use_tqdm=False)[0]
         second = llm.generate(prompts[1], GREEDY, use_tqdm=False)[0]
         assert first.num_cached_tokens == 0
         bs = llm.engine.bm.block_size
-        if caching:
+        if token_wise:  # the full blocks, then the 8 matching tokens of the 13th block by copy-on-write
+            assert bs == 16 and second.num_cached_tokens == 200
+            assert llm.engine.bm.num_copied_tokens == 200 % bs
+        elif caching:
             assert second.num_cached_tokens == (200 // bs) * bs  # every full block of the shared prefix
-            assert second.metrics.num_cached_tokens == second.num_cached_tokens
-            assert llm.engine.bm.prefix_cache_hit_rate > 0
         else:
             assert second.num_cached_tokens == 0
-        results[caching] = (first.outputs[0].token_ids, second.outputs[0].token_ids)
-    assert results[True] == results[False]
+        if caching:
+            assert second.metrics.num_cached_tokens == second.num_cached_tokens
+            assert llm.engine.bm.prefix_cache_hit_rate > 0
+        results[caching, token_wise] = (first.outputs[0].token_ids, second.outputs[0].token_ids)
+    assert results[True, True] == results[True, False] == results[False, False]
 
 
 def test_chunked_prefill_and_preemption_keep_outputs(tiny_llama):

@@ -1,20 +1,32 @@
-"""Runs one scheduled step: builds the token table (AttnMetadata), runs the model, samples."""
+"""Runs one forward pass over a step's stages: builds the token table (AttnMetadata) from
+``(sequence, start, tokens)`` inputs, runs the model on the paged KV cache, returns logits."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from ..backends import AttnMetadata, Backend
 from ..backends.graphs import DecodeGraphRunner
 from ..models.llama import LlamaForCausalLM
-from .sampler import SampleResult, sample
-from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
 
 def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
     c = model.config
     return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class StageInput:
+    """``token_ids`` fed at positions ``start, start+1, ...`` of ``seq`` (whose block table already
+    covers them); logits are returned for the last ``num_logits`` of them."""
+
+    seq: Sequence
+    start: int
+    token_ids: list[int]
+    num_logits: int
 
 
 class ModelRunner:
@@ -35,28 +47,33 @@ class ModelRunner:
         ]
         self.graphs: DecodeGraphRunner | None = None  # static-shape decode steps (set by LLM: enforce_eager)
 
-    def build_metadata(self, batch: ScheduledBatch) -> tuple[torch.Tensor, AttnMetadata, list[int]]:
-        """Token ids, the step's token table, and the row of each sequence whose logits are
-        needed (-1 for a prefill chunk that does not reach the end of its tokens)."""
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole KV blocks ``src -> dst`` in every layer (copy-on-write prefix reuse), in order."""
+        for src, dst in pairs:
+            for k_cache, v_cache in self.kv_caches:
+                k_cache[dst].copy_(k_cache[src])
+                v_cache[dst].copy_(v_cache[src])
+
+    def build_metadata(self, inputs: list[StageInput]) -> tuple[torch.Tensor, AttnMetadata, torch.Tensor]:
+        """Token ids, the token table, and the rows whose logits are wanted."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         starts = [0]
         seq_lens: list[int] = []
-        sample_rows: list[int] = []
-        for seq, n in zip(batch.seqs, batch.num_tokens):
-            c = seq.num_computed_tokens
-            ids.extend(seq.token_ids[c : c + n])
-            table = seq.block_table
-            for pos in range(c, c + n):
+        rows: list[int] = []
+        for inp in inputs:
+            n, table = len(inp.token_ids), inp.seq.block_table
+            ids.extend(inp.token_ids)
+            for pos in range(inp.start, inp.start + n):
                 positions.append(pos)
                 slots.append(table[pos // bs] * bs + pos % bs)
             starts.append(starts[-1] + n)
-            seq_lens.append(c + n)
-            sample_rows.append(starts[-1] - 1 if c + n == seq.num_tokens else -1)
-        max_blocks = max(len(s.block_table) for s in batch.seqs)
-        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs]
+            seq_lens.append(inp.start + n)
+            rows.extend(range(starts[-1] - inp.num_logits, starts[-1]))
+        max_blocks = max(len(inp.seq.block_table) for inp in inputs)
+        tables = [inp.seq.block_table + [0] * (max_blocks - len(inp.seq.block_table)) for inp in inputs]
         dev = self.backend.device
         meta = AttnMetadata(
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
@@ -64,25 +81,22 @@ class ModelRunner:
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            query_lens_cpu=list(batch.num_tokens),
+            query_lens_cpu=[len(inp.token_ids) for inp in inputs],
             seq_lens_cpu=seq_lens,
         )
-        return torch.tensor(ids, dtype=torch.long, device=dev), meta, sample_rows
+        row_idx = torch.tensor(rows, dtype=torch.long, device=dev)
+        return torch.tensor(ids, dtype=torch.long, device=dev), meta, row_idx
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, eos_ids: list[int]) -> dict[int, SampleResult]:
-        """Execute the step; returns the sampled token per sequence id that reached its end."""
-        input_ids, meta, rows = self.build_metadata(batch)
+    def forward(self, inputs: list[StageInput]) -> torch.Tensor:
+        """Run the stages; returns fp32 logits ``[sum(num_logits), V]`` in input order."""
+        input_ids, meta, rows = self.build_metadata(inputs)
         c = self.model.config
         if self.graphs is not None and self.graphs.can_run(meta):  # decode-only: padded to a graph bucket
             hidden = self.graphs.forward(input_ids, meta)
         else:
             self.backend.prepare(meta, c.num_heads, c.num_kv_heads)
             hidden = self.model.forward(input_ids, meta, self.kv_caches)
-        picked: list[Sequence] = [s for s, r in zip(batch.seqs, rows) if r >= 0]
-        if not picked:
-            return {}
-        idx = torch.tensor([r for r in rows if r >= 0], dtype=torch.long, device=hidden.device)
-        logits = self.model.logits(hidden[idx])
-        results = sample(self.backend, logits, picked, eos_ids)
-        return {s.seq_id: r for s, r in zip(picked, results)}
+        if rows.numel() == 0:
+            return hidden.new_empty((0, c.vocab_size), dtype=torch.float32)
+        return self.model.logits(hidden[rows])

@@ -1,47 +1,111 @@
-"""Token-budget scheduler: each step is ``{sequence: n_tokens}`` under one budget.
+"""Token-wise hybrid Prefill/Decode/Verify scheduler (XY-Serve §4.1, vLLM V1's contract).
 
-Running sequences that need one token (decodes) are served first, then running sequences with a
-partial prefill, then waiting sequences in arrival order; a prompt that does not fit the remaining
-budget is chunked. When KV blocks run out, the newest running sequence is preempted and later
-recomputed. The engine only depends on :meth:`schedule` and :meth:`postprocess`, so a different
-policy (the full P/D/V token-wise scheduler) can replace this class.
+There are no prefill or decode phases. A sequence has tokens computed (in the KV cache) and tokens
+wanted (the rest of its prompt and outputs, plus draft tokens when it speculates); each step gives
+sequences tokens under one budget ``B`` and emits the step's token table: one :class:`Stage` per
+sequence (kind P, D or V, history length, token count), which drives the attention task table and
+the GEMM tile plan.
+
+Policies (``SchedulerConfig.policy``):
+
+* ``tokenwise`` (default): decode (1 token) and verify (1 + drafts) stages take their reserved room
+  first (at most ``decode_reserve`` tokens; default all they need), prefill chunks from any number
+  of prompts take the rest, then leftover room goes to decode/verify stages that did not fit the
+  reserve. A prefill-only step happens only when nothing decodes or verifies, so nothing starves.
+* ``prefill_first`` (vLLM v0 / nano-vllm style): a step with any prefill work is prefill-only.
+* ``decode_first``: prefill runs only in steps where nothing decodes or verifies.
+
+A prompt longer than the room left is chunked; a cut chunk is snapped down to ``chunk_align``
+(the profile's attention tile) when that leaves a non-empty chunk -- the cut tokens just run in the
+next step. When KV blocks run out, the lowest-priority newest running sequence is preempted and
+later recomputed.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .sequence import SeqStatus, Sequence
 
+POLICIES = ("tokenwise", "prefill_first", "decode_first")
+ORDERS = ("fcfs", "priority")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048  # the step's token budget B
+    max_num_seqs: int = 256
+    policy: str = "tokenwise"
+    scheduling_policy: str = "fcfs"  # or "priority": lower ``priority`` first, then arrival
+    decode_reserve: int | None = None  # most tokens D/V stages take ahead of prefill (None: all)
+    max_num_partial_prefills: int | None = None  # most prefill stages in one step (None: any)
+    chunk_align: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_batched_tokens", "max_num_seqs", "chunk_align"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        for name in ("decode_reserve", "max_num_partial_prefills"):
+            val = getattr(self, name)
+            if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
+                raise ValueError(f"{name} must be None or a positive int, got {val!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"scheduler policy {self.policy!r} is not one of {POLICIES}")
+        if self.scheduling_policy not in ORDERS:
+            raise ValueError(f"scheduling_policy {self.scheduling_policy!r} is not one of {ORDERS}")
+
+
+@dataclass
+class Stage:
+    """One sequence's segment of the step: ``num_tokens`` tokens at positions ``start...``
+    (``start`` = its history length, the tokens already in the KV cache)."""
+
+    seq: Sequence
+    kind: str  # "P" prefill chunk, "D" decode, "V" verify (last token + drafts)
+    start: int
+    num_tokens: int
+
 
 @dataclass
 class ScheduledBatch:
-    seqs: list[Sequence] = field(default_factory=list)
-    num_tokens: list[int] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)
 
-    def add(self, seq: Sequence, n: int) -> None:
-        self.seqs.append(seq)
-        self.num_tokens.append(n)
+    @property
+    def seqs(self) -> list[Sequence]:
+        return [st.seq for st in self.stages]
+
+    @property
+    def num_tokens(self) -> list[int]:
+        return [st.num_tokens for st in self.stages]
 
     @property
     def total_tokens(self) -> int:
-        return sum(self.num_tokens)
+        return sum(st.num_tokens for st in self.stages)
+
+    def count(self, kind: str) -> int:
+        return sum(st.num_tokens for st in self.stages if st.kind == kind)
 
     def __len__(self) -> int:
-        return len(self.seqs)
+        return len(self.stages)
 
 
 class Scheduler:
+    """Fills each step's token budget; see the module docstring. ``num_spec_tokens(seq)`` says
+    how many draft tokens a decoding sequence may verify next step (0: plain decode)."""
+
     def __init__(
-        self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int, chunk_align: int = 1
+        self,
+        block_manager: BlockManager,
+        config: SchedulerConfig,
+        num_spec_tokens: Callable[[Sequence], int] | None = None,
     ) -> None:
         self.bm = block_manager
-        self.budget = max_num_batched_tokens
-        self.max_num_seqs = max_num_seqs
-        self.chunk_align = chunk_align
-        self.waiting: deque[Sequence] = deque()
+        self.config = config
+        self.num_spec_tokens = num_spec_tokens or (lambda seq: 0)
+        self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
@@ -51,70 +115,120 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def _key(self, seq: Sequence) -> tuple[int, int]:
+        return (seq.priority if self.config.scheduling_policy == "priority" else 0, seq.seq_id)
+
     def _chunk(self, want: int, room: int) -> int:
-        """Tokens to schedule: all of ``want`` if it fits, else ``room`` snapped down to the
-        chunk alignment (when that leaves a non-empty chunk)."""
         if want <= room:
             return want
-        aligned = room - room % self.chunk_align
+        aligned = room - room % self.config.chunk_align
         return aligned if aligned > 0 else room
 
+    # ---- blocks and preemption ---------------------------------------------------------------
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.bm.free_seq(seq)
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self.waiting.append(seq)
 
+    def _allocate(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
+        """Blocks for ``n`` more tokens of running ``seq``, preempting the lowest-priority newest
+        running sequences not yet in this step. False if ``seq`` itself was preempted."""
+        while not self.bm.can_allocate(seq, n):
+            victim = max((s for s in self.running if s.seq_id not in scheduled), key=self._key)
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.bm.allocate(seq, n)
+        return True
+
+    # ---- the step ----------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
+        cfg = self.config
         batch = ScheduledBatch()
-        room = self.budget
-        # Decodes first (one token each), then partial prefills; both in arrival order.
-        order = sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1)
         scheduled: set[int] = set()
-        for seq in order:
+        self.running.sort(key=self._key)
+        self.waiting.sort(key=self._key)
+        room = cfg.max_num_batched_tokens
+        decoding = [s for s in self.running if s.in_decode]
+        prefill_work = len(decoding) < len(self.running) or bool(self.waiting)
+        if cfg.policy == "prefill_first" and prefill_work:
+            room = self._schedule_prefills(batch, scheduled, room)
+            if batch.stages:
+                return batch
+        reserve = room if cfg.decode_reserve is None else min(room, cfg.decode_reserve)
+        left = self._schedule_decodes(batch, scheduled, decoding, reserve)
+        room -= reserve - left
+        if cfg.policy != "decode_first" or not decoding:
+            room = self._schedule_prefills(batch, scheduled, room)
+        self._schedule_decodes(batch, scheduled, [s for s in decoding if s.seq_id not in scheduled], room)
+        return batch
+
+    def _schedule_decodes(self, batch: ScheduledBatch, scheduled: set[int], seqs: list[Sequence], room: int) -> int:
+        """Decode / verify stages for ``seqs`` while ``room`` lasts; returns the room left."""
+        for seq in seqs:
             if room == 0:
                 break
-            if seq.status != SeqStatus.RUNNING:
-                continue  # preempted earlier in this loop
-            n = self._chunk(seq.num_uncomputed_tokens, room)
-            while not self.bm.can_allocate(seq, n):
-                # newest running sequence not yet in this batch (possibly seq itself)
-                victim = next(s for s in reversed(self.running) if s.seq_id not in scheduled)
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq.status != SeqStatus.RUNNING:
+            if seq.status != SeqStatus.RUNNING or seq.seq_id in scheduled:
+                continue  # preempted earlier in this step
+            k = min(self.num_spec_tokens(seq), room - 1)
+            if k > 0 and not self.bm.can_allocate(seq, 1 + k):
+                k = 0  # short of blocks: verify nothing rather than preempt someone
+            if not self._allocate(seq, 1 + k, scheduled):
                 continue
-            self.bm.allocate(seq, n)
-            batch.add(seq, n)
+            batch.stages.append(Stage(seq, "V" if k else "D", seq.num_computed_tokens, 1 + k))
+            scheduled.add(seq.seq_id)
+            room -= 1 + k
+        return room
+
+    def _schedule_prefills(self, batch: ScheduledBatch, scheduled: set[int], room: int) -> int:
+        """Prefill chunks: running partial prefills first, then waiting prompts admitted in order
+        while room, sequence slots and blocks last. Returns the room left."""
+        cap = self.config.max_num_partial_prefills
+        count = sum(st.kind == "P" for st in batch.stages)
+        for seq in [s for s in self.running if not s.in_decode]:
+            if room == 0 or (cap is not None and count >= cap):
+                return room
+            if seq.status != SeqStatus.RUNNING or seq.seq_id in scheduled:
+                continue
+            n = self._chunk(seq.num_uncomputed_tokens, room)
+            if not self._allocate(seq, n, scheduled):
+                continue
+            batch.stages.append(Stage(seq, "P", seq.num_computed_tokens, n))
             scheduled.add(seq.seq_id)
             room -= n
-        # Then admit waiting sequences while budget, sequence slots and blocks last.
-        while self.waiting and room > 0 and len(self.running) < self.max_num_seqs:
+            count += 1
+        while self.waiting and room > 0 and len(self.running) < self.config.max_num_seqs:
+            if cap is not None and count >= cap:
+                break
             seq = self.waiting[0]
-            hits = self.bm.lookup_prefix(seq)
-            self.bm.take_cached(seq, hits)
+            hits, partial = self.bm.lookup_prefix(seq)
+            self.bm.take_cached(seq, hits, partial)
             n = self._chunk(seq.num_uncomputed_tokens, room)
             if not self.bm.can_allocate(seq, n):
                 self.bm.free_seq(seq)  # give the cached blocks back; retry next step
                 break
-            self.waiting.popleft()
+            self.waiting.pop(0)
             self.bm.record_lookup(seq.num_tokens, seq.num_computed_tokens)
             self.bm.allocate(seq, n)
             seq.status = SeqStatus.RUNNING
             seq.metrics.num_cached_tokens = max(seq.metrics.num_cached_tokens, seq.num_computed_tokens)
             self.running.append(seq)
-            batch.add(seq, n)
+            batch.stages.append(Stage(seq, "P", seq.num_computed_tokens, n))
+            scheduled.add(seq.seq_id)
             room -= n
-        return batch
+            count += 1
+        return room
 
-    def postprocess(self, batch: ScheduledBatch) -> None:
-        """Advance computed-token counts after the step ran and publish newly full blocks."""
-        for seq, n in zip(batch.seqs, batch.num_tokens):
-            seq.num_computed_tokens += n
-            self.bm.cache_full_blocks(seq)
+    def postprocess(self, batch: ScheduledBatch, num_rejected: dict[int, int] | None = None) -> None:
+        """Advance computed-token counts after the step ran (a verify stage keeps only its
+        accepted drafts) and publish the newly computed blocks."""
+        for st in batch.stages:
+            seq = st.seq
+            seq.num_computed_tokens += st.num_tokens - (num_rejected or {}).get(seq.seq_id, 0)
+            self.bm.publish(seq)
 
     def finish(self, seq: Sequence) -> None:
         seq.status = SeqStatus.FINISHED

@@ -3,7 +3,8 @@
 vLLM V1's contract: no prefill/decode phases. A sequence has ``num_tokens`` (prompt + output so
 far) and ``num_computed_tokens`` (already in the KV cache); the scheduler gives it up to
 ``num_tokens - num_computed_tokens`` tokens a step, and when the cache catches up the step samples
-one new token.
+one new token. A speculating sequence also carries ``draft_token_ids``: proposed tokens that the
+next step verifies alongside its last sampled token (a Verify stage).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Sequence:
         params: SamplingParams,
         generator: torch.Generator | None,
         metrics: RequestMetrics,
+        priority: int = 0,
     ) -> None:
         self.seq_id = seq_id
         self.request_id = request_id
@@ -50,6 +52,10 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.text = ""  # detokenized output (kept current only when stop strings need it)
         self.num_preemptions = 0
+        self.priority = priority  # lower runs first under the "priority" scheduling policy
+        self.draft_token_ids: list[int] = []  # proposed this step, verified by the target model
+        self.draft_probs: object | None = None  # the proposer's distributions [k, V] (None: one-hot)
+        self.num_draft_computed = 0  # tokens in the draft model's KV cache (draft-model speculation)
 
     @property
     def num_tokens(self) -> int:
@@ -66,6 +72,11 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def in_decode(self) -> bool:
+        """Only the last sampled token is missing from the KV cache (the prompt is done)."""
+        return self.num_uncomputed_tokens == 1 and self.num_computed_tokens >= self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:
