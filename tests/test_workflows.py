@@ -64,6 +64,16 @@ def markers() -> set[str]:
     return {m.split(":")[0].strip() for m in ini["markers"]}
 
 
+def device_test_steps(wf: dict, marker: str) -> list[dict]:
+    """Steps running ``pytest -m marker``; each must turn the interpreter default of conftest off."""
+    out = []
+    for s in steps(wf):
+        lines = [ln for ln in s.get("run", "").splitlines() if ln.strip()]
+        if any(opt(argv, "-m") == marker for ln in lines for argv in commands(ln, "pytest")):
+            out.append(s)
+    return out
+
+
 def runs_on(job: dict) -> list[str]:
     r = job["runs-on"]
     return [r] if isinstance(r, str) else list(r)
@@ -101,7 +111,8 @@ def test_gpu_workflow():
     (job,) = wf["jobs"].values()
     assert set(runs_on(job)) == {"self-hosted", "gpu"}
     lines = run_lines(wf)
-    assert any(opt(argv, "-m") == "cuda" for ln in lines for argv in commands(ln, "pytest"))
+    (test_step,) = device_test_steps(wf, "cuda")
+    assert test_step["env"]["TRITON_INTERPRET"] == "0"
     bench = [a for ln in lines for a in commands(ln, "portable-xy") if a[:2] == ["bench", "kernels"]]
     assert len(bench) == 1 and opt(bench[0], "--backend") == "cuda"
     out = opt(bench[0], "--out")
@@ -120,7 +131,8 @@ def test_ascend_nightly_workflow():
     assert text.index("pip uninstall -y triton") < text.index("$TRITON_ASCEND_SPEC")
     assert wf["env"]["TRITON_ASCEND_SPEC"].startswith("triton-ascend==")
     assert wf["env"]["TORCH_NPU_SPEC"].startswith("torch-npu==")
-    assert any(opt(argv, "-m") == "npu" for ln in lines for argv in commands(ln, "pytest"))
+    (test_step,) = device_test_steps(wf, "npu")
+    assert test_step["env"]["TRITON_INTERPRET"] == "0"
     bench = [a for ln in lines for a in commands(ln, "portable-xy")]
     kernels = [a for a in bench if a[:2] == ["bench", "kernels"]]
     assert len(kernels) == 1 and opt(kernels[0], "--backend") == "npu"
