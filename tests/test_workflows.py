@@ -27,13 +27,13 @@ def steps(wf: dict) -> list[dict]:
     return [s for job in wf["jobs"].values() for s in job["steps"]]
 
 
+def step_lines(step: dict) -> list[str]:
+    """The shell lines of a ``run`` step, continuation lines joined."""
+    return [ln.strip() for ln in step.get("run", "").replace("\\\n", " ").splitlines() if ln.strip()]
+
+
 def run_lines(wf: dict) -> list[str]:
-    """Every shell line of every ``run`` step, continuation lines joined."""
-    lines = []
-    for s in steps(wf):
-        if "run" in s:
-            lines += [ln.strip() for ln in s["run"].replace("\\\n", " ").splitlines() if ln.strip()]
-    return lines
+    return [ln for s in steps(wf) for ln in step_lines(s)]
 
 
 def commands(line: str, program: str) -> list[list[str]]:
@@ -68,8 +68,7 @@ def device_test_steps(wf: dict, marker: str) -> list[dict]:
     """Steps running ``pytest -m marker``; each must turn the interpreter default of conftest off."""
     out = []
     for s in steps(wf):
-        lines = [ln for ln in s.get("run", "").splitlines() if ln.strip()]
-        if any(opt(argv, "-m") == marker for ln in lines for argv in commands(ln, "pytest")):
+        if any(opt(argv, "-m") == marker for ln in step_lines(s) for argv in commands(ln, "pytest")):
             out.append(s)
     return out
 
