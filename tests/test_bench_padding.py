@@ -28,6 +28,7 @@ def test_aggregates_match_brute_force(name):
     assert (fx.BLOCK_M, fx.BLOCK_N) == ((128, 64) if name == "ascend/910b" else (128, 128))
     tot = {"useful": 0, "menu": 0, "fixed": 0, "menu_rows": 0, "fixed_rows": 0, "rows": 0}
     ratios_menu, ratios_fixed, tiles = [], [], set()
+    at_m = {"menu": [0] * M_MAX, "fixed": [0] * M_MAX, "useful": [0] * M_MAX}  # per M, over the shapes
     assert [st.shape for st in stats.shapes] == shapes
     for shape in shapes:
         nk = shape.N * shape.K
@@ -46,6 +47,8 @@ def test_aggregates_match_brute_force(name):
             tot["menu_rows"] += sum(_ceil(s.m_rows, s.tile.BLOCK_M) for s in plan.segments) * nk
             tot["fixed_rows"] += _ceil(M, 128) * nk
             tot["rows"] += M * nk
+            for key, val in (("menu", menu), ("fixed", fixed), ("useful", useful)):
+                at_m[key][M - 1] += val
             ratios_menu.append(menu / useful)
             ratios_fixed.append(fixed / useful)
             tiles.update((s.tile.BLOCK_M, s.tile.BLOCK_N, s.tile.BLOCK_K) for s in plan.segments)
@@ -56,6 +59,9 @@ def test_aggregates_match_brute_force(name):
     assert stats.menu_rows == pytest.approx(tot["menu_rows"] / tot["rows"], rel=1e-12)
     assert stats.fixed_rows == pytest.approx(tot["fixed_rows"] / tot["rows"], rel=1e-12)
     assert stats.menu_kernels == len(tiles) >= 2
+    for key in ("menu", "fixed"):
+        want = [e / u for e, u in zip(at_m[key], at_m["useful"])]
+        assert stats.curve_at(f"{key}_curve") == pytest.approx(want, rel=1e-12)
     # for small M the menu pads far less than a 128-row tile
     assert stats.menu_mean < stats.fixed_mean and stats.menu_rows < stats.fixed_rows
 

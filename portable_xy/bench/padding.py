@@ -17,6 +17,7 @@ from .shapes import MODELS, TP, GemmShape, gemm_shapes, model_names
 
 DEFAULT_PROFILES = ("cuda/sm90", "cuda/sm80", "ascend/910b")
 FIXED_BLOCK_M = 128
+SELECTED_M = (1, 8, 17, 48, 100, 129, 300, 1000, 4096)
 
 
 @dataclass
@@ -82,6 +83,11 @@ class ProfileStats:
     def fixed_rows(self) -> float:
         return self._rows("fixed_rows")
 
+    def curve_at(self, curve: str) -> list[float]:
+        """Executed / useful MACs per M (index M - 1) over all shapes together (MAC-weighted)."""
+        den = sum(s.shape.N * s.shape.K for s in self.shapes)
+        return [sum(getattr(s, curve)[i] * s.shape.N * s.shape.K for s in self.shapes) / den for i in range(self.m_max)]
+
     @property
     def menu_kernels(self) -> int:
         """Distinct tile configurations the menu plans use over all shapes and M."""
@@ -143,15 +149,9 @@ def plot_profile(stats: ProfileStats, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ms = range(1, stats.m_max + 1)
-
-    def weighted(curve: str) -> list[float]:
-        num = [sum(getattr(s, curve)[m - 1] * s.shape.N * s.shape.K for s in stats.shapes) for m in ms]
-        den = sum(s.shape.N * s.shape.K for s in stats.shapes)
-        return [n / den for n in num]
-
     fig, ax = plt.subplots(figsize=(5, 2.8))
-    ax.plot(ms, weighted("fixed_curve"), lw=0.8, label=f"fixed {stats.fixed_tile}")
-    ax.plot(ms, weighted("menu_curve"), lw=0.8, label=f"menu ({len(stats.menu)} tiles)")
+    ax.plot(ms, stats.curve_at("fixed_curve"), lw=0.8, label=f"fixed {stats.fixed_tile}")
+    ax.plot(ms, stats.curve_at("menu_curve"), lw=0.8, label=f"menu ({len(stats.menu)} tiles)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("M (tokens)", fontsize=8)
@@ -199,6 +199,13 @@ def markdown(all_stats: list[ProfileStats], models: list[str]) -> str:
             f"{s.fixed_weighted:.4f} | {s.menu_mean:.3f} | {s.fixed_mean:.3f} | {s.menu_rows:.4f} | "
             f"{s.fixed_rows:.4f} | {s.menu_kernels} | 1 |"
         )
+    picks = [m for m in SELECTED_M if m <= m_max]
+    lines += ["", "Executed / useful MACs at selected M (all shapes together, MAC-weighted): menu / fixed.", ""]
+    lines += ["| profile | " + " | ".join(f"M={m}" for m in picks) + " |", "| --- |" + " --- |" * len(picks)]
+    for s in all_stats:
+        menu_c, fixed_c = s.curve_at("menu_curve"), s.curve_at("fixed_curve")
+        cells = [f"{menu_c[m - 1]:.2f} / {fixed_c[m - 1]:.2f}" for m in picks]
+        lines.append(f"| {s.profile} | " + " | ".join(cells) + " |")
     for s in all_stats:
         lines += ["", f"## {s.profile}", "", f"![{s.profile}](img/{_img_name(s.profile)})", ""]
         lines += ["| shape | N | K | MAC-weighted: menu | fixed | mean: menu | fixed | menu tiles used |",
