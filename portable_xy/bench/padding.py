@@ -206,6 +206,14 @@ def markdown(all_stats: list[ProfileStats], models: list[str]) -> str:
         menu_c, fixed_c = s.curve_at("menu_curve"), s.curve_at("fixed_curve")
         cells = [f"{menu_c[m - 1]:.2f} / {fixed_c[m - 1]:.2f}" for m in picks]
         lines.append(f"| {s.profile} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Reading the numbers: the menu plans are picked by `plan_gemm`'s cost model, not for the least "
+        "padding. When a GEMM is memory-bound the model treats padded rows as free (they are computed, "
+        "never read), so at small M it may choose a taller tile that balances the waves better; wherever "
+        "the M=1 column exceeds the smallest menu tile's BLOCK_M, some shapes took such a tile. Past a "
+        "few hundred rows both plans converge to the N / K tails of their tiles.",
+    ]
     for s in all_stats:
         lines += ["", f"## {s.profile}", "", f"![{s.profile}](img/{_img_name(s.profile)})", ""]
         lines += ["| shape | N | K | MAC-weighted: menu | fixed | mean: menu | fixed | menu tiles used |",
