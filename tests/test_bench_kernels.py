@@ -135,3 +135,11 @@ def test_baselines_compute_the_same_attention():
     vendor = torch.cat([o[0].transpose(0, 1) for o in impls["vendor"][0]()])
     torch.testing.assert_close(per_stage, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(vendor, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bench_package_is_packaged():
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "portable_xy.bench" in pyproject["tool"]["setuptools"]["packages"]

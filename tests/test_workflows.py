@@ -57,11 +57,9 @@ def opt(argv: list[str], flag: str) -> str | None:
     return argv[argv.index(flag) + 1] if flag in argv else None
 
 
-def markers() -> set[str]:
-    import tomllib
-
-    ini = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
-    return {m.split(":")[0].strip() for m in ini["markers"]}
+def markers(config: pytest.Config) -> set[str]:
+    """Markers declared in pyproject.toml ([tool.pytest.ini_options] markers)."""
+    return {m.split(":")[0].strip() for m in config.getini("markers")}
 
 
 def device_test_steps(wf: dict, marker: str) -> list[dict]:
@@ -79,7 +77,7 @@ def runs_on(job: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_references_exist(name):
+def test_references_exist(name, pytestconfig):
     parser = build_parser()
     lines = run_lines(load(name))
     for line in lines:
@@ -90,7 +88,7 @@ def test_references_exist(name):
             assert (ROOT / argv[0]).is_file(), f"{name}: {line}: no {argv[0]}"
         for argv in commands(line, "pytest"):
             m = opt(argv, "-m")
-            assert m is None or m in markers(), f"{name}: marker {m!r} not declared in pyproject.toml"
+            assert m is None or m in markers(pytestconfig), f"{name}: marker {m!r} not declared in pyproject.toml"
     uses = [s["uses"] for s in steps(load(name)) if "uses" in s]
     assert any(u.startswith("actions/checkout@") for u in uses)
 
