@@ -189,7 +189,7 @@ def test_profile_arch_mapping():
 def test_tiny_model_generates_like_cpu(be, tmp_path, monkeypatch):
     """Every op but attention through the Triton kernels inside the engine (chunked prefill mixed
     with decodes); attention is the torch reference until Meta-Attention is wired in."""
-    from conftest import TINY, _perturb
+    from tiny_models import TINY, _perturb
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from portable_xy import LLM, SamplingParams
