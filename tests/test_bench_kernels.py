@@ -114,6 +114,25 @@ def test_interpret_tiny_run_uses_the_triton_kernels():
     assert report["peaks"]["tflops"] == 0.001  # from the interpreter profile
 
 
+def test_a_failing_call_is_recorded_and_the_run_goes_on(monkeypatch):
+    from portable_xy.bench import impls
+
+    real = impls.gemm_impls
+
+    def with_failure(backend, x, w):
+        def boom():
+            raise RuntimeError("no such kernel")
+
+        return {**real(backend, x, w), "single_tile": (boom, "fails")}
+
+    monkeypatch.setattr(impls, "gemm_impls", with_failure)
+    report = bk.run_kernel_bench("cpu", ["llama2-7b"], reps=1, warmup=0, case_filter="qkv/M=7$", log=lambda *_: None)
+    assert bk.validate_report(report) == []
+    assert [(e["case"], e["impl"]) for e in report["errors"]] == [("llama2-7b/qkv/M=7", "single_tile")]
+    assert "no such kernel" in report["errors"][0]["error"]
+    assert {r["impl"] for r in report["results"]} == {"smooth_gemm", "vendor"}
+
+
 def test_validate_report_flags_problems():
     good = {k: None for k in bk.TOP_KEYS} | {"schema": bk.SCHEMA, "schema_version": bk.SCHEMA_VERSION, "results": []}
     assert bk.validate_report(good) == []

@@ -60,13 +60,13 @@ def _geomean(vals: list[float]) -> float | None:
 def markdown(reports: list[tuple[str, dict]]) -> str:
     """The report: runs, a summary of geometric-mean speedups, then one table per kernel."""
     lines = ["# Kernel benchmark comparison", "", "## Runs", ""]
-    lines += ["| label | backend | device | profile | driver | torch | triton | dtype | tiny | timing |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines += ["| label | backend | device | profile | driver | torch | triton | dtype | tiny | timing | errors |",
+              "|" + " --- |" * 11]  # fmt: skip
     for label, r in reports:
         e, t = r["env"], r["timing"]
         lines.append(f"| {label} | {e['backend']} | {e['device']} | {e['profile']} | {e.get('driver') or '-'} | "
                      f"{e['torch']} | {e.get('triton') or '-'} | {r['dtype']} | {r['tiny']} | "
-                     f"{t['method']}, median of {t['reps']} |")  # fmt: skip
+                     f"{t['method']}, median of {t['reps']} | {len(r['errors'])} |")  # fmt: skip
     lines += ["", "## Summary (geometric mean over cases)", "",
               "| label | kernel | speedup vs vendor | speedup vs baseline | mean utilisation |",
               "| --- | --- | --- | --- | --- |"]  # fmt: skip

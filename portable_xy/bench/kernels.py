@@ -12,6 +12,7 @@ Report schema (``schema_version`` 1)::
       "peaks": {"tflops": float | null, "gbps": float | null},   # from the profile (or --peak-*)
       "timing": {"method": "cuda_event" | "npu_event" | "perf_counter", "warmup": int, "reps": int,
                  "statistic": "median"},
+      "errors": [{"kernel", "case", "impl", "error"}],   # calls that raised (not timed)
       "results": [{
         "kernel": "gemm" | "attention",
         "case": "llama2-7b/qkv/M=64" | "llama2-7b/decode_b8_c128" ...,   # unique per kernel
@@ -51,7 +52,8 @@ OURS = {"gemm": "smooth_gemm", "attention": "meta_attention"}
 BASELINE = {"gemm": "single_tile", "attention": "per_stage"}
 RESULT_KEYS = ("kernel", "case", "shape", "params", "impl", "detail", "latency_s", "flops", "bytes", "tflops",
                "gbps", "frac_peak_flops", "frac_peak_bw", "utilisation")  # fmt: skip
-TOP_KEYS = ("schema", "schema_version", "created", "tiny", "dtype", "models", "tp", "env", "peaks", "timing", "results")
+TOP_KEYS = ("schema", "schema_version", "created", "tiny", "dtype", "models", "tp", "env", "peaks", "timing", "results",
+            "errors")  # fmt: skip
 TINY_HEADS = (4, 2, 32)  # (query heads, KV heads, head dim) of tiny attention
 CPU_BACKENDS = ("cpu", "interpret")
 
@@ -156,13 +158,19 @@ def run_kernel_bench(
     esize = torch.empty(0, dtype=dtype).element_size()
     gen = torch.Generator().manual_seed(0)
     results: list[dict] = []
+    errors: list[dict] = []
 
     def keep(case: str) -> bool:
         return case_filter is None or re.search(case_filter, case) is not None
 
     def record(kernel: str, case: str, shape: str, params: dict, impls: dict, flops: int, nbytes: int) -> None:
         for impl, (fn, detail) in impls.items():
-            lat = timer(fn)
+            try:
+                lat = timer(fn)
+            except Exception as e:  # a failing kernel / library call must not lose the rest of a long run
+                errors.append({"kernel": kernel, "case": case, "impl": impl, "error": f"{type(e).__name__}: {e}"})
+                log(f"{kernel:9s} {case:40s} {impl:14s} FAILED: {errors[-1]['error']}")
+                continue
             row = dict(kernel=kernel, case=case, shape=shape, params=params, impl=impl, detail=detail)
             results.append({**row, **_metrics(lat, flops, nbytes, peaks)})
             log(f"{kernel:9s} {case:40s} {impl:14s} {lat * 1e6:12.1f} us  {results[-1]['tflops']:8.3f} TF/s")
@@ -207,6 +215,7 @@ def run_kernel_bench(
         "peaks": {"tflops": peaks[0], "gbps": peaks[1]},
         "timing": {"method": method, "warmup": warmup, "reps": reps, "statistic": "median"},
         "results": results,
+        "errors": errors,
     }
 
 
@@ -224,11 +233,13 @@ def _run_cli(args: argparse.Namespace) -> int:
     if problems:
         print("bench kernels: invalid report: " + "; ".join(problems), file=sys.stderr)
         return 1
+    for e in report["errors"]:
+        print(f"bench kernels: {e['case']} {e['impl']} failed: {e['error']}", file=sys.stderr)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.out} ({len(report['results'])} results)")
-    return 0
+        print(f"wrote {args.out} ({len(report['results'])} results, {len(report['errors'])} errors)")
+    return 1 if report["errors"] else 0
 
 
 def add_kernels_command(subparsers) -> argparse.ArgumentParser:
