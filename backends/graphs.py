@@ -43,20 +43,22 @@ from .base import AttnMetadata, Backend
 Forward = Callable[[torch.Tensor, AttnMetadata], torch.Tensor]  # (input_ids [T], meta) -> hidden [T, H]
 
 
-def graph_module(device: torch.device) -> ModuleType:
-    """``torch.cuda`` or ``torch.npu`` (torch_npu imported lazily) with their graph API; a clear
-    error when the device has none."""
+def graph_module(device: torch.device) -> tuple[ModuleType, type]:
+    """``(torch.cuda, CUDAGraph)`` or ``(torch.npu, NPUGraph)`` (torch_npu imported lazily): the
+    device module whose ``graph``, ``graph_pool_handle``, ``Stream``, ``stream`` and
+    ``current_stream`` capture graphs; a clear error when the device has no graph capture."""
     if device.type == "cuda":
-        return torch.cuda
-    if device.type == "npu":
-        try:
-            import torch_npu  # noqa: F401
-        except ImportError as e:
-            raise RuntimeError(f"NPU graphs need torch_npu, which could not be imported ({e})") from e
-        if not hasattr(torch.npu, "NPUGraph"):
-            raise RuntimeError("this torch_npu has no torch.npu.NPUGraph (NPU graph capture); use enforce_eager=True")
-        return torch.npu
-    raise RuntimeError(f"no graph capture on device type {device.type!r} (use the eager static path)")
+        return torch.cuda, torch.cuda.CUDAGraph
+    if device.type != "npu":
+        raise RuntimeError(f"no graph capture on device type {device.type!r} (use the eager static path)")
+    try:
+        import torch_npu  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"NPU graphs need torch_npu, which could not be imported ({e})") from e
+    missing = [a for a in ("NPUGraph", "graph", "graph_pool_handle") if not hasattr(torch.npu, a)]
+    if missing:
+        raise RuntimeError(f"this torch_npu has no NPU graph capture (torch.npu lacks {', '.join(missing)})")
+    return torch.npu, torch.npu.NPUGraph
 
 
 class DecodeGraphRunner:
@@ -82,8 +84,8 @@ class DecodeGraphRunner:
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.max_blocks = int(cfg.get("max_blocks_per_seq") or 0) or -(-max_model_len // block_size)
         self.max_seq_len = self.max_blocks * block_size
-        self.graphs = graph_module(backend.device) if capture else None
-        self.pool = self.graphs.graph_pool_handle() if self.graphs is not None else None
+        self.graphs, self.graph_cls = graph_module(backend.device) if capture else (None, None)
+        self.pool = self.graphs.graph_pool_handle() if capture else None
         dev, top = backend.device, self.buckets[-1]
         self.input_ids = torch.zeros(top, dtype=torch.long, device=dev)
         self.positions = torch.zeros(top, dtype=torch.long, device=dev)
@@ -163,7 +165,7 @@ class DecodeGraphRunner:
         with mod.stream(side):
             self.forward_fn(ids, meta)
         mod.current_stream().wait_stream(side)
-        graph = mod.CUDAGraph() if mod is torch.cuda else mod.NPUGraph()
+        graph = self.graph_cls()
         with mod.graph(graph, pool=self.pool):
             out = self.forward_fn(ids, meta)
         return graph, out

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -225,6 +227,20 @@ def test_enforce_eager_policy():
     static = make_decode_graph_runner(interp, *args, enforce_eager=False)
     assert static is not None and static.graphs is None and static.buckets == [1, 2, 4, 8]
     assert make_decode_graph_runner(cpu, *args, enforce_eager=False) is None
+
+
+def test_npu_without_graph_capture_falls_back_or_fails_clearly(monkeypatch):
+    """An NPU backend whose torch_npu cannot capture graphs: eager with a warning by default, a
+    clear error with enforce_eager=False."""
+    monkeypatch.setitem(sys.modules, "torch_npu", None)  # makes `import torch_npu` fail
+    interp = get_backend("interpret")
+    npu = Backend(SimpleNamespace(type="npu"), interp.profile)
+    npu.static_decode = True
+    args = (lambda ids, meta: ids, 4, 2, BLOCK, 64)
+    with pytest.warns(UserWarning, match="torch_npu"):
+        assert make_decode_graph_runner(npu, *args, enforce_eager=None) is None
+    with pytest.raises(RuntimeError, match="torch_npu"):
+        make_decode_graph_runner(npu, *args, enforce_eager=False)
 
 
 def greedy(path: str, backend: str, enforce_eager, prompts, max_tokens: list[int], dtype: str, max_len: int, spy=None):
