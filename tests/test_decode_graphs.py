@@ -31,7 +31,7 @@ from portable_xy.models.loader import load_model_files
 pytest.importorskip("triton")
 
 BLOCK = 16
-CPU_MODEL = dict(vocab=128, hidden=64, inter=64, heads=4, kv_heads=2, head_dim=16, max_len=64)  # interpreter
+CPU_MODEL = dict(vocab=128, hidden=64, inter=64, heads=4, kv_heads=2, head_dim=16, max_len=64, layers=1)  # interpreter
 DEVICE_MODEL = dict(vocab=1024, hidden=256, inter=512, heads=8, kv_heads=2, head_dim=64, max_len=1024)
 
 
