@@ -259,12 +259,13 @@ def markdown(all_stats: list[ProfileStats], models: list[str]) -> str:
     ]
     for s in all_stats:
         lines += ["", f"## {s.profile}", "", f"![{s.profile}](img/{_img_name(s.profile)})", ""]
-        lines += ["| shape | N | K | MAC-weighted: menu | fixed | mean: menu | fixed | menu tiles used |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        head = "| shape | N | K | MAC-weighted: menu | least | fixed | mean: menu | least | fixed | menu tiles used |"
+        lines += [head, "|" + " --- |" * 10]
         for st in s.shapes:
             lines.append(
                 f"| {st.shape.name} | {st.shape.N} | {st.shape.K} | {st.menu_exec / st.useful:.4f} | "
-                f"{st.fixed_exec / st.useful:.4f} | {st.menu_ratio_sum / st.count:.3f} | "
+                f"{st.least_exec / st.useful:.4f} | {st.fixed_exec / st.useful:.4f} | "
+                f"{st.menu_ratio_sum / st.count:.3f} | {sum(st.least_curve) / st.count:.3f} | "
                 f"{st.fixed_ratio_sum / st.count:.3f} | {', '.join(sorted(st.menu_tiles))} |"
             )
     return "\n".join(lines) + "\n"
