@@ -2,8 +2,8 @@
 inputs (set-up, plans and KV gathers happen outside the timed call).
 
 GEMM ``y = x @ w^T``:
-  ``smooth_gemm``  the backend's ``linear`` op (SmoothGEMM with its planned menu tiles on the
-                   Triton backends; the torch reference op on ``cpu``)
+  ``smooth_gemm``  what the backend's ``linear`` runs: SmoothGEMM on the plan ``plan_gemm`` picks
+                   from the menu (Triton backends), the torch reference op (``cpu``)
   ``single_tile``  SmoothGEMM with every row on one fixed tile (the largest of the menu)
   ``vendor``       ``torch.matmul`` (cuBLAS on cuda) / ``F.linear`` (torch_npu on npu)
 

@@ -223,9 +223,13 @@ def _run_cli(args: argparse.Namespace) -> int:
     from .shapes import model_names
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    kernels = tuple(args.kernels.split(","))
+    if not kernels or set(kernels) - set(OURS):
+        print(f"bench kernels: --kernels takes a comma list of {list(OURS)}, got {args.kernels!r}", file=sys.stderr)
+        return 2
     report = run_kernel_bench(
         args.backend, model_names(args.model_shapes), tiny=True if args.tiny else None, dtype=dtype,
-        warmup=args.warmup, reps=args.reps, kernels=tuple(args.kernels.split(",")),
+        warmup=args.warmup, reps=args.reps, kernels=kernels,
         peaks=(args.peak_tflops, args.peak_gbps) if args.peak_tflops or args.peak_gbps else None,
         m_values=tuple(int(m) for m in args.m_values.split(",")) if args.m_values else None, case_filter=args.filter,
     )  # fmt: skip
