@@ -187,7 +187,7 @@ def plot_profile(stats: ProfileStats, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ms = range(1, stats.m_max + 1)
-    fig, ax = plt.subplots(figsize=(5, 2.8))
+    fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.plot(ms, stats.curve_at("fixed_curve"), lw=0.8, label=f"fixed {stats.fixed_tile}")
     ax.plot(ms, stats.curve_at("menu_curve"), lw=0.8, label=f"menu ({len(stats.menu)} tiles), planner")
     ax.plot(ms, stats.curve_at("least_curve"), lw=0.8, ls=":", label="menu, least padding")
@@ -200,7 +200,7 @@ def plot_profile(stats: ProfileStats, path: Path) -> None:
     ax.grid(alpha=0.3, which="both", lw=0.4)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=72)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
