@@ -10,7 +10,8 @@ Metrics per engine: wall time, output / total tokens per second, requests per se
 p99 of TTFT, time per output token (TPOT: mean gap after the first token) and request latency.
 ``ours``: all requests submitted at once (one ``generate`` call), times from the engine's request
 metrics. ``hf``: ``model.generate`` one request at a time (HF has no continuous batching), TTFT
-and TPOT from a streamer, measured from each request's own start. ``vllm`` (when installed): one
+and TPOT from a streamer, measured from each request's own start; fp32 on CPU, the engine's dtype
+on CUDA. ``vllm`` (when installed): one
 ``generate`` call; latencies where its outputs carry metrics. Ratios: ours over the others
 (throughput) and the others over ours (latencies), so > 1 means ours is better.
 
