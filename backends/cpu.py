@@ -154,18 +154,47 @@ _HAS_MKLDNN_PACKING = (
 )
 
 
+SMALL_STAGE = 16  # stages with at most this many query rows share one padded SDPA call
+
+
 @dataclass
-class _DecodePlan:
-    table: torch.Tensor  # int64 [n * num_blocks]: every sequence's first num_blocks block ids
-    mask: torch.Tensor  # bool [n, 1, 1, num_blocks * block_size]: column < seq_len
+class _BatchedPlan:
+    """The step's short causal stages (decodes, verifies, short chunks) as one padded batch,
+    built once per step and reused by every layer. ``n`` stages, ``q_pad`` query rows each,
+    ``num_blocks`` KV blocks each."""
+
+    stages: list[int]  # which stages are batched; the others run one SDPA call each
+    rows: torch.Tensor  # int64 [R]: the query rows (token indices) of the batched stages
+    slots: torch.Tensor  # int64 [R]: where each of them sits in the padded [n * q_pad] batch
+    table: torch.Tensor  # int64 [n * num_blocks]: every batched stage's first num_blocks block ids
+    mask: torch.Tensor  # bool [n, 1, q_pad, num_blocks * block_size]
+    q_pad: int
     num_blocks: int
 
     @classmethod
-    def build(cls, meta: AttnMetadata, block_size: int) -> _DecodePlan:
-        nblk = (meta.max_seq_len + block_size - 1) // block_size
-        cols = torch.arange(nblk * block_size, device=meta.seq_lens.device)
-        mask = (cols[None, :] < meta.seq_lens[:, None])[:, None, None, :]
-        return cls(meta.block_tables[:, :nblk].reshape(-1).long(), mask, nblk)
+    def build(cls, meta: AttnMetadata, block_size: int) -> _BatchedPlan:
+        trees = [-1] * meta.num_stages if meta.tree_mask_offsets is None else meta.tree_mask_offsets.tolist()
+        stages = [
+            s for s, q in enumerate(meta.query_lens_cpu) if 0 < q <= SMALL_STAGE and trees[s] < 0
+        ]  # fmt: skip
+        dev = meta.seq_lens.device
+        q_lens = [meta.query_lens_cpu[s] for s in stages]
+        kv_lens = [meta.seq_lens_cpu[s] for s in stages]
+        q_pad = max(q_lens, default=1)
+        nblk = (max(kv_lens, default=1) + block_size - 1) // block_size
+        starts = meta.query_start_loc.tolist()
+        rows = [starts[s] + i for s, q in zip(stages, q_lens) for i in range(q)]
+        slots = [j * q_pad + i for j, q in enumerate(q_lens) for i in range(q)]
+        sel = torch.tensor(stages, dtype=torch.long, device=dev)
+        # row i of a stage sees column c when c <= history + i; padded rows see column 0 only
+        hist = torch.tensor([kv - q for kv, q in zip(kv_lens, q_lens)], device=dev)
+        row = torch.arange(q_pad, device=dev)
+        limit = torch.where(row[None, :] < torch.tensor(q_lens, device=dev)[:, None], hist[:, None] + row, 0)
+        cols = torch.arange(nblk * block_size, device=dev)
+        mask = (cols[None, None, :] <= limit[:, :, None])[:, None]
+        table = meta.block_tables[sel, :nblk].reshape(-1).long()
+        as_long = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
+        return cls(stages, as_long(rows), as_long(slots), table, mask, q_pad, nblk)
 
 
 class CpuBackend(Backend):
@@ -225,13 +254,19 @@ class CpuBackend(Backend):
         v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
     def attention(self, q, k_cache, v_cache, meta, scale):
-        if meta.tree_mask_offsets is None and meta.max_query_len == 1:
-            return self._decode_attention(q, k_cache, v_cache, meta, scale)
+        plan = meta.plan
+        if not isinstance(plan, _BatchedPlan):  # built once per step, reused by every layer
+            plan = meta.plan = _BatchedPlan.build(meta, k_cache.shape[1])
+        if len(plan.stages) == meta.num_stages and plan.q_pad == 1:
+            return self._batched_attention(q, k_cache, v_cache, plan, scale)  # decode-only step
         out = torch.empty_like(q)
+        if plan.stages:
+            out[plan.rows] = self._batched_attention(q[plan.rows], k_cache, v_cache, plan, scale)
         hq, hkv = q.shape[1], k_cache.shape[2]
         starts = meta.query_start_loc.tolist()
+        batched = set(plan.stages)
         for s, (q_len, kv_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-            if q_len == 0:
+            if q_len == 0 or s in batched:
                 continue
             a = starts[s]
             qs = q[a : a + q_len].transpose(0, 1)  # [Hq, q, D]
@@ -246,20 +281,26 @@ class CpuBackend(Backend):
             out[a : a + q_len] = o.transpose(0, 1)
         return out
 
-    def _decode_attention(self, q, k_cache, v_cache, meta, scale):
-        """All stages have one query row: gather each sequence's blocks into a padded batch and
-        run one SDPA call with a length mask (K/V are read in place of the gathered copy, no
-        transposes are materialised; GQA groups are folded into the query rows)."""
-        n, hq, d = q.shape
+    def _batched_attention(self, q, k_cache, v_cache, plan: _BatchedPlan, scale):
+        """Short stages as one padded SDPA call: each stage's blocks gathered into ``[n, L]`` K/V
+        (read in place of a concatenation, no transposes materialised), queries padded to
+        ``q_pad`` rows, GQA groups folded into the query rows, visibility from the plan's mask."""
+        r, hq, d = q.shape
         bs, hkv = k_cache.shape[1], k_cache.shape[2]
-        plan = meta.plan
-        if not isinstance(plan, _DecodePlan):  # built once per step, reused by every layer
-            plan = meta.plan = _DecodePlan.build(meta, bs)
+        n, qp, g = len(plan.stages), plan.q_pad, hq // hkv
         length = plan.num_blocks * bs
         k = k_cache.index_select(0, plan.table).view(n, length, hkv, d).transpose(1, 2)
         v = v_cache.index_select(0, plan.table).view(n, length, hkv, d).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q.view(n, hkv, hq // hkv, d), k, v, attn_mask=plan.mask, scale=scale)
-        return o.reshape(n, hq, d)
+        if qp == 1:  # decode: no padding, the GQA group is the query-row axis
+            o = F.scaled_dot_product_attention(q.view(n, hkv, g, d), k, v, attn_mask=plan.mask, scale=scale)
+            return o.reshape(n, hq, d)
+        qpad = q.new_zeros(n * qp, hq, d)
+        qpad[plan.slots] = q
+        qpad = qpad.view(n, qp, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(n, hkv, g * qp, d)
+        mask = plan.mask.expand(n, g, qp, length).reshape(n, 1, g * qp, length)
+        o = F.scaled_dot_product_attention(qpad, k, v, attn_mask=mask, scale=scale)
+        o = o.view(n, hkv, g, qp, d).permute(0, 3, 1, 2, 4).reshape(n * qp, hq, d)
+        return o[plan.slots]
 
     def sample(self, logits, temperature, top_k, top_p, min_p, uniform):
         return sample_ref(logits, temperature, top_k, top_p, min_p, uniform)
