@@ -63,3 +63,42 @@ def test_default_model_greedy_matches_hf(smollm2_path, hf_smollm2):
             assert out.outputs[0].finish_reason == "stop"
             assert out.outputs[0].text == tok.decode(hf_tokens, skip_special_tokens=True)
     assert compared >= len(CHATS) * 8
+
+
+def test_greedy_identical_across_scheduling_and_speculation(smollm2_path, tiny_llama):
+    """fp32 SmolLM2 on input-grounded chats: the same greedy tokens for budgets 16 and 2048, prefix
+    caching (token-wise) on and off, and speculation off / n-gram / draft model (SmolLM2 itself:
+    nearly everything accepted; a tiny random model with SmolLM2's vocabulary: nearly nothing)."""
+    text = "The quick brown fox jumps over the lazy dog. The dog sleeps while the fox runs away."
+    chats = [
+        [{"role": "user", "content": f"Repeat this text exactly: {text}"}],
+        [{"role": "user", "content": f"Repeat this text exactly, then say done: {text}"}],
+        [{"role": "user", "content": CHATS[0]}],
+    ]
+    params = SamplingParams(temperature=0, max_tokens=NEW)
+    ref = None
+    configs = [
+        dict(max_num_batched_tokens=2048),
+        dict(max_num_batched_tokens=16, enable_prefix_caching=False),
+        dict(speculative_config={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}),
+        dict(max_num_batched_tokens=64, speculative_config={
+            "method": "draft_model", "model": str(smollm2_path), "num_speculative_tokens": 3}),
+        dict(speculative_config={"method": "draft_model", "model": tiny_llama, "num_speculative_tokens": 2}),
+    ]  # fmt: skip
+    for cfg in configs:
+        llm = LLM(dtype="float32", max_model_len=1024, **cfg)
+        outs = llm.chat(chats, params, use_tqdm=False)
+        got = [o.outputs[0].token_ids for o in outs]
+        if ref is None:
+            ref = got
+            continue
+        assert got == ref, cfg
+        if "speculative_config" in cfg:
+            acc = sum(o.metrics.num_accepted_tokens for o in outs)
+            drafts = sum(o.metrics.num_draft_tokens for o in outs)
+            assert drafts > 0
+            spec = cfg["speculative_config"]
+            if spec["method"] == "ngram":
+                assert acc > 0, cfg  # the repeat prompts: some prompt lookups hit
+            elif spec["model"] == str(smollm2_path):
+                assert acc >= 0.9 * drafts, cfg  # its own draft: greedy drafts are the target's tokens
