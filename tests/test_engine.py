@@ -40,9 +40,14 @@ def test_prefix_caching_reuses_blocks_and_keeps_outputs(tiny_llama):
             assert second.num_cached_tokens == (200 // bs) * bs  # every full block of the shared prefix
         else:
             assert second.num_cached_tokens == 0
+        stats = llm.get_metrics()
+        assert stats["prefix_cache_hit_tokens"] == second.num_cached_tokens
+        assert stats["prefix_cache_queried_tokens"] == len(prompts[0]["prompt_token_ids"]) + len(
+            prompts[1]["prompt_token_ids"]
+        )
         if caching:
             assert second.metrics.num_cached_tokens == second.num_cached_tokens
-            assert llm.engine.bm.prefix_cache_hit_rate > 0
+            assert stats["prefix_cache_hit_rate"] > 0
         results[caching, token_wise] = (first.outputs[0].token_ids, second.outputs[0].token_ids)
     assert results[True, True] == results[True, False] == results[False, False]
 

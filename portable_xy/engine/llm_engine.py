@@ -58,6 +58,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._next_seq_id = 0
         self.num_steps = 0
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
 
     # ---- requests ----------------------------------------------------------------------------
     def add_request(
@@ -174,6 +176,8 @@ class LLMEngine:
                 m.num_draft_tokens += st.num_tokens - 1
                 m.num_accepted_tokens += len(toks) - 1
                 m.num_verify_steps += 1
+                self.num_draft_tokens += st.num_tokens - 1
+                self.num_accepted_tokens += len(toks) - 1
             elif inp.num_logits:
                 plain.append(st.seq)
                 plain_rows.append(row)
