@@ -1,5 +1,5 @@
-"""``portable-xy bench``: kernel micro-benchmarks, report comparison, virtual-padding analysis and
-end-to-end serving throughput."""
+"""``portable-xy bench``: kernel micro-benchmarks, report comparison, virtual-padding analysis,
+end-to-end serving throughput and the scheduling-policy step simulator."""
 
 from __future__ import annotations
 
@@ -7,16 +7,18 @@ import argparse
 
 
 def add_bench_command(subparsers) -> argparse.ArgumentParser:
-    """Register ``bench {kernels, compare, padding, e2e}`` on the top-level subparsers."""
+    """Register ``bench {kernels, compare, padding, e2e, simulate}`` on the top-level subparsers."""
     from .compare import add_compare_command
     from .e2e import add_e2e_command
     from .kernels import add_kernels_command
     from .padding import add_padding_command
+    from .sim_report import add_simulate_command
 
-    bench = subparsers.add_parser("bench", help="benchmarks: kernels, compare, padding, e2e")
+    bench = subparsers.add_parser("bench", help="benchmarks: kernels, compare, padding, e2e, simulate")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     add_kernels_command(bsub)
     add_compare_command(bsub)
     add_padding_command(bsub)
     add_e2e_command(bsub)
+    add_simulate_command(bsub)
     return bench

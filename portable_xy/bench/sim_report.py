@@ -1,0 +1,335 @@
+"""``portable-xy bench simulate``: goodput of the token-wise, prefill-first and decode-first
+scheduling policies on roofline device models (:mod:`.roofline`), from traces replayed through the
+real scheduler (:mod:`.simulate`).
+
+For every profile x model x workload, a saturation run (all requests at t = 0, token-wise policy)
+gives the capacity; the request rates swept are fractions of it (or ``--rates``). Writes
+``simulator.json``, ``simulator.md`` and ``img/sim_{goodput,tbt_cdf}_<profile>.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..engine.scheduler import POLICIES
+from .roofline import BW_EFF, FLOPS_EFF, STEP_OVERHEAD_S, device_spec
+from .shapes import LENGTH_MIXES, MODELS, model_names
+from .sim_metrics import Slo, summarize, tbt_gaps
+from .simulate import SimConfig, simulate
+from .trace import Request, load_trace, rescale, synthetic_trace
+
+DEFAULT_PROFILES = ("cuda/sm90", "ascend/910b")
+LOAD_FRACTIONS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # swept rates, as fractions of the capacity
+CDF_POINTS = 101  # TBT quantiles kept for the CDF plot (0%, 1%, ..., 100%)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    profiles: list[str]
+    models: list[str]
+    workloads: list[str]  # LENGTH_MIXES names, or the trace file's stem with ``trace``
+    policies: list[str]
+    num_requests: int = 300
+    seed: int = 0
+    rates: list[float] | None = None  # None: LOAD_FRACTIONS of the capacity
+    slo: Slo = Slo(ttft=2.0, tbt=0.1)
+    budget: int = 2048
+    max_num_seqs: int = 256
+    kv_cache_gib: float = 40.0
+    step_overhead: float = STEP_OVERHEAD_S
+    flops_eff: float = FLOPS_EFF
+    bw_eff: float = BW_EFF
+    trace: str | None = None
+
+
+def _requests(spec: SweepSpec, workload: str, rate: float) -> list[Request]:
+    if spec.trace:
+        return rescale(load_trace(spec.trace), rate)
+    return synthetic_trace(workload, rate, spec.num_requests, spec.seed)
+
+
+def _kv_layout(profile: str) -> tuple[int, int]:
+    """(KV block size, chunk alignment) of the shipped profile ``vendor/arch``."""
+    from ..backends.tuner import shipped_profile
+
+    vendor, _, arch = profile.partition("/")
+    prof = shipped_profile(vendor, arch or None)
+    return prof.kv_block_size, prof.chunk_align
+
+
+def _sig2(x: float) -> float:
+    """``x`` rounded to two significant digits (readable rate labels)."""
+    return float(f"{x:.2g}")
+
+
+def sweep(spec: SweepSpec) -> dict:
+    """Every run of ``spec``: report rows, capacities, and the TBT quantiles at the middle rate."""
+    rows, capacity, cdfs = [], [], []
+    for profile in spec.profiles:
+        dev = device_spec(profile, spec.flops_eff, spec.bw_eff, spec.step_overhead)
+        block_size, chunk_align = _kv_layout(profile)
+        for model in spec.models:
+            base = SimConfig(
+                model, dev, "tokenwise", spec.budget, spec.max_num_seqs, spec.kv_cache_gib, block_size, chunk_align
+            )
+            for workload in spec.workloads:
+                burst = [Request(0.0, r.prompt_len, r.output_len) for r in _requests(spec, workload, 1.0)]
+                cap = len(burst) / simulate(burst, base).end_time
+                capacity.append({"profile": profile, "model": model, "workload": workload, "capacity_rps": cap})
+                rates = spec.rates or [_sig2(f * cap) for f in LOAD_FRACTIONS]
+                mid = rates[(len(rates) - 1) // 2]
+                for rate in rates:
+                    reqs = _requests(spec, workload, rate)
+                    for policy in spec.policies:
+                        res = simulate(reqs, replace(base, policy=policy))
+                        rows.append({"profile": profile, "workload": workload, **summarize(res, rate, spec.slo)})
+                        if rate == mid:
+                            q = np.quantile(tbt_gaps(res), np.linspace(0, 1, CDF_POINTS)) * 1e3
+                            key = {k: rows[-1][k] for k in ("profile", "model", "workload", "policy", "rate")}
+                            cdfs.append({**key, "tbt_quantiles_ms": [round(float(v), 3) for v in q]})
+    return {"spec": {**asdict(spec), "slo": asdict(spec.slo)}, "capacity": capacity, "rows": rows, "tbt_cdf": cdfs}
+
+
+def _img(kind: str, profile: str) -> str:
+    return f"sim_{kind}_{profile.replace('/', '_')}.png"
+
+
+def _grid(spec: SweepSpec):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nr, nc = len(spec.models), len(spec.workloads)
+    fig, axes = plt.subplots(nr, nc, figsize=(3.4 * nc, 2.5 * nr), squeeze=False)
+    return plt, fig, axes
+
+
+def plot_goodput(report: dict, spec: SweepSpec, profile: str, path: Path) -> None:
+    """Goodput vs offered rate, one panel per model x workload, one line per policy."""
+    plt, fig, axes = _grid(spec)
+    for i, model in enumerate(spec.models):
+        for j, workload in enumerate(spec.workloads):
+            ax = axes[i][j]
+            for policy in spec.policies:
+                key = (profile, model, workload, policy)
+                pts = [(r["rate"], r["goodput_rps"]) for r in report["rows"] if _key(r) == key]
+                ax.plot(*zip(*pts), marker="o", ms=3, lw=1, label=policy)
+            ax.set_title(f"{model}, {workload}", fontsize=8)
+            ax.set_xlabel("offered rate (req/s)", fontsize=7)
+            ax.set_ylabel("goodput (req/s)", fontsize=7)
+            ax.tick_params(labelsize=6)
+            ax.grid(alpha=0.3, lw=0.4)
+    axes[0][0].legend(fontsize=6)
+    slo = f"TTFT <= {spec.slo.ttft:g} s, every TBT <= {spec.slo.tbt * 1e3:g} ms"
+    fig.suptitle(f"{profile}: goodput ({slo})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_tbt_cdf(report: dict, spec: SweepSpec, profile: str, path: Path) -> None:
+    """CDF of every inter-token gap at the middle swept rate, one panel per model x workload."""
+    plt, fig, axes = _grid(spec)
+    frac = np.linspace(0, 1, CDF_POINTS)
+    for i, model in enumerate(spec.models):
+        for j, workload in enumerate(spec.workloads):
+            ax = axes[i][j]
+            rate = None
+            for c in report["tbt_cdf"]:
+                if (c["profile"], c["model"], c["workload"]) == (profile, model, workload):
+                    ax.plot(c["tbt_quantiles_ms"], frac, lw=1, label=c["policy"])
+                    rate = c["rate"]
+            ax.axvline(spec.slo.tbt * 1e3, color="grey", ls=":", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_title(f"{model}, {workload} @ {rate:g} req/s", fontsize=8)
+            ax.set_xlabel("TBT (ms)", fontsize=7)
+            ax.set_ylabel("fraction of gaps", fontsize=7)
+            ax.tick_params(labelsize=6)
+            ax.grid(alpha=0.3, lw=0.4, which="both")
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(f"{profile}: TBT CDF (dotted: the TBT target)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _key(row: dict) -> tuple[str, str, str, str]:
+    return row["profile"], row["model"], row["workload"], row["policy"]
+
+
+def _peak(rows: list[dict]) -> dict:
+    return max(rows, key=lambda r: (r["goodput_rps"], -r["rate"]))
+
+
+def markdown(report: dict, spec: SweepSpec, command: str) -> str:
+    """The report: assumptions, the headline peak goodput per policy, per-profile plots and rows."""
+    slo, rows = spec.slo, report["rows"]
+    lines = [
+        "# Step simulator: token-wise vs prefill-first vs decode-first scheduling",
+        "",
+        f"Generated by `{command}` (CPU only, a few minutes).",
+        "",
+        "Request traces are replayed through the real `Scheduler` / `BlockManager` "
+        "(`portable_xy/bench/simulate.py`); each step's token table is timed by a roofline model "
+        "(`portable_xy/bench/roofline.py`): the whole model on one device (TP = 1, fp16), every linear op "
+        "and the step's one attention kernel take max(FLOPs / (peak FLOP/s x "
+        f"{spec.flops_eff:g}), bytes / (peak bandwidth x {spec.bw_eff:g})), weights read once per step, "
+        f"attention FLOPs over the causal area and K/V read per stage, LM head for sampled rows, plus "
+        f"{spec.step_overhead * 1e3:g} ms of host overhead per step. Peaks: the profile's "
+        "`device.peak_tflops.fp16` / `device.peak_gbps`; KV block size and chunk alignment: the profile's. "
+        f"Budget B = {spec.budget} tokens, at most {spec.max_num_seqs} sequences, "
+        f"{spec.kv_cache_gib:g} GiB of KV cache (running out preempts and recomputes), no prefix caching, "
+        "no speculation.",
+        "",
+        f"Workloads: {_workload_text(spec)}. Rates: {_rates_text(spec)}.",
+        "",
+        f"**Goodput** = requests that meet the SLO (TTFT <= {slo.ttft:g} s **and every** inter-token gap <= "
+        f"{slo.tbt * 1e3:g} ms) / simulated makespan. *Attainment* = the fraction of requests meeting it. "
+        "Latencies are simulated milliseconds.",
+        "",
+        "## Headline: peak goodput over the swept rates (req/s), and the highest rate with >= 90% attainment",
+        "",
+        "| profile | model | workload | capacity (req/s) | " + " | ".join(spec.policies) + " |",
+        "| --- | --- | --- | --- |" + " --- |" * len(spec.policies),
+    ]
+    for cap in report["capacity"]:
+        key = (cap["profile"], cap["model"], cap["workload"])
+        cells = []
+        for policy in spec.policies:
+            sel = [r for r in rows if _key(r) == (*key, policy)]
+            ok = [r["rate"] for r in sel if r["slo_attainment"] >= 0.9]
+            cells.append(f"{_peak(sel)['goodput_rps']:.2f} (90%: {max(ok) if ok else '-'})")
+        lines.append(f"| {' | '.join(key)} | {cap['capacity_rps']:.2f} | " + " | ".join(cells) + " |")
+    cols = ("rate", "policy", "throughput_rps", "ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms", "tbt_p99_ms",
+            "tbt_max_ms", "preemptions", "slo_attainment", "goodput_rps")  # fmt: skip
+    for profile in spec.profiles:
+        lines += ["", f"## {profile}", "", f"![goodput]({'img/' + _img('goodput', profile)})",
+                  f"![TBT CDF]({'img/' + _img('tbt_cdf', profile)})"]  # fmt: skip
+        for cap in [c for c in report["capacity"] if c["profile"] == profile]:
+            lines += ["", f"### {cap['model']}, {cap['workload']}", "", "| " + " | ".join(cols) + " |",
+                      "|" + " --- |" * len(cols)]  # fmt: skip
+            for r in rows:
+                if (r["profile"], r["model"], r["workload"]) == (profile, cap["model"], cap["workload"]):
+                    lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _rates_text(spec: SweepSpec) -> str:
+    if spec.rates:
+        return f"{', '.join(f'{r:g}' for r in spec.rates)} req/s (`--rates`)"
+    return (
+        f"{', '.join(f'{f:g}' for f in LOAD_FRACTIONS)} x the capacity (requests/s of a run with every request "
+        "at t = 0 under the token-wise policy), rounded to 2 digits"
+    )
+
+
+def _workload_text(spec: SweepSpec) -> str:
+    if spec.trace:
+        return f"the JSONL trace `{spec.trace}`, its arrival times rescaled to each rate"
+    parts = [
+        f"*{w}* (Poisson arrivals; lognormal prompt median {LENGTH_MIXES[w]['prompt'][0]} sigma "
+        f"{LENGTH_MIXES[w]['prompt'][1]}, output median {LENGTH_MIXES[w]['output'][0]} sigma "
+        f"{LENGTH_MIXES[w]['output'][1]}; output clipped to 1024 and prompt + output to 4096 tokens)"
+        for w in spec.workloads
+    ]
+    return "; ".join(parts) + f"; a separate trace of {spec.num_requests} requests (seed {spec.seed}) per rate"
+
+
+def write_report(spec: SweepSpec, out_dir: str, command: str) -> list[Path]:
+    """Run the sweep and write ``simulator.json``, ``simulator.md`` and the PNGs under ``out_dir``."""
+    out = Path(out_dir)
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    report = sweep(spec)
+    written = [out / "simulator.json", out / "simulator.md"]
+    written[0].write_text(json.dumps(report, indent=1) + "\n")
+    written[1].write_text(markdown(report, spec, command))
+    for profile in spec.profiles:
+        for kind, plot in (("goodput", plot_goodput), ("tbt_cdf", plot_tbt_cdf)):
+            path = out / "img" / _img(kind, profile)
+            plot(report, spec, profile, path)
+            written.append(path)
+    return written
+
+
+def _floats(text: str) -> list[float]:
+    vals = [float(x) for x in text.split(",") if x.strip()]
+    if not vals or any(v <= 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive numbers, got {text!r}")
+    return vals
+
+
+def _names(text: str, known) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown {bad or text!r}; choose from {list(known)}")
+    return names
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The full invocation, every option spelled out (for the report)."""
+    argv = ["portable-xy", "bench", "simulate"]
+    for p in args.profile or DEFAULT_PROFILES:
+        argv += ["--profile", p]
+    argv += ["--models", args.models, "--policies", ",".join(args.policies)]
+    argv += ["--trace", args.trace] if args.trace else ["--workloads", ",".join(args.workloads)]
+    if args.rates:
+        argv += ["--rates", ",".join(f"{r:g}" for r in args.rates)]
+    for opt in ("num_requests", "seed", "ttft_target_s", "tbt_target_ms", "budget", "max_num_seqs", "kv_cache_gib",
+                "step_overhead_ms", "flops_eff", "bw_eff", "out"):  # fmt: skip
+        argv += ["--" + opt.replace("_", "-"), f"{getattr(args, opt):g}" if opt != "out" else args.out]
+    return shlex.join(argv)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    spec = SweepSpec(
+        profiles=list(args.profile or DEFAULT_PROFILES),
+        models=model_names(args.models),
+        workloads=[Path(args.trace).stem] if args.trace else args.workloads,
+        policies=args.policies,
+        num_requests=args.num_requests,
+        seed=args.seed,
+        rates=args.rates,
+        slo=Slo(args.ttft_target_s, args.tbt_target_ms * 1e-3),
+        budget=args.budget,
+        max_num_seqs=args.max_num_seqs,
+        kv_cache_gib=args.kv_cache_gib,
+        step_overhead=args.step_overhead_ms * 1e-3,
+        flops_eff=args.flops_eff,
+        bw_eff=args.bw_eff,
+        trace=args.trace,
+    )
+    for path in write_report(spec, args.out, _command(args)):
+        print(f"wrote {path}")
+    return 0
+
+
+def add_simulate_command(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("simulate", help="roofline step simulator: goodput of scheduling policies (no device)")
+    p.add_argument("--profile", action="append", help=f"vendor/arch, repeatable (default: {list(DEFAULT_PROFILES)})")
+    p.add_argument("--models", default="llama2-7b,qwen2-7b", help=f"'all' or a comma list of {list(MODELS)}")
+    p.add_argument("--workloads", type=lambda s: _names(s, LENGTH_MIXES), default=list(LENGTH_MIXES),
+                   help=f"comma list of synthetic mixes {list(LENGTH_MIXES)}")  # fmt: skip
+    p.add_argument("--policies", type=lambda s: _names(s, POLICIES), default=list(POLICIES), help="comma list")
+    p.add_argument("--trace", help="JSONL trace (arrival, prompt_len, output_len) instead of --workloads")
+    p.add_argument("--rates", type=_floats, help="request rates (req/s); default: fractions of the capacity")
+    p.add_argument("--num-requests", type=int, default=300, help="requests per synthetic trace")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ttft-target-s", type=float, default=2.0)
+    p.add_argument("--tbt-target-ms", type=float, default=100.0)
+    p.add_argument("--budget", type=int, default=2048, help="token budget per step (max_num_batched_tokens)")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--kv-cache-gib", type=float, default=40.0, help="KV-cache memory per device")
+    p.add_argument("--step-overhead-ms", type=float, default=STEP_OVERHEAD_S * 1e3, help="host cost per step")
+    p.add_argument("--flops-eff", type=float, default=FLOPS_EFF, help="achieved fraction of peak FLOP/s")
+    p.add_argument("--bw-eff", type=float, default=BW_EFF, help="achieved fraction of peak bandwidth")
+    p.add_argument("--out", required=True, help="output directory (simulator.json / .md, img/*.png)")
+    p.set_defaults(func=_run_cli)
+    return p
