@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from portable_xy.bench.roofline import DeviceSpec, StageShape, device_spec, step_time
-from portable_xy.bench.sim_metrics import Slo, summarize
+from portable_xy.bench.sim_metrics import Slo, completion_rate, summarize
 from portable_xy.bench.simulate import SimConfig, SimResult, simulate
 from portable_xy.bench.trace import Request, load_trace, mean_rate, rescale, synthetic_trace
 from portable_xy.cli import main
@@ -125,6 +125,15 @@ def test_metrics_and_goodput_on_a_hand_made_timeline():
     assert row["slo_attainment"] == 0.5 and row["goodput_rps"] == 0.5 and row["throughput_rps"] == 1.0
     assert row["output_tps"] == pytest.approx(9 / 4)
     assert summarize(res, 1.0, Slo(ttft=3.0, tbt=0.3))["goodput_rps"] == 1.0
+
+
+def test_completion_rate_drops_ramp_up_and_tail():
+    reqs = [Request(0.0, 10, 1)] * 20
+    ends = [5.0] + [10.0 + 2 * i for i in range(18)] + [100.0]  # counted: 3rd (12 s) to 18th (42 s)
+    res = SimResult(SimConfig("qwen2-7b", device_spec("cuda/sm90")), reqs, [[e] for e in ends], end_time=100.0)
+    assert completion_rate(res) == pytest.approx(15 / 30)
+    res.token_times = [[1.0]] * 20
+    assert completion_rate(res) == pytest.approx(20 / 100)
 
 
 def test_tokenwise_bounds_tbt_under_long_prompts():

@@ -38,6 +38,16 @@ def max_tbts(res: SimResult) -> np.ndarray:
     return np.array([float(np.max(np.diff(t))) if len(t) > 1 else 0.0 for t in res.token_times])
 
 
+def completion_rate(res: SimResult) -> float:
+    """Requests/s completed between the 10th and the 90th percentile completion (the steady state of
+    a run that starts with a backlog, without its ramp-up and its tail)."""
+    ends = sorted(t[-1] for t in res.token_times if t)
+    lo, hi = len(ends) // 10, len(ends) - 1 - len(ends) // 10
+    if hi <= lo or ends[hi] <= ends[lo]:
+        return len(ends) / res.end_time
+    return (hi - lo) / (ends[hi] - ends[lo])
+
+
 def summarize(res: SimResult, rate: float, slo: Slo) -> dict:
     """One row of the report: throughput, TTFT / TBT percentiles (ms), SLO attainment and goodput
     (``rate``: the offered request rate, recorded as is)."""

@@ -3,8 +3,9 @@ scheduling policies on roofline device models (:mod:`.roofline`), from traces re
 real scheduler (:mod:`.simulate`).
 
 For every profile x model x workload, a saturation run (all requests at t = 0, token-wise policy)
-gives the capacity; the request rates swept are fractions of it (or ``--rates``). Writes
-``simulator.json``, ``simulator.md`` and ``img/sim_{goodput,tbt_cdf}_<profile>.png`` under ``--out``.
+gives the capacity (its steady completion rate, :func:`.sim_metrics.completion_rate`); the request
+rates swept are fractions of it (or ``--rates``). Writes ``simulator.json``, ``simulator.md`` and
+``img/sim_{goodput,tbt_cdf}_<profile>.png`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from ..engine.scheduler import POLICIES
 from .roofline import BW_EFF, FLOPS_EFF, STEP_OVERHEAD_S, device_spec
 from .shapes import LENGTH_MIXES, MODELS, model_names
-from .sim_metrics import Slo, summarize, tbt_gaps
+from .sim_metrics import Slo, completion_rate, summarize, tbt_gaps
 from .simulate import SimConfig, simulate
 from .trace import Request, load_trace, rescale, synthetic_trace
 
@@ -80,7 +81,7 @@ def sweep(spec: SweepSpec) -> dict:
             )
             for workload in spec.workloads:
                 burst = [Request(0.0, r.prompt_len, r.output_len) for r in _requests(spec, workload, 1.0)]
-                cap = len(burst) / simulate(burst, base).end_time
+                cap = completion_rate(simulate(burst, base))
                 capacity.append({"profile": profile, "model": model, "workload": workload, "capacity_rps": cap})
                 rates = spec.rates or [_sig2(f * cap) for f in LOAD_FRACTIONS]
                 mid = rates[(len(rates) - 1) // 2]
@@ -207,7 +208,11 @@ def markdown(report: dict, spec: SweepSpec, command: str) -> str:
             ok = [r["rate"] for r in sel if r["slo_attainment"] >= 0.9]
             cells.append(f"{_peak(sel)['goodput_rps']:.2f} (90%: {max(ok) if ok else '-'})")
         lines.append(f"| {' | '.join(key)} | {cap['capacity_rps']:.2f} | " + " | ".join(cells) + " |")
-    cols = ("rate", "policy", "throughput_rps", "ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms", "tbt_p99_ms",
+    stuck = [r for r in rows if r["livelock"]]
+    if stuck:
+        runs = ", ".join(f"{r['profile']} {r['model']} {r['workload']} {r['policy']} @ {r['rate']:g}" for r in stuck)
+        lines += ["", f"**Livelocked runs** (stopped; unfinished requests count as missing the SLO): {runs}."]
+    cols = ("rate", "policy", "completed", "throughput_rps", "ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms", "tbt_p99_ms",
             "tbt_max_ms", "preemptions", "slo_attainment", "goodput_rps")  # fmt: skip
     for profile in spec.profiles:
         lines += ["", f"## {profile}", "", f"![goodput]({'img/' + _img('goodput', profile)})",
@@ -217,7 +222,7 @@ def markdown(report: dict, spec: SweepSpec, command: str) -> str:
                       "|" + " --- |" * len(cols)]  # fmt: skip
             for r in rows:
                 if (r["profile"], r["model"], r["workload"]) == (profile, cap["model"], cap["workload"]):
-                    lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+                    lines.append("| " + " | ".join("-" if r[c] is None else str(r[c]) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -225,8 +230,9 @@ def _rates_text(spec: SweepSpec) -> str:
     if spec.rates:
         return f"{', '.join(f'{r:g}' for r in spec.rates)} req/s (`--rates`)"
     return (
-        f"{', '.join(f'{f:g}' for f in LOAD_FRACTIONS)} x the capacity (requests/s of a run with every request "
-        "at t = 0 under the token-wise policy), rounded to 2 digits"
+        f"{', '.join(f'{f:g}' for f in LOAD_FRACTIONS)} x the capacity, rounded to 2 digits. Capacity: a run "
+        "with every request at t = 0 under the token-wise policy, requests/s completed between its 10th and "
+        "90th percentile completion (without the ramp-up and the tail)"
     )
 
 
