@@ -41,7 +41,7 @@ def run(llm: LLM, args, chat_prompts: list[list[int]], long_prompts: list[list[i
     step = 0
     t_start = time.perf_counter()
     while eng.has_unfinished_requests() or len(long_reqs) < len(long_prompts):
-        if step % args.every == 0 and step // args.every < len(long_prompts) and step > 0:
+        if step > 0 and step % args.every == 0 and len(long_reqs) < len(long_prompts):
             rid = f"L{step}"
             eng.add_request(rid, None, long_prompts[len(long_reqs)], short)
             long_reqs.append(eng.requests[rid])
@@ -61,7 +61,7 @@ def run(llm: LLM, args, chat_prompts: list[list[int]], long_prompts: list[list[i
         "p50": statistics.median(gaps),
         "decode_done": max(ts[-1] for ts in stamps.values()) - t_start,
         "total": total,
-        "long_ttft": statistics.mean(ttft),
+        "long_ttft": statistics.mean(ttft) if ttft else 0.0,
         "outputs": [s.output_token_ids for s in tracked],
     }
 
