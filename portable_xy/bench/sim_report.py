@@ -29,6 +29,32 @@ DEFAULT_PROFILES = ("cuda/sm90", "ascend/910b")
 LOAD_FRACTIONS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # swept rates, as fractions of the capacity
 CDF_POINTS = 101  # TBT quantiles kept for the CDF plot (0%, 1%, ..., 100%)
 
+NOTES = """## Reading the results
+
+* **tokenwise** (XY-Serve §4.1): every running decode takes its token first, prefill chunks fill the
+  rest of the budget, so no step leaves a decoding request out and a step's time is bounded by one
+  full-budget step. **prefill_first**: a step with any prefill work is prefill-only, so decoding
+  requests stall for as many steps as the queued prompts need. **decode_first**: prefill runs only
+  in a step where nothing decodes, so a new batch is admitted only once the previous one has fully
+  drained: arrivals queue behind whole batches and TTFT grows with the trace (its TBT is the best
+  of the three because its steps are decode-only).
+* A **livelock** is the scheduler cycling through the same states without emitting a token after
+  the last arrival: under prefill-first with the KV cache full, a long prompt's next chunk preempts
+  the newest running sequence (or itself), which must then be recomputed -- more prefill work --
+  while the older decoding sequences that hold most blocks never get a step to finish and free
+  them. The replay stops there; the requests it never finished count as missing the SLO.
+* The capacity is that of the token-wise policy; rates past it overload the system, and TTFT then
+  grows with the length of the trace (finite traces of the size above).
+
+## Limitations
+
+Roofline only: constant efficiency factors (no small-M inefficiency or tile padding, see
+[padding.md](padding.md)), no elementwise ops, no launch gaps inside a forward, one constant host
+overhead per step; TP = 1 and no communication; the 910B peaks are approximate (see the profile);
+the same KV-cache size on every device; no prefix caching and no speculative decoding in the traces;
+synthetic lengths with one seed.
+"""
+
 
 @dataclass(frozen=True)
 class SweepSpec:
@@ -137,6 +163,8 @@ def plot_goodput(report: dict, spec: SweepSpec, profile: str, path: Path) -> Non
 
 def plot_tbt_cdf(report: dict, spec: SweepSpec, profile: str, path: Path) -> None:
     """CDF of every inter-token gap at the middle swept rate, one panel per model x workload."""
+    from matplotlib.ticker import NullFormatter
+
     plt, fig, axes = _grid(spec)
     frac = np.linspace(0, 1, CDF_POINTS)
     for i, model in enumerate(spec.models):
@@ -149,10 +177,11 @@ def plot_tbt_cdf(report: dict, spec: SweepSpec, profile: str, path: Path) -> Non
                     rate = c["rate"]
             ax.axvline(spec.slo.tbt * 1e3, color="grey", ls=":", lw=0.8)
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_title(f"{model}, {workload} @ {rate:g} req/s", fontsize=8)
             ax.set_xlabel("TBT (ms)", fontsize=7)
             ax.set_ylabel("fraction of gaps", fontsize=7)
-            ax.tick_params(labelsize=6)
+            ax.tick_params(labelsize=6, which="both")
             ax.grid(alpha=0.3, lw=0.4, which="both")
     axes[0][0].legend(fontsize=6)
     fig.suptitle(f"{profile}: TBT CDF (dotted: the TBT target)", fontsize=9)
@@ -191,9 +220,10 @@ def markdown(report: dict, spec: SweepSpec, command: str) -> str:
         "",
         f"Workloads: {_workload_text(spec)}. Rates: {_rates_text(spec)}.",
         "",
-        f"**Goodput** = requests that meet the SLO (TTFT <= {slo.ttft:g} s **and every** inter-token gap <= "
-        f"{slo.tbt * 1e3:g} ms) / simulated makespan. *Attainment* = the fraction of requests meeting it. "
-        "Latencies are simulated milliseconds.",
+        f"**Goodput** = offered rate x *attainment*, the fraction of requests that meet the SLO: TTFT <= "
+        f"{slo.ttft:g} s **and every** inter-token gap <= {slo.tbt * 1e3:g} ms. *Throughput* = completed requests "
+        "/ simulated makespan (which includes draining the last requests, so it reads below the offered rate on "
+        "a finite trace). Latencies are simulated milliseconds.",
         "",
         "## Headline: peak goodput over the swept rates (req/s), and the highest rate with >= 90% attainment",
         "",
@@ -212,6 +242,7 @@ def markdown(report: dict, spec: SweepSpec, command: str) -> str:
     if stuck:
         runs = ", ".join(f"{r['profile']} {r['model']} {r['workload']} {r['policy']} @ {r['rate']:g}" for r in stuck)
         lines += ["", f"**Livelocked runs** (stopped; unfinished requests count as missing the SLO): {runs}."]
+    lines += ["", NOTES.rstrip()]
     cols = ("rate", "policy", "completed", "throughput_rps", "ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms", "tbt_p99_ms",
             "tbt_max_ms", "preemptions", "slo_attainment", "goodput_rps")  # fmt: skip
     for profile in spec.profiles:
