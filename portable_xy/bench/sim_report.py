@@ -43,8 +43,10 @@ NOTES = """## Reading the results
   the newest running sequence (or itself), which must then be recomputed -- more prefill work --
   while the older decoding sequences that hold most blocks never get a step to finish and free
   them. The replay stops there; the requests it never finished count as missing the SLO.
-* The capacity is that of the token-wise policy; rates past it overload the system, and TTFT then
-  grows with the length of the trace (finite traces of the size above).
+* The capacity is an estimate (token-wise policy, from a burst). Past the true capacity the queue
+  grows for as long as requests keep arriving, so on these finite traces the attainment just past
+  it is optimistic (the last requests are the ones that miss TTFT, and there are few of them):
+  compare the policies at the same rate; every policy sees the same trace at a given rate.
 
 ## Limitations
 
