@@ -12,7 +12,9 @@ Policies (``SchedulerConfig.policy``):
   first (at most ``decode_reserve`` tokens; default all they need), prefill chunks from any number
   of prompts take the rest, then leftover room goes to decode/verify stages that did not fit the
   reserve. A prefill-only step happens only when nothing decodes or verifies, so nothing starves.
-* ``prefill_first`` (vLLM v0 / nano-vllm style): a step with any prefill work is prefill-only.
+* ``prefill_first`` (vLLM v0 / nano-vllm style): a step with any prefill work that fits the free KV
+  blocks is prefill-only; prefills never preempt (else, with the cache full, prefill chunks could
+  preempt each other forever while the decodes holding the blocks never run).
 * ``decode_first``: prefill runs only in steps where nothing decodes or verifies.
 
 A prompt longer than the room left is chunked; a cut chunk is snapped down to ``chunk_align``
@@ -194,6 +196,8 @@ class Scheduler:
             if seq.status != SeqStatus.RUNNING or seq.seq_id in scheduled:
                 continue
             n = self._chunk(seq.num_uncomputed_tokens, room)
+            if self.config.policy == "prefill_first" and not self.bm.can_allocate(seq, n):
+                continue  # prefill-first prefills never preempt: that could starve the decodes forever
             if not self._allocate(seq, n, scheduled):
                 continue
             batch.stages.append(Stage(seq, "P", seq.num_computed_tokens, n))
