@@ -70,6 +70,8 @@ def _triton_mode() -> str | None:
 
 
 def _load_kernels(interpret: bool) -> SimpleNamespace:
+    if interpret and "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"  # before the checks below import triton
     mode = _imported_kernel_mode()
     if interpret:
         if mode == "compiled" or _triton_mode() == "compiled":

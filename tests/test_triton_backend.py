@@ -175,6 +175,22 @@ def test_interpret_after_compiled_import_is_a_clear_error():
         assert "ERR" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
 
 
+def test_interpret_after_the_cli_parser_is_built():
+    """``portable-xy generate --backend interpret``: the CLI imports kernel-package modules that do not
+    import triton (aot, tuner) before the backend is made; the interpreter must still be chosen."""
+    code = (
+        "from portable_xy.cli import build_parser\n"
+        "build_parser()\n"
+        "from portable_xy.backends import get_backend\n"
+        "be = get_backend('interpret')\n"
+        "import triton.language.standard as std\n"
+        "print('MODE', type(std.sum).__name__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "MODE InterpretedFunction" in out.stdout, out.stdout + out.stderr
+
+
 def test_profile_arch_mapping():
     assert tb.ascend_profile_arch("Ascend910B3") == "910b"
     assert tb.ascend_profile_arch("Ascend910B1") == "910b"
