@@ -39,10 +39,10 @@ NOTES = """## Reading the results
   drained: arrivals queue behind whole batches and TTFT grows with the trace (its TBT is the best
   of the three because its steps are decode-only).
 * A **livelock** is the scheduler cycling through the same states without emitting a token after
-  the last arrival: under prefill-first with the KV cache full, a long prompt's next chunk preempts
-  the newest running sequence (or itself), which must then be recomputed -- more prefill work --
-  while the older decoding sequences that hold most blocks never get a step to finish and free
-  them. The replay stops there; the requests it never finished count as missing the SLO.
+  the last arrival; the replay stops there and the requests it never finished count as missing the
+  SLO. This simulator found one in the scheduler (prefill-first prefills preempting each other with
+  the KV cache full while the decodes holding the blocks never ran); prefill-first prefills no
+  longer preempt, and no run here livelocks.
 * The capacity is an estimate (token-wise policy, from a burst). Past the true capacity the queue
   grows for as long as requests keep arriving, so on these finite traces the attainment just past
   it is optimistic (the last requests are the ones that miss TTFT, and there are few of them):
