@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import platform
-import statistics
 import subprocess
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from ..backends.tuner import make_timer as tuner_timer
 
 _PEAK_KEY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -70,34 +70,6 @@ def environment(backend: str, device: torch.device, profile) -> dict[str, Any]:
 
 def make_timer(device: torch.device, warmup: int, reps: int) -> tuple[Callable[[Callable[[], Any]], float], str]:
     """``(timer, method)``: ``timer(fn)`` is the median seconds of ``reps`` calls after ``warmup``;
-    device events on cuda / npu, ``time.perf_counter`` on CPU."""
-    if device.type in ("cuda", "npu"):
-        mod = torch.cuda if device.type == "cuda" else torch.npu
-
-        def device_timer(fn: Callable[[], Any]) -> float:
-            for _ in range(warmup):
-                fn()
-            mod.synchronize()
-            times = []
-            for _ in range(reps):
-                a, b = mod.Event(enable_timing=True), mod.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) * 1e-3)
-            return statistics.median(times)
-
-        return device_timer, f"{device.type}_event"
-
-    def cpu_timer(fn: Callable[[], Any]) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    return cpu_timer, "perf_counter"
+    device events on cuda / npu, ``time.perf_counter`` on CPU (the offline tuner's timer)."""
+    timer = tuner_timer(device.type, False, warmup, reps)
+    return timer, (f"{device.type}_event" if device.type in ("cuda", "npu") else "perf_counter")
