@@ -101,13 +101,15 @@ class BlockManager:
                 best, best_n = bid, n
         return hits, (None if best is None else (best, best_n))
 
-    def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+    def record_lookup(self, num_tokens: int, num_hit_tokens: int, num_copied_tokens: int = 0) -> None:
+        """Count an admitted prompt's lookup (of its hits, ``num_copied_tokens`` by copy-on-write)."""
         self.num_queried_tokens += num_tokens
         self.num_hit_tokens += num_hit_tokens
+        self.num_copied_tokens += num_copied_tokens
 
-    def take_cached(self, seq: Sequence, block_ids: list[int], partial: tuple[int, int] | None = None) -> None:
+    def take_cached(self, seq: Sequence, block_ids: list[int], partial: tuple[int, int] | None = None) -> int:
         """Give a new sequence the prefix found by :meth:`lookup_prefix`: shared full blocks, then
-        (if a block is free for it) a copy of the partly matched block."""
+        (if a block is free for it) a copy of the partly matched block. Returns the tokens copied."""
         assert not seq.block_table and seq.num_computed_tokens == 0
         for bid in block_ids:
             block = self.blocks[bid]
@@ -124,7 +126,8 @@ class BlockManager:
             self._set_contents(self.blocks[dst], parent, self.blocks[src].token_ids[:n])
             seq.block_table.append(dst)
             seq.num_computed_tokens += n
-            self.num_copied_tokens += n
+            return n
+        return 0
 
     # ---- allocation --------------------------------------------------------------------------
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:

@@ -209,13 +209,13 @@ class Scheduler:
                 break
             seq = self.waiting[0]
             hits, partial = self.bm.lookup_prefix(seq)
-            self.bm.take_cached(seq, hits, partial)
+            copied = self.bm.take_cached(seq, hits, partial)
             n = self._chunk(seq.num_uncomputed_tokens, room)
             if not self.bm.can_allocate(seq, n):
                 self.bm.free_seq(seq)  # give the cached blocks back; retry next step
                 break
             self.waiting.pop(0)
-            self.bm.record_lookup(seq.num_tokens, seq.num_computed_tokens)
+            self.bm.record_lookup(seq.num_tokens, seq.num_computed_tokens, copied)
             self.bm.allocate(seq, n)
             seq.status = SeqStatus.RUNNING
             seq.metrics.num_cached_tokens = max(seq.metrics.num_cached_tokens, seq.num_computed_tokens)
