@@ -39,6 +39,9 @@ class AttnMetadata:
     seq_lens_cpu: list[int]
     tree_mask_offsets: torch.Tensor | None = None  # int32 [S]; -1 = causal
     tree_masks: torch.Tensor | None = None  # int8 flat, row-major q_len x q_len per tree stage
+    # Per stage, the id of its sequence (unique within an engine): lets a backend carry
+    # per-sequence state from step to step (the cpu backend's decode K/V copies). Optional.
+    seq_ids: list[int] | None = None
     # Backend-private plans built once per step (e.g. a Meta-Attention task table).
     plan: object | None = None
 
@@ -100,7 +103,8 @@ class Backend:
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Neox-style rotary embedding. ``q [T, Hq, D]``, ``k [T, Hkv, D]``, ``positions [T]``,
-        ``cos_sin [max_pos, D]`` = ``cat(cos[:, :D/2], sin[:, :D/2])`` in fp32. Returns new q, k."""
+        ``cos_sin [max_pos, D]`` = ``cat(cos[:, :D/2], sin[:, :D/2])`` in fp32. Returns the rotated q,
+        k; a backend may rotate in place and return its inputs."""
         raise NotImplementedError
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:

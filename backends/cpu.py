@@ -70,6 +70,22 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
     return cache[block_table[:nblk].long()].flatten(0, 1)[:length]
 
 
+def _adjacent(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """``[T, Hq + Hkv, D]`` view over ``q`` and ``k`` when ``k`` directly follows ``q`` in each
+    row (both sliced from one QKV projection), else None."""
+    t, hq, d = q.shape
+    row = q.stride(0)
+    if (
+        k.dtype != q.dtype
+        or q.stride()[1:] != (d, 1)
+        or k.stride()[1:] != (d, 1)
+        or (t > 1 and k.stride(0) != row)  # a single row's stride is arbitrary
+        or k.data_ptr() != q.data_ptr() + hq * d * q.element_size()
+    ):
+        return None
+    return q.as_strided((t, hq + k.shape[1], d), (row, d, 1))
+
+
 def stage_mask(q_len: int, kv_len: int, tree: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """Boolean ``[q_len, kv_len]`` visibility: all history columns, then causal (or ``tree``)
     over the stage's own new columns."""
@@ -170,6 +186,11 @@ class _BatchedPlan:
     mask: torch.Tensor  # bool [n, 1, q_pad, num_blocks * block_size]
     q_pad: int
     num_blocks: int
+    # decode batches (q_pad == 1) with known sequence ids: what _KVCopy needs to append a token
+    ids: list[int] | None = None
+    kv_lens: list[int] | None = None
+    new_slots: torch.Tensor | None = None  # int64 [n]: cache slot of each stage's new token
+    last: torch.Tensor | None = None  # int64 [n]: its position (kv_len - 1)
 
     @classmethod
     def build(cls, meta: AttnMetadata, block_size: int) -> _BatchedPlan:
@@ -194,7 +215,32 @@ class _BatchedPlan:
         mask = (cols[None, None, :] <= limit[:, :, None])[:, None]
         table = meta.block_tables[sel, :nblk].reshape(-1).long()
         as_long = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
-        return cls(stages, as_long(rows), as_long(slots), table, mask, q_pad, nblk)
+        plan = cls(stages, as_long(rows), as_long(slots), table, mask, q_pad, nblk)
+        if q_pad == 1 and stages and meta.seq_ids is not None:
+            plan.ids = [meta.seq_ids[s] for s in stages]
+            plan.kv_lens = kv_lens
+            plan.new_slots = meta.slot_mapping[plan.rows]
+            plan.last = as_long([kv - 1 for kv in kv_lens])
+        return plan
+
+
+KV_COPY_BUDGET = 32 << 20  # bytes of K+V copies kept per layer; larger decode batches gather each step
+KV_COPY_SLACK = 64  # tokens of headroom per sequence, so a copy is re-gathered every ~64 steps
+
+
+@dataclass
+class _KVCopy:
+    """One layer's K/V history of a decode batch, contiguous per sequence (``[n, cap, Hkv, D]``,
+    zeros past each sequence's end), carried from step to step. A step whose decode stages are the
+    same sequences in the same order, each exactly one token longer, appends that token instead of
+    gathering every block again. Positions below a sequence's length never change in the paged
+    cache, so the copy stays exact; anything else (a sequence joins or leaves, a verify step
+    rewinds) fails the check and the copy is rebuilt from the cache."""
+
+    ids: list[int]
+    lens: list[int]
+    k: torch.Tensor
+    v: torch.Tensor
 
 
 class CpuBackend(Backend):
@@ -207,6 +253,7 @@ class CpuBackend(Backend):
         self._rope_key: tuple | None = None
         self._slots_key: torch.Tensor | None = None
         self._slots_all_valid = True
+        self._kv_copies: dict[int, _KVCopy] = {}  # by the layer's k_cache data_ptr
 
     def prepare_weight(self, weight):
         # bf16 GEMMs run through oneDNN; packing the weight into its blocked layout once
@@ -230,17 +277,25 @@ class CpuBackend(Backend):
         return out, (None if residual is None else src)
 
     def rope(self, q, k, positions, cos_sin):
-        # cos/sin rows are gathered once per step (every layer passes the same positions)
+        # cos/sin rows are gathered once per step (every layer passes the same positions), laid
+        # out so that one multiply-add rotates both halves: x * [cos, cos] + [x2, x1] * [-sin, sin]
         if self._rope_key is None or self._rope_key[0] is not positions or self._rope_key[1] is not cos_sin:
             half = cos_sin.shape[-1] // 2
             cs = cos_sin[positions]
-            self._rope_key = (positions, cos_sin, cs[:, None, :half], cs[:, None, half:])
+            cos, sin = cs[:, :half], cs[:, half:]
+            both = (torch.cat((cos, cos), -1)[:, None], torch.cat((-sin, sin), -1)[:, None])
+            self._rope_key = (positions, cos_sin, *both)
         cos, sin = self._rope_key[2], self._rope_key[3]
-        hq = q.shape[1]
-        x = torch.cat((q, k), dim=1).float()
-        x1, x2 = x.chunk(2, dim=-1)
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(q.dtype)
-        return out[:, :hq], out[:, hq:]
+        t, hq, d = q.shape
+        qk = _adjacent(q, k)  # q and k sliced from one QKV GEMM output: rotate them in place
+        x = (torch.cat((q, k), dim=1) if qk is None else qk).float()
+        out = x * cos
+        out += x.view(t, -1, 2, d // 2).flip(2).view(x.shape) * sin
+        if qk is None:
+            out = out.to(q.dtype)
+            return out[:, :hq], out[:, hq:]
+        qk.copy_(out)
+        return q, k
 
     def silu_and_mul(self, x):
         return silu_and_mul_ref(x)
@@ -291,11 +346,13 @@ class CpuBackend(Backend):
         bs, hkv = k_cache.shape[1], k_cache.shape[2]
         n, qp, g = len(plan.stages), plan.q_pad, hq // hkv
         length = plan.num_blocks * bs
-        k = k_cache.index_select(0, plan.table).view(n, length, hkv, d).transpose(1, 2)
-        v = v_cache.index_select(0, plan.table).view(n, length, hkv, d).transpose(1, 2)
         if qp == 1:  # decode: no padding, the GQA group is the query-row axis
+            k, v = self._decode_history(k_cache, v_cache, plan, length)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
             o = F.scaled_dot_product_attention(q.view(n, hkv, g, d), k, v, attn_mask=plan.mask, scale=scale)
             return o.reshape(n, hq, d)
+        k = k_cache.index_select(0, plan.table).view(n, length, hkv, d).transpose(1, 2)
+        v = v_cache.index_select(0, plan.table).view(n, length, hkv, d).transpose(1, 2)
         qpad = q.new_zeros(n * qp, hq, d)
         qpad[plan.slots] = q
         qpad = qpad.view(n, qp, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(n, hkv, g * qp, d)
@@ -303,6 +360,35 @@ class CpuBackend(Backend):
         o = F.scaled_dot_product_attention(qpad, k, v, attn_mask=mask, scale=scale)
         o = o.view(n, hkv, g, qp, d).permute(0, 3, 1, 2, 4).reshape(n * qp, hq, d)
         return o[plan.slots]
+
+    def _decode_history(self, k_cache, v_cache, plan: _BatchedPlan, length: int):
+        """``[n, length, Hkv, D]`` K and V of a decode batch: this layer's :class:`_KVCopy` plus
+        the step's new token where the copy is still valid, otherwise gathered from the blocks."""
+        n, hkv, d = len(plan.stages), k_cache.shape[2], k_cache.shape[3]
+        key = k_cache.data_ptr()
+        copy = self._kv_copies.get(key)
+        if (
+            copy is not None
+            and copy.ids == plan.ids
+            and length <= copy.k.shape[1]
+            and all(a + 1 == b for a, b in zip(copy.lens, plan.kv_lens))
+        ):
+            idx = (torch.arange(n, device=plan.last.device), plan.last)
+            copy.k.index_put_(idx, k_cache.view(-1, hkv, d).index_select(0, plan.new_slots))
+            copy.v.index_put_(idx, v_cache.view(-1, hkv, d).index_select(0, plan.new_slots))
+            copy.lens = plan.kv_lens
+            return copy.k[:, :length], copy.v[:, :length]
+        k = k_cache.index_select(0, plan.table).view(n, length, hkv, d)
+        v = v_cache.index_select(0, plan.table).view(n, length, hkv, d)
+        bs = k_cache.shape[1]
+        cap = -(-(length + KV_COPY_SLACK) // bs) * bs
+        if plan.ids is None or 2 * n * cap * hkv * d * k.element_size() > KV_COPY_BUDGET:
+            self._kv_copies.pop(key, None)
+            return k, v
+        ck, cv = k.new_zeros(n, cap, hkv, d), v.new_zeros(n, cap, hkv, d)
+        ck[:, :length], cv[:, :length] = k, v
+        self._kv_copies[key] = _KVCopy(plan.ids, plan.kv_lens, ck, cv)
+        return k, v
 
     def sample(self, logits, temperature, top_k, top_p, min_p, uniform):
         return sample_ref(logits, temperature, top_k, top_p, min_p, uniform)

@@ -111,3 +111,101 @@ def test_rms_norm_fast_path_matches_reference(x_dtype, res_dtype, rows):
     out, none = be.rms_norm(x, w, 1e-5)
     assert none is None
     torch.testing.assert_close(out.float(), rms_norm_ref(x, w, 1e-5)[0].float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_rope_matches_reference_in_place_and_not(dtype, rows):
+    """q and k sliced from one QKV output are rotated in place; separate tensors are not touched.
+    Both give the reference's values bit for bit, and V's columns are left alone."""
+    from portable_xy.backends.cpu import rope_ref
+
+    be = get_backend("cpu")
+    hq, hkv, d = 6, 2, 16
+    cos_sin = torch.randn(64, d)
+    pos = torch.randint(0, 64, (rows,))
+    qkv = torch.randn(rows, (hq + 2 * hkv) * d).to(dtype)
+    before = qkv.clone()
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k = q.reshape(rows, hq, d), k.reshape(rows, hkv, d)
+    ref_q, ref_k = rope_ref(q.clone(), k.clone(), pos, cos_sin)
+    out_q, out_k = be.rope(q, k, pos, cos_sin)
+    assert torch.equal(out_q, ref_q) and torch.equal(out_k, ref_k)
+    assert out_q.data_ptr() == qkv.data_ptr()  # rotated in place
+    assert torch.equal(v, before[:, (hq + hkv) * d :])
+    q2, k2 = before[:, : hq * d].reshape(rows, hq, d).clone(), torch.randn(rows, hkv, d).to(dtype)
+    keep_q, keep_k = q2.clone(), k2.clone()
+    out_q, out_k = be.rope(q2, k2, pos, cos_sin)
+    ref_q, ref_k = rope_ref(keep_q, keep_k, pos, cos_sin)
+    assert torch.equal(out_q, ref_q) and torch.equal(out_k, ref_k)
+    assert torch.equal(q2, keep_q) and torch.equal(k2, keep_k)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_decode_kv_copies_follow_the_cache_across_steps(dtype, tol):
+    """Decode steps over a paged cache with the sequences' ids: the backend keeps contiguous K/V
+    copies and appends each step's token. Every step matches the reference, through growth past
+    the copies' headroom, a sequence leaving, one joining, tokens written in between, a rewind."""
+    from portable_xy.backends import cpu
+
+    be = get_backend("cpu")
+    g = torch.Generator().manual_seed(2)
+    bs, hkv, hq, d, nblocks = 16, 2, 6, 32, 96
+    # slots not yet written hold large garbage: a stale or misplaced read changes the output
+    k_cache = (1e3 * torch.randn(nblocks, bs, hkv, d, generator=g)).to(dtype)
+    v_cache = (1e3 * torch.randn(nblocks, bs, hkv, d, generator=g)).to(dtype)
+    free = torch.randperm(nblocks, generator=g).tolist()
+    seqs: dict[int, dict] = {}
+
+    def add(sid: int, length: int) -> None:
+        seqs[sid] = {"len": 0, "table": []}
+        for _ in range(length):
+            append_token(sid)
+
+    def append_token(sid: int) -> int:
+        s = seqs[sid]
+        if s["len"] % bs == 0:
+            s["table"].append(free.pop())
+        slot = s["table"][-1] * bs + s["len"] % bs
+        k_cache.view(-1, hkv, d)[slot] = torch.randn(hkv, d, generator=g).to(dtype)
+        v_cache.view(-1, hkv, d)[slot] = torch.randn(hkv, d, generator=g).to(dtype)
+        s["len"] += 1
+        return slot
+
+    def step(ids: list[int]) -> None:
+        slots = [append_token(i) for i in ids]
+        lens = [seqs[i]["len"] for i in ids]
+        width = max(len(seqs[i]["table"]) for i in ids)
+        meta = AttnMetadata(
+            query_start_loc=torch.arange(len(ids) + 1, dtype=torch.int32),
+            seq_lens=torch.tensor(lens, dtype=torch.int32),
+            block_tables=torch.tensor([seqs[i]["table"] + [0] * (width - len(seqs[i]["table"])) for i in ids]),
+            slot_mapping=torch.tensor(slots),
+            positions=torch.tensor([n - 1 for n in lens]),
+            query_lens_cpu=[1] * len(ids),
+            seq_lens_cpu=lens,
+            seq_ids=list(ids),
+        )
+        q = torch.randn(len(ids), hq, d, generator=g).to(dtype)
+        out = be.attention(q, k_cache, v_cache, meta, 0.125)
+        ref = attention_ref(q, k_cache, v_cache, meta, 0.125)
+        torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+    for sid, n in enumerate([1, 20, 47]):
+        add(sid, n)
+    step([0, 1, 2])
+    copy = be._kv_copies[k_cache.data_ptr()]
+    for _ in range(cpu.KV_COPY_SLACK + 20):  # past the headroom: re-gathered once
+        step([0, 1, 2])
+    assert be._kv_copies[k_cache.data_ptr()] is not copy
+    copy = be._kv_copies[k_cache.data_ptr()]
+    step([0, 1, 2])
+    assert be._kv_copies[k_cache.data_ptr()] is copy  # appended in place
+    step([0, 2])  # sequence 1 leaves
+    add(3, 5)
+    step([0, 2, 3])  # sequence 3 joins
+    append_token(0), append_token(3)  # tokens written by another kind of step (a verify, a chunk)
+    step([0, 2, 3])
+    seqs[0]["len"] -= 3  # a rewind: sequence 0's last tokens are rewritten
+    step([0, 2, 3])
+    step([0, 2, 3])

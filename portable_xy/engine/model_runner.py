@@ -83,6 +83,7 @@ class ModelRunner:
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
             query_lens_cpu=[len(inp.token_ids) for inp in inputs],
             seq_lens_cpu=seq_lens,
+            seq_ids=[inp.seq.seq_id for inp in inputs],
         )
         row_idx = torch.tensor(rows, dtype=torch.long, device=dev)
         return torch.tensor(ids, dtype=torch.long, device=dev), meta, row_idx
