@@ -2,15 +2,19 @@
 measured side by side in one run (ratios, not absolute numbers, are the result).
 
     python benchmarks/throughput_vs_hf.py [--model PATH] [--batch 32] [--new-tokens 128]
-        [--dtypes float32 bfloat16] [--skip-hf]
+        [--dtypes float32 bfloat16] [--rounds 3] [--skip-hf]
 
 Each configuration generates exactly ``--new-tokens`` tokens per request (greedy, EOS ignored):
 a single request, then ``--batch`` requests at once. HF runs fp32 ``generate`` (left-padded batch).
+All engines are loaded first, then run in ``--rounds`` interleaved rounds (each round runs every
+engine once), so that a slow spell on a shared machine hits all of them; the ratio reported is the
+median over rounds of the ratio measured within a round.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -65,21 +69,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
-    results: dict[str, dict[str, float]] = {}
+    runners: dict[str, object] = {}
     tokenizer = None
     for dtype in args.dtypes:
         llm = LLM(model=args.model, backend="cpu", dtype=dtype, enable_prefix_caching=False)
         tokenizer = llm.get_tokenizer()
-        prompts = make_prompts(tokenizer, args.batch)
-        run_ours(llm, prompts[:2], 4)  # warm-up
-        results[f"portable_xy {dtype}"] = {
-            "single": run_ours(llm, prompts[:1], args.new_tokens),
-            "batch": run_ours(llm, prompts, args.new_tokens),
-        }
-        del llm
+        run_ours(llm, make_prompts(tokenizer, 2), 4)  # warm-up
+        runners[f"portable_xy {dtype}"] = lambda ps, llm=llm: run_ours(llm, ps, args.new_tokens)
+    prompts = make_prompts(tokenizer, args.batch)
+    hf_name = "HF transformers float32"
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM
 
@@ -88,22 +90,29 @@ def main() -> None:
         hf = AutoModelForCausalLM.from_pretrained(
             str(path.parent if path.is_file() else path), dtype=torch.float32, **kw
         )
-        prompts = make_prompts(tokenizer, args.batch)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         run_hf(hf, prompts[:1], 4, pad)  # warm-up
-        results["HF transformers float32"] = {
-            "single": run_hf(hf, prompts[:1], args.new_tokens, pad),
-            "batch": run_hf(hf, prompts, args.new_tokens, pad),
-        }
-    print(f"\n{'engine':<28}{'1 request tok/s':>18}{f'{args.batch} requests tok/s':>22}")
-    for name, r in results.items():
-        print(f"{name:<28}{r['single']:>18.1f}{r['batch']:>22.1f}")
-    hf_r = results.get("HF transformers float32")
-    if hf_r:
-        print("\nratios vs HF transformers (same run):")
-        for name, r in results.items():
-            if name.startswith("portable_xy"):
-                print(f"  {name}: single {r['single'] / hf_r['single']:.2f}x, batch {r['batch'] / hf_r['batch']:.2f}x")
+        runners[hf_name] = lambda ps: run_hf(hf, ps, args.new_tokens, pad)
+    rounds: list[dict[str, dict[str, float]]] = []
+    for r in range(args.rounds):
+        rounds.append({name: {"single": run(prompts[:1]), "batch": run(prompts)} for name, run in runners.items()})
+        got = ", ".join(f"{n} {v['single']:.1f} / {v['batch']:.1f}" for n, v in rounds[-1].items())
+        print(f"round {r + 1} (tok/s, single / batch): {got}")
+    print(f"\n{'engine (median of rounds)':<28}{'1 request tok/s':>18}{f'{args.batch} requests tok/s':>22}")
+    for name in runners:
+        single = statistics.median(x[name]["single"] for x in rounds)
+        batch = statistics.median(x[name]["batch"] for x in rounds)
+        print(f"{name:<28}{single:>18.1f}{batch:>22.1f}")
+    if hf_name in runners:
+        print("\nratios vs HF transformers (median over rounds of the ratio within a round; min-max):")
+        for name in runners:
+            if name == hf_name:
+                continue
+            parts = []
+            for kind in ("single", "batch"):
+                ratios = [x[name][kind] / x[hf_name][kind] for x in rounds]
+                parts.append(f"{kind} {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+            print(f"  {name}: " + ", ".join(parts))
 
 
 if __name__ == "__main__":
