@@ -225,6 +225,7 @@ class _BatchedPlan:
 
 
 KV_COPY_BUDGET = 32 << 20  # bytes of K+V copies kept per layer; larger decode batches gather each step
+KV_COPY_MIN = 256 << 10  # below this many bytes of K per layer, gathering costs less than appending
 KV_COPY_SLACK = 64  # tokens of headroom per sequence, so a copy is re-gathered every ~64 steps
 
 
@@ -382,7 +383,8 @@ class CpuBackend(Backend):
         v = v_cache.index_select(0, plan.table).view(n, length, hkv, d)
         bs = k_cache.shape[1]
         cap = -(-(length + KV_COPY_SLACK) // bs) * bs
-        if plan.ids is None or 2 * n * cap * hkv * d * k.element_size() > KV_COPY_BUDGET:
+        size = n * hkv * d * k.element_size()
+        if plan.ids is None or size * length < KV_COPY_MIN or 2 * size * cap > KV_COPY_BUDGET:
             self._kv_copies.pop(key, None)
             return k, v
         ck, cv = k.new_zeros(n, cap, hkv, d), v.new_zeros(n, cap, hkv, d)

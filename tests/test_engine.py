@@ -97,3 +97,20 @@ def test_chat_applies_template(tiny_llm):
     assert out.prompt_token_ids == tok(text, add_special_tokens=False)["input_ids"]
     two = tiny_llm.chat([conv, conv], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
     assert len(two) == 2 and two[0].outputs[0].token_ids == out.outputs[0].token_ids
+
+
+def test_decode_kv_copies_keep_outputs(tiny_llama, monkeypatch):
+    """The cpu backend's decode K/V copies (forced on at these tiny sizes) give the same greedy
+    tokens as gathering the blocks every step, while requests of different lengths finish and
+    the batch shrinks step by step."""
+    from portable_xy.backends import cpu
+
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(6, [1, 3, 17, 60, 127, 5], seed=5)]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (90, 3, 40, 17, 70, 1)]
+    results = []
+    for threshold in (0, 1 << 62):
+        monkeypatch.setattr(cpu, "KV_COPY_MIN", threshold)
+        llm = LLM(tiny_llama, backend="cpu", dtype="float32", max_model_len=512)
+        results.append(_ids(llm.generate(prompts, params, use_tqdm=False)))
+        assert bool(llm.engine.runner.backend._kv_copies) == (threshold == 0)
+    assert results[0] == results[1]
