@@ -163,6 +163,18 @@ def sample_ref(
     return out
 
 
+def argmax_rows(x: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """``x.argmax(-1)`` for ``[N, V]`` rows, the same index (first of ties, NaN counts as largest)
+    in about a tenth of the time: torch's CPU argmax is not vectorised, amax is. The row maximum is
+    found per ``chunk`` columns, then only the first chunk holding it is searched."""
+    n, v = x.shape
+    if v % chunk or v < 4 * chunk:
+        return x.argmax(-1)
+    best = x.view(n, v // chunk, chunk).amax(-1).argmax(-1)  # [N]: first chunk holding the maximum
+    cols = best[:, None] * chunk + torch.arange(chunk, device=x.device)
+    return best * chunk + x.gather(1, cols).argmax(-1)
+
+
 _HAS_MKLDNN_PACKING = (
     torch.backends.mkldnn.is_available()
     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -393,4 +405,6 @@ class CpuBackend(Backend):
         return k, v
 
     def sample(self, logits, temperature, top_k, top_p, min_p, uniform):
+        if bool((temperature <= 0).all()):
+            return argmax_rows(logits)
         return sample_ref(logits, temperature, top_k, top_p, min_p, uniform)

@@ -210,3 +210,25 @@ def test_decode_kv_copies_follow_the_cache_across_steps(dtype, tol, monkeypatch)
     seqs[0]["len"] -= 3  # a rewind: sequence 0's last tokens are rewritten
     step([0, 2, 3])
     step([0, 2, 3])
+
+
+@pytest.mark.parametrize("vocab", [1, 3, 300, 4096, 49152])
+def test_greedy_sample_is_argmax_with_ties_and_nan(vocab):
+    """The backend's greedy sampling (a chunked argmax) returns torch's argmax: the first of tied
+    maxima, wherever they fall (same chunk, different chunks), and the first NaN."""
+    be = get_backend("cpu")
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(9, vocab, generator=g)
+    big = x.max() + 1
+    picks = torch.randint(0, vocab, (9, 2), generator=g)
+    x[0, picks[0]] = big  # a tie anywhere
+    x[1, -1] = x[1, 0] = big  # first and last column
+    x[2, :] = 0.0  # every column tied
+    x[3, picks[3, 0]] = float("nan")
+    x[4, picks[4]] = float("nan")
+    x[5, picks[5, 0]] = float("-inf")
+    if vocab > 200:
+        x[6, 127], x[6, 128] = big, big  # either side of a chunk edge
+    greedy = torch.zeros(9)
+    out = be.sample(x, greedy, torch.full((9,), -1), torch.ones(9), torch.zeros(9), torch.rand(9, generator=g))
+    assert torch.equal(out, x.argmax(-1))
