@@ -203,6 +203,7 @@ class _BatchedPlan:
     kv_lens: list[int] | None = None
     new_slots: torch.Tensor | None = None  # int64 [n]: cache slot of each stage's new token
     last: torch.Tensor | None = None  # int64 [n]: its position (kv_len - 1)
+    batch_rows: torch.Tensor | None = None  # int64 [n]: arange(n)
 
     @classmethod
     def build(cls, meta: AttnMetadata, block_size: int) -> _BatchedPlan:
@@ -233,6 +234,7 @@ class _BatchedPlan:
             plan.kv_lens = kv_lens
             plan.new_slots = meta.slot_mapping[plan.rows]
             plan.last = as_long([kv - 1 for kv in kv_lens])
+            plan.batch_rows = torch.arange(len(stages), device=dev)
         return plan
 
 
@@ -386,7 +388,7 @@ class CpuBackend(Backend):
             and length <= copy.k.shape[1]
             and all(a + 1 == b for a, b in zip(copy.lens, plan.kv_lens))
         ):
-            idx = (torch.arange(n, device=plan.last.device), plan.last)
+            idx = (plan.batch_rows, plan.last)
             copy.k.index_put_(idx, k_cache.view(-1, hkv, d).index_select(0, plan.new_slots))
             copy.v.index_put_(idx, v_cache.view(-1, hkv, d).index_select(0, plan.new_slots))
             copy.lens = plan.kv_lens
