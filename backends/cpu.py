@@ -245,8 +245,8 @@ KV_COPY_SLACK = 64  # tokens of headroom per sequence, so a copy is re-gathered 
 
 @dataclass
 class _KVCopy:
-    """One layer's K/V history of a decode batch, contiguous per sequence (``[n, cap, Hkv, D]``,
-    zeros past each sequence's end), carried from step to step. A step whose decode stages are the
+    """One layer's K/V history of a decode batch, contiguous per sequence (``[n, cap, Hkv, D]``;
+    past a sequence's end: finite filler, masked), carried from step to step. A step whose decode stages are the
     same sequences in the same order, each exactly one token longer, appends that token instead of
     gathering every block again. Positions below a sequence's length never change in the paged
     cache, so the copy stays exact; anything else (a sequence joins or leaves, a verify step
