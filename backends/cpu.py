@@ -237,6 +237,10 @@ class _BatchedPlan:
             plan.batch_rows = torch.arange(len(stages), device=dev)
         return plan
 
+    def gather(self, cache: torch.Tensor, length: int) -> torch.Tensor:
+        """``[n, length, Hkv, D]``: every batched stage's first ``num_blocks`` blocks of ``cache``."""
+        return cache.index_select(0, self.table).view(len(self.stages), length, *cache.shape[2:])
+
 
 KV_COPY_BUDGET = 32 << 20  # bytes of K+V copies kept per layer; larger decode batches gather each step
 KV_COPY_MIN = 256 << 10  # below this many bytes of K per layer, gathering costs less than appending
@@ -366,8 +370,7 @@ class CpuBackend(Backend):
             k, v = k.transpose(1, 2), v.transpose(1, 2)
             o = F.scaled_dot_product_attention(q.view(n, hkv, g, d), k, v, attn_mask=plan.mask, scale=scale)
             return o.reshape(n, hq, d)
-        k = k_cache.index_select(0, plan.table).view(n, length, hkv, d).transpose(1, 2)
-        v = v_cache.index_select(0, plan.table).view(n, length, hkv, d).transpose(1, 2)
+        k, v = plan.gather(k_cache, length).transpose(1, 2), plan.gather(v_cache, length).transpose(1, 2)
         qpad = q.new_zeros(n * qp, hq, d)
         qpad[plan.slots] = q
         qpad = qpad.view(n, qp, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(n, hkv, g * qp, d)
@@ -393,8 +396,7 @@ class CpuBackend(Backend):
             copy.v.index_put_(idx, v_cache.view(-1, hkv, d).index_select(0, plan.new_slots))
             copy.lens = plan.kv_lens
             return copy.k[:, :length], copy.v[:, :length]
-        k = k_cache.index_select(0, plan.table).view(n, length, hkv, d)
-        v = v_cache.index_select(0, plan.table).view(n, length, hkv, d)
+        k, v = plan.gather(k_cache, length), plan.gather(v_cache, length)
         bs = k_cache.shape[1]
         cap = -(-(length + KV_COPY_SLACK) // bs) * bs
         size = n * hkv * d * k.element_size()

@@ -96,8 +96,13 @@ def shapes_from_model(path: str) -> list[tuple[int, int]]:
     nh = int(cfg["num_attention_heads"])
     nkv = int(cfg.get("num_key_value_heads", nh))
     hd = int(cfg.get("head_dim") or h // nh)
-    inter = int(cfg["intermediate_size"])
-    return [((nh + 2 * nkv) * hd, h), (h, nh * hd), (2 * inter, h), (h, inter)]
+    return layer_shapes(h, nh, nkv, hd, int(cfg["intermediate_size"]))
+
+
+def layer_shapes(hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int) -> list[tuple[int, int]]:
+    """``(N, K)`` of one Llama-family layer's fused GEMMs: QKV, O, gate-up, down."""
+    qkv = (heads + 2 * kv_heads) * head_dim
+    return [(qkv, hidden), (hidden, heads * head_dim), (2 * intermediate, hidden), (hidden, intermediate)]
 
 
 def candidate_tiles(backend: str, profile: Profile, arch: str | None) -> list[dict]:

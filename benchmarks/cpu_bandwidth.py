@@ -25,15 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from portable_xy.backends import get_backend
-from portable_xy.models.config import ModelConfig
+from portable_xy.backends.tuner import layer_shapes
 from portable_xy.models.loader import load_model_files, resolve_model_path
-
-
-def layer_shapes(c: ModelConfig) -> list[tuple[int, int]]:
-    """``(N, K)`` of one decoder layer's fused GEMMs."""
-    h, d = c.hidden_size, c.head_dim
-    return [((c.num_heads + 2 * c.num_kv_heads) * d, h), (h, c.num_heads * d), (2 * c.intermediate_size, h),
-            (h, c.intermediate_size)]  # fmt: skip
 
 
 def main() -> None:
@@ -42,14 +35,14 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
-    cfg = load_model_files(resolve_model_path(args.model))[0]  # the shapes; weights are random
-    shapes = layer_shapes(cfg) * cfg.num_layers
+    c = load_model_files(resolve_model_path(args.model))[0]  # the shapes; weights are random
+    shapes = layer_shapes(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size) * c.num_layers
     be = get_backend("cpu")
     bf16 = [torch.randn(n, k).to(torch.bfloat16) for n, k in shapes]
     packed = [be.prepare_weight(w) for w in bf16]
     nbytes = sum(w.numel() for w in bf16) * 2
     flat = torch.ones(nbytes // 4)
-    print(f"{cfg.num_layers} layers, {len(shapes)} GEMMs, {nbytes / 2**20:.0f} MiB of bf16 weights, "
+    print(f"{c.num_layers} layers, {len(shapes)} GEMMs, {nbytes / 2**20:.0f} MiB of bf16 weights, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     for m in args.rows:
         report(m, be, bf16, packed, nbytes, flat, args.rounds)
