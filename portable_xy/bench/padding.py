@@ -14,6 +14,7 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .roofline import load_shipped
 from .shapes import MODELS, TP, GemmShape, gemm_shapes, model_names
 
 DEFAULT_PROFILES = ("cuda/sm90", "cuda/sm80", "ascend/910b")
@@ -104,14 +105,6 @@ class ProfileStats:
     def menu_kernels(self) -> int:
         """Distinct tile configurations the menu plans use over all shapes and M."""
         return len(set().union(*(s.menu_tiles for s in self.shapes)))
-
-
-def load_shipped(name: str):
-    """The repository's profile ``vendor/arch`` (e.g. ``cuda/sm90``), ignoring tuned files."""
-    from ..backends.tuner import shipped_profile
-
-    vendor, _, arch = name.partition("/")
-    return shipped_profile(vendor, arch or None)
 
 
 def fixed_tile(profile):

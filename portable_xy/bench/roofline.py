@@ -53,14 +53,19 @@ class DeviceSpec:
         return max(flops / (self.peak_flops * self.flops_eff), nbytes / (self.peak_bw * self.bw_eff))
 
 
+def load_shipped(name: str):
+    """The repository's profile ``vendor/arch`` (e.g. ``cuda/sm90``), ignoring tuned files."""
+    from ..backends.tuner import shipped_profile
+
+    vendor, _, arch = name.partition("/")
+    return shipped_profile(vendor, arch or None)
+
+
 def device_spec(
     profile: str, flops_eff: float = FLOPS_EFF, bw_eff: float = BW_EFF, step_overhead: float = STEP_OVERHEAD_S
 ) -> DeviceSpec:
     """The fp16 peak and HBM bandwidth of the shipped profile ``vendor/arch`` (e.g. ``cuda/sm90``)."""
-    from ..backends.tuner import shipped_profile
-
-    vendor, _, arch = profile.partition("/")
-    dev = shipped_profile(vendor, arch or None).data.get("device") or {}
+    dev = load_shipped(profile).data.get("device") or {}
     tflops, gbps = (dev.get("peak_tflops") or {}).get("fp16"), dev.get("peak_gbps")
     if not tflops or not gbps:
         raise ValueError(f"profile {profile!r} has no device.peak_tflops.fp16 / device.peak_gbps")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.scheduler import POLICIES
-from .roofline import BW_EFF, FLOPS_EFF, STEP_OVERHEAD_S, device_spec
+from .roofline import BW_EFF, FLOPS_EFF, STEP_OVERHEAD_S, device_spec, load_shipped
 from .shapes import LENGTH_MIXES, MODELS, model_names
 from .sim_metrics import Slo, completion_rate, summarize, tbt_gaps
 from .simulate import SimConfig, simulate
@@ -85,10 +85,7 @@ def _requests(spec: SweepSpec, workload: str, rate: float) -> list[Request]:
 
 def _kv_layout(profile: str) -> tuple[int, int]:
     """(KV block size, chunk alignment) of the shipped profile ``vendor/arch``."""
-    from ..backends.tuner import shipped_profile
-
-    vendor, _, arch = profile.partition("/")
-    prof = shipped_profile(vendor, arch or None)
+    prof = load_shipped(profile)
     return prof.kv_block_size, prof.chunk_align
 
 
