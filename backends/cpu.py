@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import cpu_native
 from .base import AttnMetadata, Backend
 
 
@@ -204,6 +205,8 @@ class _BatchedPlan:
     new_slots: torch.Tensor | None = None  # int64 [n]: cache slot of each stage's new token
     last: torch.Tensor | None = None  # int64 [n]: its position (kv_len - 1)
     batch_rows: torch.Tensor | None = None  # int64 [n]: arange(n)
+    # int64 [4, n]: block-table row, first query row, query length, KV length (the C attention's view)
+    native: torch.Tensor | None = None
 
     @classmethod
     def build(cls, meta: AttnMetadata, block_size: int) -> _BatchedPlan:
@@ -229,6 +232,7 @@ class _BatchedPlan:
         table = meta.block_tables[sel, :nblk].reshape(-1).long()
         as_long = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
         plan = cls(stages, as_long(rows), as_long(slots), table, mask, q_pad, nblk)
+        plan.native = as_long([stages, [starts[s] for s in stages], q_lens, kv_lens])
         if q_pad == 1 and stages and meta.seq_ids is not None:
             plan.ids = [meta.seq_ids[s] for s in stages]
             plan.kv_lens = kv_lens
@@ -270,9 +274,11 @@ class CpuBackend(Backend):
     def __init__(self, device: torch.device, profile) -> None:
         super().__init__(device, profile)
         self._rope_key: tuple | None = None
+        self._rope_ok_key: tuple | None = None
         self._slots_key: torch.Tensor | None = None
         self._slots_all_valid = True
         self._kv_copies: dict[int, _KVCopy] = {}  # by the layer's k_cache data_ptr
+        self._native = cpu_native.load()  # fused bf16 elementwise ops in C, None without a compiler
 
     def prepare_weight(self, weight):
         # bf16 GEMMs run through oneDNN; packing the weight into its blocked layout once
@@ -288,6 +294,17 @@ class CpuBackend(Backend):
         return F.linear(x, weight, bias)
 
     def rms_norm(self, x, weight, eps, residual=None):
+        if (
+            self._native is not None
+            and x.dtype == weight.dtype == torch.bfloat16
+            and x.dim() == 2
+            and x.is_contiguous()
+            and weight.shape == x.shape[1:]
+            and weight.is_contiguous()
+            and (residual is None or (residual.dtype == torch.float32 and residual.is_contiguous()))
+            and (residual is None or residual.shape == x.shape)
+        ):
+            return cpu_native.rms_norm(self._native, x, weight, eps, residual)
         src = x if residual is None else x + residual
         if src.dtype == weight.dtype:
             out = F.rms_norm(src, (x.shape[-1],), weight, eps)
@@ -296,6 +313,10 @@ class CpuBackend(Backend):
         return out, (None if residual is None else src)
 
     def rope(self, q, k, positions, cos_sin):
+        qk = _adjacent(q, k)  # q and k sliced from one QKV GEMM output: rotate them in place
+        if qk is not None and qk.dtype == torch.bfloat16 and self._native_rope_ok(positions, cos_sin):
+            cpu_native.rope_(self._native, qk, positions, cos_sin)
+            return q, k
         # cos/sin rows are gathered once per step (every layer passes the same positions), laid
         # out so that one multiply-add rotates both halves: x * [cos, cos] + [x2, x1] * [-sin, sin]
         if self._rope_key is None or self._rope_key[0] is not positions or self._rope_key[1] is not cos_sin:
@@ -306,7 +327,6 @@ class CpuBackend(Backend):
             self._rope_key = (positions, cos_sin, *both)
         cos, sin = self._rope_key[2], self._rope_key[3]
         t, hq, d = q.shape
-        qk = _adjacent(q, k)  # q and k sliced from one QKV GEMM output: rotate them in place
         x = (torch.cat((q, k), dim=1) if qk is None else qk).float()
         out = x * cos
         out += x.view(t, -1, 2, d // 2).flip(2).view(x.shape) * sin
@@ -316,7 +336,24 @@ class CpuBackend(Backend):
         qk.copy_(out)
         return q, k
 
+    def _native_rope_ok(self, positions: torch.Tensor, cos_sin: torch.Tensor) -> bool:
+        """Whether the C RoPE can read this table at these positions (checked once per step)."""
+        if self._native is None:
+            return False
+        if self._rope_ok_key is None or self._rope_ok_key[0] is not positions or self._rope_ok_key[1] is not cos_sin:
+            ok = (
+                cos_sin.dtype == torch.float32
+                and cos_sin.is_contiguous()
+                and positions.dtype == torch.int64
+                and positions.is_contiguous()
+                and (positions.numel() == 0 or 0 <= int(positions.min()) <= int(positions.max()) < cos_sin.shape[0])
+            )
+            self._rope_ok_key = (positions, cos_sin, ok)
+        return self._rope_ok_key[2]
+
     def silu_and_mul(self, x):
+        if self._native is not None and x.dtype == torch.bfloat16 and x.dim() == 2 and x.is_contiguous():
+            return cpu_native.silu_and_mul(self._native, x)
         return silu_and_mul_ref(x)
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
@@ -331,10 +368,13 @@ class CpuBackend(Backend):
         plan = meta.plan
         if not isinstance(plan, _BatchedPlan):  # built once per step, reused by every layer
             plan = meta.plan = _BatchedPlan.build(meta, k_cache.shape[1])
-        if len(plan.stages) == meta.num_stages and plan.q_pad == 1:
+        native = self._native_attention_ok(q, k_cache, v_cache, meta)
+        if not native and len(plan.stages) == meta.num_stages and plan.q_pad == 1:
             return self._batched_attention(q, k_cache, v_cache, plan, scale)  # decode-only step
         out = torch.empty_like(q)
-        if plan.stages:
+        if plan.stages and native:  # straight from the paged cache into the stages' rows of out
+            cpu_native.paged_attention(self._native, q, out, k_cache, v_cache, meta.block_tables, plan.native, scale)
+        elif plan.stages:
             out[plan.rows] = self._batched_attention(q[plan.rows], k_cache, v_cache, plan, scale)
         hq, hkv = q.shape[1], k_cache.shape[2]
         starts = meta.query_start_loc.tolist()
@@ -356,6 +396,17 @@ class CpuBackend(Backend):
                 o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
             out[a : a + q_len] = o[0].transpose(0, 1)
         return out
+
+    def _native_attention_ok(self, q, k_cache, v_cache, meta: AttnMetadata) -> bool:
+        return (
+            self._native is not None
+            and q.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16
+            and q.stride()[1:] == (q.shape[2], 1)
+            and k_cache.is_contiguous()
+            and v_cache.is_contiguous()
+            and meta.block_tables.dtype == torch.int32
+            and meta.block_tables.is_contiguous()
+        )
 
     def _batched_attention(self, q, k_cache, v_cache, plan: _BatchedPlan, scale):
         """Short stages as one padded SDPA call: each stage's blocks gathered into ``[n, L]`` K/V

@@ -1,0 +1,217 @@
+/* Fused elementwise ops for the cpu backend's bf16 path (built by cpu_native.py).
+ *
+ * torch runs each of these as 4-8 separate ops over tiny [T, H] tensors; inside a decode step
+ * every one of those pays 20-40 us after a GEMM has evicted the caches. Here each is one pass
+ * over the rows. The maths and rounding points are those of the torch references in cpu.py
+ * (rms_norm_ref, rope_ref, silu_and_mul_ref), which the tests compare against. Plain C: the
+ * compiler vectorises the loops for the host (-O3 -march=native); -ffp-contract=off keeps
+ * a*b+c as two roundings, as torch computes it.
+ *
+ * bf16 values travel as uint16_t. Rows (and attention stages) are independent, so results never
+ * depend on the batch. The attention kernel is the one place with explicit AVX-512 (its dot
+ * products need a horizontal sum per score, which plain C would not vectorise); every other
+ * machine compiles its plain-C twin, which the tests build and check too.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define LANES 16
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* round to nearest even, NaN kept quiet: torch's float -> bfloat16 conversion */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* exp(x) to ~2 ulp for x in [-87, 88] (clamped outside): 2^n * p(r), r = x - n ln2 in
+ * [-ln2/2, ln2/2]; branch-free so that the silu loop vectorises (libm's expf does not). */
+static inline float exp_f32(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float n = nearbyintf(x * 1.44269504f);
+    float r = x - n * 0.693145752f;
+    r = r - n * 1.42860677e-06f;
+    float p = 1.98756912e-4f;
+    p = p * r + 1.39819994e-3f;
+    p = p * r + 8.33345205e-3f;
+    p = p * r + 4.16657962e-2f;
+    p = p * r + 1.66666657e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t e = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, 4);
+    return p * scale;
+}
+
+/* out[t] = bf16(bf16(s * rsqrt(mean(s^2) + eps)) * w), s = x[t] (+ res[t] in fp32).
+ * x, out, w: bf16; res, res_out: fp32 [rows, d] or NULL (then s = x). res_out may alias res. */
+void px_rms_norm_bf16(const uint16_t *x, const float *res, float *res_out, const uint16_t *w, uint16_t *out,
+                      int64_t rows, int64_t d, float eps) {
+    for (int64_t t = 0; t < rows; t++) {
+        const uint16_t *xt = x + t * d;
+        float *s = res_out ? res_out + t * d : NULL;
+        float acc[LANES] = {0};
+        int64_t i = 0;
+        if (res) {
+            const float *rt = res + t * d;
+            for (; i + LANES <= d; i += LANES)
+                for (int j = 0; j < LANES; j++) {
+                    float v = bf16_to_f32(xt[i + j]) + rt[i + j];
+                    s[i + j] = v;
+                    acc[j] += v * v;
+                }
+            for (; i < d; i++) {
+                s[i] = bf16_to_f32(xt[i]) + rt[i];
+                acc[0] += s[i] * s[i];
+            }
+        } else {
+            for (; i + LANES <= d; i += LANES)
+                for (int j = 0; j < LANES; j++) {
+                    float v = bf16_to_f32(xt[i + j]);
+                    acc[j] += v * v;
+                }
+            for (; i < d; i++) acc[0] += bf16_to_f32(xt[i]) * bf16_to_f32(xt[i]);
+        }
+        float ss = 0.0f;
+        for (int j = 0; j < LANES; j++) ss += acc[j];
+        float inv = 1.0f / sqrtf(ss / (float)d + eps);
+        uint16_t *ot = out + t * d;
+        for (i = 0; i < d; i++) {
+            float v = res ? s[i] : bf16_to_f32(xt[i]);
+            ot[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(v * inv)) * bf16_to_f32(w[i]));
+        }
+    }
+}
+
+/* Rotate `heads` heads of d values in each of `rows` rows, in place (rotate-half RoPE):
+ * [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], cos/sin = cos_sin[pos[t], :d/2], [d/2:]. */
+void px_rope_bf16(uint16_t *x, int64_t rows, int64_t heads, int64_t d, int64_t row_stride, const float *cos_sin,
+                  const int64_t *pos) {
+    int64_t half = d / 2;
+    for (int64_t t = 0; t < rows; t++) {
+        const float *c = cos_sin + pos[t] * d, *s = c + half;
+        for (int64_t h = 0; h < heads; h++) {
+            uint16_t *xh = x + t * row_stride + h * d;
+            for (int64_t i = 0; i < half; i++) {
+                float x1 = bf16_to_f32(xh[i]), x2 = bf16_to_f32(xh[i + half]);
+                float a = x1 * c[i], b = x2 * s[i];
+                float e = x2 * c[i], f = x1 * s[i];
+                xh[i] = f32_to_bf16(a - b);
+                xh[i + half] = f32_to_bf16(e + f);
+            }
+        }
+    }
+}
+
+/* out[t] = bf16(bf16(silu(g)) * u), [g, u] = x[t] split in halves of n; x [rows, 2n], out [rows, n]. */
+void px_silu_and_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t n) {
+    for (int64_t t = 0; t < rows; t++) {
+        const uint16_t *g = x + t * 2 * n, *u = g + n;
+        uint16_t *o = out + t * n;
+        for (int64_t i = 0; i < n; i++) {
+            float v = bf16_to_f32(g[i]);
+            float silu = v / (1.0f + exp_f32(-v)); /* as torch: v / (1 + exp(-v)) */
+            o[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(silu)) * bf16_to_f32(u[i]));
+        }
+    }
+}
+
+/* q . k over d values: q fp32 (pre-scaled), k bf16. */
+static inline float dot_f32_bf16(const float *q, const uint16_t *k, int64_t d) {
+    int64_t i = 0;
+    float s = 0.0f;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= d; i += 16) {
+        __m512i kw = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(k + i)));
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_castsi512_ps(_mm512_slli_epi32(kw, 16)), acc);
+    }
+    s = _mm512_reduce_add_ps(acc);
+#else
+    float acc[LANES] = {0};
+    for (; i + LANES <= d; i += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += q[i + j] * bf16_to_f32(k[i + j]);
+    for (int j = 0; j < LANES; j++) s += acc[j];
+#endif
+    for (; i < d; i++) s += q[i] * bf16_to_f32(k[i]);
+    return s;
+}
+
+/* Attention of short causal stages (decodes, verifies, short prefill chunks) read straight from
+ * the paged cache: attention_ref's maths with fp32 scores, softmax and accumulation.
+ *   q: bf16 [T, hq, d] with row stride q_stride; out: bf16 [T, hq, d] contiguous; k_cache, v_cache: bf16 [blocks, bs, hkv, d];
+ *   stage s of n: query rows q_start[s] .. + q_len[s], KV length kv_len[s] (this step's tokens
+ *   included), block ids tables[table_row[s] * table_stride + b] (int32);
+ *   row i of a stage sees columns c <= kv_len - q_len + i.
+ * One work item per (stage, kv head): each K/V row is read once for the whole GQA group.
+ * Returns 0, or -1 when a work buffer could not be allocated. */
+int px_paged_attention_bf16(const uint16_t *q, int64_t q_stride, uint16_t *out, const uint16_t *k_cache, const uint16_t *v_cache,
+                             const int32_t *tables, int64_t table_stride, const int64_t *table_row,
+                             const int64_t *q_start, const int64_t *q_len, const int64_t *kv_len, int64_t n,
+                             int64_t hq, int64_t hkv, int64_t d, int64_t bs, float scale) {
+    int64_t group = hq / hkv;
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t item = 0; item < n * hkv; item++) {
+        int64_t s = item / hkv, h = item % hkv, ql = q_len[s], kl = kv_len[s], nq = ql * group;
+        const int32_t *table = tables + table_row[s] * table_stride;
+        float *buf = malloc(sizeof(float) * (size_t)(nq * (2 * d + kl + 1) + d));
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+            continue;
+        }
+        float *qf = buf, *acc = qf + nq * d, *p = acc + nq * d, *vf = p + nq * kl, *inv = vf + d;
+        for (int64_t i = 0; i < ql; i++)
+            for (int64_t g = 0; g < group; g++) {
+                const uint16_t *src = q + (q_start[s] + i) * q_stride + (h * group + g) * d;
+                for (int64_t c = 0; c < d; c++) qf[(i * group + g) * d + c] = bf16_to_f32(src[c]) * scale;
+            }
+        for (int64_t j = 0; j < kl; j++) { /* scores */
+            const uint16_t *kr = k_cache + ((int64_t)table[j / bs] * bs + j % bs) * hkv * d + h * d;
+            for (int64_t r = 0; r < nq; r++) p[r * kl + j] = dot_f32_bf16(qf + r * d, kr, d);
+        }
+        for (int64_t r = 0; r < nq; r++) { /* softmax over the visible columns */
+            int64_t vis = kl - ql + r / group + 1;
+            float *pr = p + r * kl, mx = -INFINITY, sum = 0.0f;
+            for (int64_t j = 0; j < vis; j++) mx = pr[j] > mx ? pr[j] : mx;
+            for (int64_t j = 0; j < vis; j++) pr[j] = exp_f32(pr[j] - mx);
+            for (int64_t j = 0; j < vis; j++) sum += pr[j];
+            for (int64_t j = vis; j < kl; j++) pr[j] = 0.0f;
+            inv[r] = 1.0f / sum;
+        }
+        memset(acc, 0, sizeof(float) * (size_t)(nq * d));
+        for (int64_t j = 0; j < kl; j++) { /* P . V */
+            const uint16_t *vr = v_cache + ((int64_t)table[j / bs] * bs + j % bs) * hkv * d + h * d;
+            for (int64_t c = 0; c < d; c++) vf[c] = bf16_to_f32(vr[c]);
+            for (int64_t r = 0; r < nq; r++) {
+                float pj = p[r * kl + j];
+                float *ar = acc + r * d;
+                for (int64_t c = 0; c < d; c++) ar[c] += pj * vf[c];
+            }
+        }
+        for (int64_t i = 0; i < ql; i++)
+            for (int64_t g = 0; g < group; g++) {
+                int64_t r = i * group + g;
+                uint16_t *dst = out + ((q_start[s] + i) * hq + h * group + g) * d;
+                for (int64_t c = 0; c < d; c++) dst[c] = f32_to_bf16(acc[r * d + c] * inv[r]);
+            }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,157 @@
+"""Build and call ``cpu_native.c``: the cpu backend's fused bf16 elementwise ops.
+
+The C file is compiled once per source, compiler and host CPU with the system C compiler
+(``$CC``, else ``cc``) into ``$PORTABLE_XY_CACHE`` (default ``~/.cache/portable_xy``) and loaded
+with ctypes: no torch headers, about a second to build. Without a compiler, or with
+``PORTABLE_XY_NATIVE=0``, :func:`load` returns ``None`` and the cpu backend stays on torch ops.
+Each wrapper takes contiguous bf16 tensors (the callers check) and returns new tensors unless it
+says "in place".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_native.c")
+FLAGS = ["-O3", "-ffp-contract=off", "-std=c11", "-shared", "-fPIC"]
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "px_rms_norm_bf16": [_P, _P, _P, _P, _P, _I, _I, _F],
+    "px_rope_bf16": [_P, _I, _I, _I, _I, _P, _P],
+    "px_silu_and_mul_bf16": [_P, _P, _I, _I],
+    "px_paged_attention_bf16": [_P, _I, _P, _P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, _F],
+}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def build(march: str = "native", cache_dir: Path | None = None) -> Path:
+    """Compile ``cpu_native.c`` for ``-march=<march>`` (if not already cached) and return the shared
+    library's path. OpenMP (the attention kernel's threads) is used where the compiler has it.
+    Raises ``RuntimeError`` with the compiler's message when it cannot build."""
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        raise RuntimeError(f"no C compiler: {os.environ.get('CC', 'cc')!r} is not on PATH")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    flags = [*FLAGS, f"-march={march}"]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *flags, _cpu_flags()]).encode()).hexdigest()
+    cache_dir = cache_dir or Path(os.environ.get("PORTABLE_XY_CACHE", Path.home() / ".cache" / "portable_xy"))
+    lib = cache_dir / f"cpu_native-{key[:16]}.so"
+    if lib.exists():
+        return lib
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)  # built aside, renamed: safe when racing
+    os.close(fd)
+    try:
+        for omp in (["-fopenmp"], []):
+            run = subprocess.run([cc, *flags, *omp, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+            if run.returncode == 0:
+                break
+        else:
+            raise RuntimeError(f"{cc} failed on {SOURCE.name}:\n{run.stderr[-2000:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def open_library(path: Path) -> ctypes.CDLL:
+    """Load a built library and declare its functions' signatures."""
+    lib = ctypes.CDLL(str(path))
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, None
+    lib.px_paged_attention_bf16.restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The loaded library, or ``None`` (with one warning saying why) when it cannot be built."""
+    if os.environ.get("PORTABLE_XY_NATIVE", "1") == "0":
+        return None
+    try:
+        return open_library(build())
+    except (OSError, RuntimeError) as e:
+        warnings.warn(f"cpu backend: fused C ops unavailable, using torch ops ({e})", RuntimeWarning, stacklevel=2)
+        return None
+
+
+def rms_norm(
+    lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`cpu.rms_norm_ref` for bf16 ``x`` ``[T, D]`` and weight, fp32 residual (or none)."""
+    out = torch.empty_like(x)
+    res_out = None if residual is None else torch.empty_like(residual)
+    lib.px_rms_norm_bf16(
+        x.data_ptr(),
+        None if residual is None else residual.data_ptr(),
+        None if res_out is None else res_out.data_ptr(),
+        weight.data_ptr(),
+        out.data_ptr(),
+        x.shape[0],
+        x.shape[1],
+        eps,
+    )
+    return out, res_out
+
+
+def rope_(lib: ctypes.CDLL, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
+    """Rotate, in place, the bf16 heads ``x`` ``[T, H, D]`` (strides ``(any, D, 1)``);
+    ``cos_sin`` fp32 ``[P, D]``, ``positions`` int64 ``[T]``, as :func:`cpu.rope_ref`."""
+    rows, heads, d = x.shape
+    lib.px_rope_bf16(x.data_ptr(), rows, heads, d, x.stride(0), cos_sin.data_ptr(), positions.data_ptr())
+
+
+def silu_and_mul(lib: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
+    """:func:`cpu.silu_and_mul_ref` for a bf16 ``[T, 2N]`` matrix."""
+    rows, n = x.shape[0], x.shape[1] // 2
+    out = x.new_empty(rows, n)
+    lib.px_silu_and_mul_bf16(x.data_ptr(), out.data_ptr(), rows, n)
+    return out
+
+
+def paged_attention(
+    lib: ctypes.CDLL,
+    q: torch.Tensor,
+    out: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    stages: torch.Tensor,
+    scale: float,
+) -> None:
+    """Attention of short causal stages, written into their rows of ``out`` (other rows untouched).
+
+    ``q`` bf16 ``[T, Hq, D]`` (rows may be strided); ``out`` likewise, contiguous; caches bf16
+    ``[blocks, bs, Hkv, D]`` and ``block_tables`` int32 ``[S, max_blocks]``, contiguous;
+    ``stages`` int64 ``[4, n]``: each stage's block-table row, first query row, query length and
+    KV length."""
+    _, hq, d = q.shape
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    tables = (block_tables.data_ptr(), block_tables.stride(0), *(stages[i].data_ptr() for i in range(4)))
+    status = lib.px_paged_attention_bf16(
+        q.data_ptr(), q.stride(0), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        *tables, stages.shape[1], hq, hkv, d, bs, scale,
+    )  # fmt: skip
+    if status:
+        raise MemoryError("cpu backend: out of memory for the attention work buffers")
