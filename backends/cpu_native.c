@@ -38,10 +38,11 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-/* exp(x) to ~2 ulp for x in [-87, 88] (clamped outside): 2^n * p(r), r = x - n ln2 in
- * [-ln2/2, ln2/2]; branch-free so that the silu loop vectorises (libm's expf does not). */
-static inline float exp_f32(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+/* exp(x) to ~2 ulp: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2]; below -87 it returns
+ * exp(-87), above 88.7 +inf (as expf overflows). Branch-free, so that the silu and softmax
+ * loops vectorise (libm's expf does not). */
+static inline float exp_f32(float in) {
+    float x = in < -87.0f ? -87.0f : (in > 88.0f ? 88.0f : in);
     float n = nearbyintf(x * 1.44269504f);
     float r = x - n * 0.693145752f;
     r = r - n * 1.42860677e-06f;
@@ -55,7 +56,7 @@ static inline float exp_f32(float x) {
     int32_t e = ((int32_t)n + 127) << 23;
     float scale;
     memcpy(&scale, &e, 4);
-    return p * scale;
+    return in > 88.7f ? INFINITY : p * scale;
 }
 
 /* out[t] = bf16(bf16(s * rsqrt(mean(s^2) + eps)) * w), s = x[t] (+ res[t] in fp32).

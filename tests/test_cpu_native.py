@@ -1,0 +1,196 @@
+"""The cpu backend's C ops (backends/cpu_native.c) against the torch references they replace.
+
+Each op is checked in two builds: ``-march=native`` (what the backend loads; on this x86 host the
+attention kernel's AVX-512 branch) and ``-march=x86-64`` (the plain-C twin every other machine
+gets). Outputs are poisoned first, sizes are odd, inputs fresh random."""
+
+import platform
+import warnings
+
+import pytest
+import torch
+
+from portable_xy.backends import AttnMetadata, cpu_native
+from portable_xy.backends.cpu import attention_ref, rms_norm_ref, rope_ref, silu_and_mul_ref
+
+BF16 = torch.bfloat16
+ARCHES = ["native"] + (["x86-64"] if platform.machine() == "x86_64" else [])
+
+
+@pytest.fixture(scope="module", params=ARCHES)
+def lib(request, tmp_path_factory):
+    return cpu_native.open_library(cpu_native.build(request.param, tmp_path_factory.mktemp("native")))
+
+
+def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance in bf16 units in the last place (same-sign finite values)."""
+    return (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17, 300])
+@pytest.mark.parametrize("d", [576, 67])
+def test_rms_norm_matches_reference(lib, rows, d):
+    g = torch.Generator().manual_seed(rows * d)
+    x = (3 * torch.randn(rows, d, generator=g)).to(BF16)
+    w = (1 + 0.2 * torch.randn(d, generator=g)).to(BF16)
+    res = 5 * torch.randn(rows, d, generator=g)
+    for residual in (res, None):
+        out, r = cpu_native.rms_norm(lib, x, w, 1e-5, residual)
+        ref, ref_r = rms_norm_ref(x, w, 1e-5, residual)
+        if residual is None:
+            assert r is None
+        else:
+            assert torch.equal(r, ref_r)  # x + residual in fp32: exact
+        # the mean of squares is summed in another order: at most one bf16 rounding apart
+        assert int(bf16_ulps(out, ref).max()) <= 1
+        assert (out == ref).float().mean() > 0.98
+
+
+@pytest.mark.parametrize("rows,n", [(1, 1), (3, 67), (17, 1536)])
+def test_silu_and_mul_matches_reference(lib, rows, n):
+    g = torch.Generator().manual_seed(n)
+    x = (4 * torch.randn(rows, 2 * n, generator=g)).to(BF16)
+    extremes = torch.tensor([-1e4, 1e4, -95.0, 95.0, -30.0, 30.0, 0.0]).to(BF16)
+    x[0, : min(n, 7)] = extremes[: min(n, 7)]  # gates where exp(-g) underflows or overflows
+    out = cpu_native.silu_and_mul(lib, x)
+    ref = silu_and_mul_ref(x)
+    torch.testing.assert_close(out.float(), ref.float(), atol=1e-30, rtol=2**-7)
+    assert (out == ref).float().mean() > 0.98
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17])
+@pytest.mark.parametrize("d", [64, 16])
+def test_rope_in_place_is_bit_identical_to_reference(lib, rows, d):
+    """q and k heads inside a QKV row (strided rows): rotated in place bit for bit as rope_ref;
+    the V columns next to them untouched."""
+    g = torch.Generator().manual_seed(rows + d)
+    hq, hkv = 6, 2
+    cos_sin = torch.randn(300, d, generator=g)
+    pos = torch.randint(0, 300, (rows,), generator=g)
+    qkv = torch.randn(rows, (hq + 2 * hkv) * d, generator=g).to(BF16)
+    before = qkv.clone()
+    q = qkv[:, : hq * d].reshape(rows, hq, d)
+    k = qkv[:, hq * d : (hq + hkv) * d].reshape(rows, hkv, d)
+    ref_q, ref_k = rope_ref(q.clone(), k.clone(), pos, cos_sin)
+    cpu_native.rope_(lib, qkv[:, : (hq + hkv) * d].view(rows, hq + hkv, d), pos, cos_sin)
+    assert torch.equal(q, ref_q) and torch.equal(k, ref_k)
+    assert torch.equal(qkv[:, (hq + hkv) * d :], before[:, (hq + hkv) * d :])
+
+
+@pytest.mark.parametrize("bs", [16, 5])
+def test_paged_attention_matches_reference(lib, bs):
+    """Decodes, verifies, short chunks with and without history, GQA group 3, in one call.
+    Cache slots no stage may read hold huge values and the output starts as NaN: a stray read
+    changes the result, a missed write leaves NaN, and the stage left out keeps its NaN rows."""
+    g = torch.Generator().manual_seed(bs)
+    hkv, hq, d, nblocks = 2, 6, 64, 200
+    q_lens = [1, 1, 4, 16, 3, 1, 7]
+    hist = [0, 129, 12, 40, 0, 16, 2]
+    kv_lens = [q + h for q, h in zip(q_lens, hist)]
+    k_cache = (1e4 * torch.randn(nblocks, bs, hkv, d, generator=g)).to(BF16)
+    v_cache = (1e4 * torch.randn(nblocks, bs, hkv, d, generator=g)).to(BF16)
+    perm = torch.randperm(nblocks, generator=g).tolist()
+    width = max(-(-n // bs) for n in kv_lens) + 2
+    tables, used = [], 0
+    for n in kv_lens:
+        nb = -(-n // bs)
+        blocks = perm[used : used + nb]
+        used += nb
+        for i in range(n):  # only the slots below each stage's length get sane values
+            k_cache[blocks[i // bs], i % bs] = torch.randn(hkv, d, generator=g).to(BF16)
+            v_cache[blocks[i // bs], i % bs] = torch.randn(hkv, d, generator=g).to(BF16)
+        tables.append(blocks + [nblocks - 1] * (width - nb))
+    starts = [0]
+    for q_len in q_lens:
+        starts.append(starts[-1] + q_len)
+    meta = AttnMetadata(
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens=torch.tensor(kv_lens, dtype=torch.int32),
+        block_tables=torch.tensor(tables, dtype=torch.int32),
+        slot_mapping=torch.zeros(starts[-1], dtype=torch.long),
+        positions=torch.zeros(starts[-1], dtype=torch.long),
+        query_lens_cpu=q_lens,
+        seq_lens_cpu=kv_lens,
+    )
+    qkv = torch.randn(starts[-1], hq + 2 * hkv, d, generator=g).to(BF16)
+    q = qkv[:, :hq]  # strided rows, as sliced from the QKV projection
+    ref = attention_ref(q, k_cache, v_cache, meta, 0.125)
+    skip = 3  # stage 3 is not passed: its rows must keep their NaN
+    run = [s for s in range(len(q_lens)) if s != skip]
+    stages = torch.tensor([run, [starts[s] for s in run], [q_lens[s] for s in run], [kv_lens[s] for s in run]])
+    out = torch.full_like(ref, float("nan"))
+    cpu_native.paged_attention(lib, q, out, k_cache, v_cache, meta.block_tables, stages, 0.125)
+    kept = torch.zeros(starts[-1], dtype=torch.bool)
+    kept[starts[skip] : starts[skip + 1]] = True
+    assert out[kept].isnan().all()
+    torch.testing.assert_close(out[~kept].float(), ref[~kept].float(), atol=2e-2, rtol=2e-2)
+
+
+def test_load_without_compiler_warns_and_falls_back(monkeypatch, tmp_path):
+    cpu_native.load.cache_clear()
+    try:
+        monkeypatch.setenv("PORTABLE_XY_CACHE", str(tmp_path))  # nothing cached there
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        with pytest.warns(RuntimeWarning, match="no C compiler"):
+            assert cpu_native.load() is None
+        cpu_native.load.cache_clear()
+        monkeypatch.setenv("PORTABLE_XY_NATIVE", "0")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert cpu_native.load() is None
+    finally:
+        cpu_native.load.cache_clear()
+
+
+def test_build_error_names_the_compiler_message(monkeypatch, tmp_path):
+    bad = tmp_path / "bad.c"
+    bad.write_text("this is not C;\n")
+    monkeypatch.setattr(cpu_native, "SOURCE", bad)
+    with pytest.raises(RuntimeError, match="failed on bad.c"):
+        cpu_native.build(cache_dir=tmp_path)
+    assert not list(tmp_path.glob("*.so"))  # no half-written library left behind
+
+
+# bf16 logits of SmolLM2 (magnitude 16-32) are spaced 0.125-0.25 apart, and the same maths summed in
+# another order moves a logit by about one such step. A greedy flip between the C ops and the
+# torch ops is accepted only where the torch engine's two candidates are within two steps.
+NEAR_TIE_BF16 = 0.3
+CHATS = ["What is the capital of France?", "Write a short poem about the sea.", "Explain a hash table.", "Hi!"]
+
+
+def test_bf16_engine_with_c_ops_agrees_with_torch_ops(smollm2_path, monkeypatch):
+    """SmolLM2 in bf16 under a 64-token budget, so that steps mix long chunks, short chunks and
+    decodes: every C op runs, and the greedy tokens equal those of the torch-op engine up to the
+    first near tie of a conversation, if any."""
+    from collections import Counter
+
+    from portable_xy import LLM, SamplingParams
+
+    convs = [[{"role": "user", "content": c}] for c in CHATS]
+    params = SamplingParams(temperature=0, max_tokens=32, min_tokens=32, logprobs=2)
+    calls: Counter = Counter()
+    for name in ("rms_norm", "rope_", "silu_and_mul", "paged_attention"):
+        fn = getattr(cpu_native, name)
+        monkeypatch.setattr(cpu_native, name, lambda *a, _fn=fn, _name=name: (calls.update([_name]), _fn(*a))[1])
+    make = lambda: LLM(str(smollm2_path), dtype="bfloat16", max_model_len=512, max_num_batched_tokens=64)  # noqa: E731
+    with_c = make().chat(convs, params, use_tqdm=False)
+    assert set(calls) == {"rms_norm", "rope_", "silu_and_mul", "paged_attention"}
+    calls.clear()
+    monkeypatch.setattr(cpu_native, "load", lambda: None)
+    with_torch = make().chat(convs, params, use_tqdm=False)
+    assert not calls
+    compared, diffs = 0, []
+    for a, b in zip(with_c, with_torch):
+        ours, theirs = a.outputs[0].token_ids, b.outputs[0].token_ids
+        for t, (x, y) in enumerate(zip(ours, theirs)):
+            if x != y:
+                top = b.outputs[0].logprobs[t]  # the torch engine's view of the two candidates
+                assert x in top, f"step {t}: C-op token {x} not in the torch engine's top 2"
+                assert top[y].logprob - top[x].logprob < NEAR_TIE_BF16
+                break
+            compared += 1
+            diffs.append(abs(a.outputs[0].logprobs[t][x].logprob - b.outputs[0].logprobs[t][x].logprob))
+    assert compared >= 0.5 * len(CHATS) * params.max_tokens
+    # where the tokens agree, so do the distributions: the chosen token's log-probability differs
+    # by ~0.01 typically (a wrong RoPE sign gives ~0.6)
+    assert sorted(diffs)[len(diffs) // 2] < 0.05
