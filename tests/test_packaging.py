@@ -34,6 +34,7 @@ def test_wheel_has_only_portable_xy_top_level(tmp_path):
         "portable_xy/__init__.py",
         "portable_xy/triton_kernels/__init__.py",
         "portable_xy/backends/cpu.py",
+        "portable_xy/backends/cpu_native.c",  # compiled at first use by cpu_native.py
         "portable_xy/backends/profiles/default.yaml",
         "portable_xy/backends/profiles/cpu.yaml",
     ):
