@@ -132,25 +132,110 @@ void px_silu_and_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_
     }
 }
 
-/* q . k over d values: q fp32 (pre-scaled), k bf16. */
-static inline float dot_f32_bf16(const float *q, const uint16_t *k, int64_t d) {
-    int64_t i = 0;
-    float s = 0.0f;
-#if defined(__AVX512F__)
-    __m512 acc = _mm512_setzero_ps();
-    for (; i + 16 <= d; i += 16) {
-        __m512i kw = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(k + i)));
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_castsi512_ps(_mm512_slli_epi32(kw, 16)), acc);
+/* Scores p[r * kl + j] = qf[r] . k_j for nq query rows (fp32, pre-scaled) and the kl keys of one
+ * KV head: key j is row j % bs of block table[j / bs]; rows of a block are `row` values apart. */
+static void scores_generic(const float *qf, int64_t nq, const uint16_t *k, const int32_t *table, int64_t kl,
+                           int64_t bs, int64_t row, int64_t d, float *p) {
+    for (int64_t j0 = 0; j0 < kl; j0 += bs) {
+        const uint16_t *kb = k + table[j0 / bs] * bs * row;
+        for (int64_t j = j0; j < kl && j < j0 + bs; j++, kb += row)
+            for (int64_t r = 0; r < nq; r++) {
+                float acc[LANES] = {0}, sum = 0.0f;
+                int64_t c = 0;
+                for (; c + LANES <= d; c += LANES)
+                    for (int l = 0; l < LANES; l++) acc[l] += qf[r * d + c + l] * bf16_to_f32(kb[c + l]);
+                for (; c < d; c++) sum += qf[r * d + c] * bf16_to_f32(kb[c]);
+                for (int l = 0; l < LANES; l++) sum += acc[l];
+                p[r * kl + j] = sum;
+            }
     }
-    s = _mm512_reduce_add_ps(acc);
-#else
-    float acc[LANES] = {0};
-    for (; i + LANES <= d; i += LANES)
-        for (int j = 0; j < LANES; j++) acc[j] += q[i + j] * bf16_to_f32(k[i + j]);
-    for (int j = 0; j < LANES; j++) s += acc[j];
+}
+
+/* acc[r] = sum_j p[r * kl + j] v_j for the nq rows, values laid out as the keys above. */
+static void pv_generic(const float *p, int64_t nq, const uint16_t *v, const int32_t *table, int64_t kl, int64_t bs,
+                       int64_t row, int64_t d, float *vf, float *acc) {
+    memset(acc, 0, sizeof(float) * (size_t)(nq * d));
+    for (int64_t j0 = 0; j0 < kl; j0 += bs) {
+        const uint16_t *vb = v + table[j0 / bs] * bs * row;
+        for (int64_t j = j0; j < kl && j < j0 + bs; j++, vb += row) {
+            for (int64_t c = 0; c < d; c++) vf[c] = bf16_to_f32(vb[c]);
+            for (int64_t r = 0; r < nq; r++) {
+                float pj = p[r * kl + j];
+                for (int64_t c = 0; c < d; c++) acc[r * d + c] += pj * vf[c];
+            }
+        }
+    }
+}
+
+#if defined(__AVX512F__)
+/* The same two loops for d = 16 * dv (dv a constant after inlining: 4 or 8): each key/value row
+ * is widened to fp32 once for all query rows, and P . V keeps its accumulators in registers
+ * (16 / dv query rows at a time). */
+static inline __m512 load_bf16x16(const uint16_t *x) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+static inline __attribute__((always_inline)) void scores_avx512(const float *qf, int64_t nq, const uint16_t *k,
+                                                                const int32_t *table, int64_t kl, int64_t bs,
+                                                                int64_t row, float *p, const int dv) {
+    for (int64_t j0 = 0; j0 < kl; j0 += bs) {
+        const uint16_t *kb = k + table[j0 / bs] * bs * row;
+        for (int64_t j = j0; j < kl && j < j0 + bs; j++, kb += row) {
+            __m512 kv[8];
+            for (int c = 0; c < dv; c++) kv[c] = load_bf16x16(kb + 16 * c);
+            for (int64_t r = 0; r < nq; r++) {
+                const float *qr = qf + r * 16 * dv;
+                __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qr), kv[0]);
+                for (int c = 1; c < dv; c++) a = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * c), kv[c], a);
+                p[r * kl + j] = _mm512_reduce_add_ps(a);
+            }
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void pv_avx512(const float *p, int64_t nq, const uint16_t *v,
+                                                            const int32_t *table, int64_t kl, int64_t bs,
+                                                            int64_t row, float *acc, const int dv) {
+    const int rb = 16 / dv;
+    for (int64_t r0 = 0; r0 < nq; r0 += rb) {
+        __m512 a[4][8];
+        for (int i = 0; i < rb; i++)
+            for (int c = 0; c < dv; c++) a[i][c] = _mm512_setzero_ps();
+        for (int64_t j0 = 0; j0 < kl; j0 += bs) {
+            const uint16_t *vb = v + table[j0 / bs] * bs * row;
+            for (int64_t j = j0; j < kl && j < j0 + bs; j++, vb += row) {
+                __m512 vv[8];
+                for (int c = 0; c < dv; c++) vv[c] = load_bf16x16(vb + 16 * c);
+                for (int i = 0; i < rb; i++) {
+                    if (r0 + i >= nq) break;
+                    __m512 pj = _mm512_set1_ps(p[(r0 + i) * kl + j]);
+                    for (int c = 0; c < dv; c++) a[i][c] = _mm512_fmadd_ps(pj, vv[c], a[i][c]);
+                }
+            }
+        }
+        for (int i = 0; i < rb && r0 + i < nq; i++)
+            for (int c = 0; c < dv; c++) _mm512_storeu_ps(acc + (r0 + i) * 16 * dv + 16 * c, a[i][c]);
+    }
+}
 #endif
-    for (; i < d; i++) s += q[i] * bf16_to_f32(k[i]);
-    return s;
+
+static void scores(const float *qf, int64_t nq, const uint16_t *k, const int32_t *table, int64_t kl, int64_t bs,
+                   int64_t row, int64_t d, float *p) {
+#if defined(__AVX512F__)
+    if (d == 64) return scores_avx512(qf, nq, k, table, kl, bs, row, p, 4);
+    if (d == 128) return scores_avx512(qf, nq, k, table, kl, bs, row, p, 8);
+#endif
+    scores_generic(qf, nq, k, table, kl, bs, row, d, p);
+}
+
+static void pv(const float *p, int64_t nq, const uint16_t *v, const int32_t *table, int64_t kl, int64_t bs,
+               int64_t row, int64_t d, float *vf, float *acc) {
+#if defined(__AVX512F__)
+    if (d == 64) return pv_avx512(p, nq, v, table, kl, bs, row, acc, 4);
+    if (d == 128) return pv_avx512(p, nq, v, table, kl, bs, row, acc, 8);
+#endif
+    pv_generic(p, nq, v, table, kl, bs, row, d, vf, acc);
 }
 
 /* Attention of short causal stages (decodes, verifies, short prefill chunks) read straight from
@@ -183,10 +268,7 @@ int px_paged_attention_bf16(const uint16_t *q, int64_t q_stride, uint16_t *out, 
                 const uint16_t *src = q + (q_start[s] + i) * q_stride + (h * group + g) * d;
                 for (int64_t c = 0; c < d; c++) qf[(i * group + g) * d + c] = bf16_to_f32(src[c]) * scale;
             }
-        for (int64_t j = 0; j < kl; j++) { /* scores */
-            const uint16_t *kr = k_cache + ((int64_t)table[j / bs] * bs + j % bs) * hkv * d + h * d;
-            for (int64_t r = 0; r < nq; r++) p[r * kl + j] = dot_f32_bf16(qf + r * d, kr, d);
-        }
+        scores(qf, nq, k_cache + h * d, table, kl, bs, hkv * d, d, p);
         for (int64_t r = 0; r < nq; r++) { /* softmax over the visible columns */
             int64_t vis = kl - ql + r / group + 1;
             float *pr = p + r * kl, mx = -INFINITY, sum = 0.0f;
@@ -196,16 +278,7 @@ int px_paged_attention_bf16(const uint16_t *q, int64_t q_stride, uint16_t *out, 
             for (int64_t j = vis; j < kl; j++) pr[j] = 0.0f;
             inv[r] = 1.0f / sum;
         }
-        memset(acc, 0, sizeof(float) * (size_t)(nq * d));
-        for (int64_t j = 0; j < kl; j++) { /* P . V */
-            const uint16_t *vr = v_cache + ((int64_t)table[j / bs] * bs + j % bs) * hkv * d + h * d;
-            for (int64_t c = 0; c < d; c++) vf[c] = bf16_to_f32(vr[c]);
-            for (int64_t r = 0; r < nq; r++) {
-                float pj = p[r * kl + j];
-                float *ar = acc + r * d;
-                for (int64_t c = 0; c < d; c++) ar[c] += pj * vf[c];
-            }
-        }
+        pv(p, nq, v_cache + h * d, table, kl, bs, hkv * d, d, vf, acc);
         for (int64_t i = 0; i < ql; i++)
             for (int64_t g = 0; g < group; g++) {
                 int64_t r = i * group + g;
