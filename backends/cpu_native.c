@@ -1,16 +1,20 @@
-/* Fused elementwise ops for the cpu backend's bf16 path (built by cpu_native.py).
+/* The cpu backend's bf16 fast path in C (built and loaded by cpu_native.py): RMSNorm with the
+ * fused residual add, in-place RoPE, and attention of short stages read straight from the paged
+ * KV cache.
  *
- * torch runs each of these as 4-8 separate ops over tiny [T, H] tensors; inside a decode step
+ * torch runs RMSNorm and RoPE as 5-10 separate ops over tiny [T, H] tensors; inside a decode step
  * every one of those pays 20-40 us after a GEMM has evicted the caches. Here each is one pass
- * over the rows. The maths and rounding points are those of the torch references in cpu.py
- * (rms_norm_ref, rope_ref, silu_and_mul_ref), which the tests compare against. Plain C: the
- * compiler vectorises the loops for the host (-O3 -march=native); -ffp-contract=off keeps
- * a*b+c as two roundings, as torch computes it.
+ * over the rows. Decode attention in torch needs the K/V history gathered (or kept as copies)
+ * and a padded SDPA call; here each (stage, KV head) reads its blocks where they lie.
+ * The maths and rounding points are those of the torch references in cpu.py (rms_norm_ref,
+ * rope_ref, attention_ref), which the tests compare against. The compiler vectorises the loops
+ * for the host (-O3 -march=native); -ffp-contract=off keeps a*b+c as two roundings, as torch
+ * computes it.
  *
  * bf16 values travel as uint16_t. Rows (and attention stages) are independent, so results never
- * depend on the batch. The attention kernel is the one place with explicit AVX-512 (its dot
- * products need a horizontal sum per score, which plain C would not vectorise); every other
- * machine compiles its plain-C twin, which the tests build and check too.
+ * depend on the batch. The attention loops for head sizes 64 and 128 also come in explicit
+ * AVX-512 (a horizontal sum per score, accumulators held in registers); every other machine
+ * compiles the plain-C loops, which the tests build and check too.
  */
 #include <math.h>
 #include <stdint.h>
@@ -39,8 +43,8 @@ static inline uint16_t f32_to_bf16(float f) {
 }
 
 /* exp(x) to ~2 ulp: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2]; below -87 it returns
- * exp(-87), above 88.7 +inf (as expf overflows). Branch-free, so that the silu and softmax
- * loops vectorise (libm's expf does not). */
+ * exp(-87), above 88.7 +inf (as expf overflows). Branch-free, so that the softmax loop
+ * vectorises (libm's expf does not). */
 static inline float exp_f32(float in) {
     float x = in < -87.0f ? -87.0f : (in > 88.0f ? 88.0f : in);
     float n = nearbyintf(x * 1.44269504f);
@@ -115,19 +119,6 @@ void px_rope_bf16(uint16_t *x, int64_t rows, int64_t heads, int64_t d, int64_t r
                 xh[i] = f32_to_bf16(a - b);
                 xh[i + half] = f32_to_bf16(e + f);
             }
-        }
-    }
-}
-
-/* out[t] = bf16(bf16(silu(g)) * u), [g, u] = x[t] split in halves of n; x [rows, 2n], out [rows, n]. */
-void px_silu_and_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t n) {
-    for (int64_t t = 0; t < rows; t++) {
-        const uint16_t *g = x + t * 2 * n, *u = g + n;
-        uint16_t *o = out + t * n;
-        for (int64_t i = 0; i < n; i++) {
-            float v = bf16_to_f32(g[i]);
-            float silu = v / (1.0f + exp_f32(-v)); /* as torch: v / (1 + exp(-v)) */
-            o[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(silu)) * bf16_to_f32(u[i]));
         }
     }
 }

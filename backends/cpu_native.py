@@ -1,4 +1,4 @@
-"""Build and call ``cpu_native.c``: the cpu backend's fused bf16 elementwise ops.
+"""Build and call ``cpu_native.c``: the cpu backend's bf16 RMSNorm, RoPE and paged attention in C.
 
 The C file is compiled once per source, compiler and host CPU with the system C compiler
 (``$CC``, else ``cc``) into ``$PORTABLE_XY_CACHE`` (default ``~/.cache/portable_xy``) and loaded
@@ -28,7 +28,6 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "px_rms_norm_bf16": [_P, _P, _P, _P, _P, _I, _I, _F],
     "px_rope_bf16": [_P, _I, _I, _I, _I, _P, _P],
-    "px_silu_and_mul_bf16": [_P, _P, _I, _I],
     "px_paged_attention_bf16": [_P, _I, _P, _P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, _F],
 }
 
@@ -120,14 +119,6 @@ def rope_(lib: ctypes.CDLL, x: torch.Tensor, positions: torch.Tensor, cos_sin: t
     ``cos_sin`` fp32 ``[P, D]``, ``positions`` int64 ``[T]``, as :func:`cpu.rope_ref`."""
     rows, heads, d = x.shape
     lib.px_rope_bf16(x.data_ptr(), rows, heads, d, x.stride(0), cos_sin.data_ptr(), positions.data_ptr())
-
-
-def silu_and_mul(lib: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
-    """:func:`cpu.silu_and_mul_ref` for a bf16 ``[T, 2N]`` matrix."""
-    rows, n = x.shape[0], x.shape[1] // 2
-    out = x.new_empty(rows, n)
-    lib.px_silu_and_mul_bf16(x.data_ptr(), out.data_ptr(), rows, n)
-    return out
 
 
 def paged_attention(
