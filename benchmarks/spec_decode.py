@@ -76,8 +76,18 @@ def main() -> None:
     }
     if args.draft:
         configs["draft"] = {"method": "draft_model", "model": args.draft, "num_speculative_tokens": args.k}
+    # prefix caching off: a repeat would otherwise find its prompt cached, skip its prefill and, in
+    # bf16, compute the last prompt token through another attention path (a near tie may flip),
+    # so repeats would neither cost the same nor compare like for like
     llms = {
-        name: LLM(args.model, backend=args.backend, dtype=args.dtype, max_model_len=2048, speculative_config=cfg)
+        name: LLM(
+            args.model,
+            backend=args.backend,
+            dtype=args.dtype,
+            max_model_len=2048,
+            speculative_config=cfg,
+            enable_prefix_caching=False,
+        )
         for name, cfg in configs.items()
     }
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
