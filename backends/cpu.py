@@ -248,6 +248,20 @@ class _BatchedPlan:
         return cache.index_select(0, self.table).view(len(self.stages), length, *cache.shape[2:])
 
 
+# Steps of at most this many rows run their bf16 GEMMs as the C GEMV over plain weights: on this
+# 2-core host it streams a SmolLM2 decode step's weights at ~15 GB/s against oneDNN's ~9
+# (interleaved, cold weights); oneDNN's AMX kernels take over where the rows make it compute-bound.
+GEMV_ROWS = 1
+
+
+@dataclass(frozen=True)
+class _Bf16Weight:
+    """A bf16 GEMM weight in both forms: oneDNN-packed, and plain ``[N, K]`` for the C GEMV."""
+
+    packed: torch.Tensor
+    plain: torch.Tensor
+
+
 KV_COPY_BUDGET = 32 << 20  # bytes of K+V copies kept per layer; larger decode batches gather each step
 KV_COPY_MIN = 256 << 10  # below this many bytes of K per layer, gathering costs less than appending
 KV_COPY_SLACK = 64  # tokens of headroom per sequence, so a copy is re-gathered every ~64 steps
@@ -286,11 +300,17 @@ class CpuBackend(Backend):
         # bf16 GEMMs run through oneDNN; packing the weight into its blocked layout once
         # saves a reorder per call (~25% of decode time here) and is bit-identical to F.linear.
         # fp32 stays on F.linear: oneDNN's packed fp32 path is not row-invariant across M.
+        # With the C path, the plain weight is kept too, for the GEMV of single-row steps.
         if weight.dtype == torch.bfloat16 and _HAS_MKLDNN_PACKING:
-            return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+            return packed if self._native is None else _Bf16Weight(packed, weight.contiguous())
         return weight
 
     def linear(self, x, weight, bias=None):
+        if isinstance(weight, _Bf16Weight):
+            if x.shape[0] <= GEMV_ROWS and x.dtype == torch.bfloat16 and x.dim() == 2 and x.is_contiguous():
+                return cpu_native.gemv(self._native, x, weight.plain, bias)
+            weight = weight.packed
         if weight.is_mkldnn:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return F.linear(x, weight, bias)

@@ -20,7 +20,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
 
@@ -279,4 +279,46 @@ int px_paged_attention_bf16(const uint16_t *q, int64_t q_stride, uint16_t *out, 
         free(buf);
     }
     return failed ? -1 : 0;
+}
+
+/* y[i, j] = bf16(x[i] . w[j] (+ bias[j])) for a few rows x (bf16 [m, k]) against a plain row-major
+ * bf16 weight [n, k]: decode GEMVs, which oneDNN runs well below memory bandwidth here. Products
+ * are exact in fp32 and summed in fp32, in an order that does not depend on m. Threads split n. */
+void px_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t m, int64_t n,
+                  int64_t k) {
+#pragma omp parallel for schedule(static)
+    for (int64_t j0 = 0; j0 < n; j0 += 8) {
+        int64_t nj = n - j0 < 8 ? n - j0 : 8;
+        for (int64_t i = 0; i < m; i++) {
+            const uint16_t *xi = x + i * k;
+            float sums[8];
+            int64_t c0 = 0;
+#if defined(__AVX512BF16__)
+            __m512 acc[8];
+            for (int r = 0; r < 8; r++) acc[r] = _mm512_setzero_ps();
+            for (; c0 + 32 <= k; c0 += 32) {
+                __m512bh xv = (__m512bh)_mm512_loadu_si512(xi + c0);
+                for (int r = 0; r < 8; r++)
+                    if (r < nj) acc[r] = _mm512_dpbf16_ps(acc[r], xv, (__m512bh)_mm512_loadu_si512(w + (j0 + r) * k + c0));
+            }
+            for (int r = 0; r < 8; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
+#else
+            for (int r = 0; r < 8; r++) sums[r] = 0.0f;
+            for (int r = 0; r < nj; r++) {
+                const uint16_t *wr = w + (j0 + r) * k;
+                float acc[LANES] = {0};
+                for (c0 = 0; c0 + LANES <= k; c0 += LANES)
+                    for (int l = 0; l < LANES; l++) acc[l] += bf16_to_f32(xi[c0 + l]) * bf16_to_f32(wr[c0 + l]);
+                for (int l = 0; l < LANES; l++) sums[r] += acc[l];
+            }
+            c0 = k - k % LANES;
+#endif
+            for (int64_t r = 0; r < nj; r++) {
+                float s = sums[r];
+                for (int64_t c = c0; c < k; c++) s += bf16_to_f32(xi[c]) * bf16_to_f32(w[(j0 + r) * k + c]);
+                if (bias) s += bf16_to_f32(bias[j0 + r]);
+                y[i * n + j0 + r] = f32_to_bf16(s);
+            }
+        }
+    }
 }

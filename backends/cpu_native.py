@@ -1,4 +1,4 @@
-"""Build and call ``cpu_native.c``: the cpu backend's bf16 RMSNorm, RoPE and paged attention in C.
+"""Build and call ``cpu_native.c``: the cpu backend's bf16 GEMV, RMSNorm, RoPE and paged attention in C.
 
 The C file is compiled once per source, compiler and host CPU with the system C compiler
 (``$CC``, else ``cc``) into ``$PORTABLE_XY_CACHE`` (default ``~/.cache/portable_xy``) and loaded
@@ -28,6 +28,7 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "px_rms_norm_bf16": [_P, _P, _P, _P, _P, _I, _I, _F],
     "px_rope_bf16": [_P, _I, _I, _I, _I, _P, _P],
+    "px_gemv_bf16": [_P, _P, _P, _P, _I, _I, _I],
     "px_paged_attention_bf16": [_P, _I, _P, _P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, _F],
 }
 
@@ -119,6 +120,16 @@ def rope_(lib: ctypes.CDLL, x: torch.Tensor, positions: torch.Tensor, cos_sin: t
     ``cos_sin`` fp32 ``[P, D]``, ``positions`` int64 ``[T]``, as :func:`cpu.rope_ref`."""
     rows, heads, d = x.shape
     lib.px_rope_bf16(x.data_ptr(), rows, heads, d, x.stride(0), cos_sin.data_ptr(), positions.data_ptr())
+
+
+def gemv(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` for a few bf16 rows ``x`` ``[M, K]`` and a plain bf16 ``[N, K]``
+    weight (bias bf16 ``[N]``), fp32 accumulation; each row's result does not depend on ``M``."""
+    m, k = x.shape
+    n = weight.shape[0]
+    y = x.new_empty(m, n)
+    lib.px_gemv_bf16(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k)
+    return y
 
 
 def paged_attention(
