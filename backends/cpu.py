@@ -252,6 +252,9 @@ class _BatchedPlan:
 # 2-core host it streams a SmolLM2 decode step's weights at ~15 GB/s against oneDNN's ~9
 # (interleaved, cold weights); oneDNN's AMX kernels take over where the rows make it compute-bound.
 GEMV_ROWS = 1
+# Steps of at most this many rows run SiLU-and-mul and the KV-cache store in C (per-call costs
+# dominate there); larger ones stay on torch's vectorised ops.
+SMALL_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -293,6 +296,7 @@ class CpuBackend(Backend):
         self._rope_ok_key: tuple | None = None
         self._slots_key: torch.Tensor | None = None
         self._slots_all_valid = True
+        self._slots_max = -1
         self._kv_copies: dict[int, _KVCopy] = {}  # by the layer's k_cache data_ptr
         self._native = cpu_native.load()  # bf16 RMSNorm, RoPE, attention in C; None without a compiler
 
@@ -374,13 +378,34 @@ class CpuBackend(Backend):
         return self._rope_ok_key[2]
 
     def silu_and_mul(self, x):
-        # torch's vectorised SiLU (Sleef exp) runs 49k bf16 values in ~40 us; a fused C version
-        # with its own exp took ~85 us here, so this op stays in torch
+        # torch's vectorised SiLU (Sleef exp) beats the C loop on a batch (32 x 1536 values: ~40 vs
+        # ~85 us); on a few rows torch's three ops cost ~50 us in a decode step, the C one ~5
+        if (
+            self._native is not None
+            and x.shape[0] <= SMALL_ROWS
+            and x.dtype == torch.bfloat16
+            and x.dim() == 2
+            and x.is_contiguous()
+        ):
+            return cpu_native.silu_and_mul(self._native, x)
         return silu_and_mul_ref(x)
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
         if self._slots_key is not slot_mapping:  # checked once per step, not once per layer
             self._slots_key, self._slots_all_valid = slot_mapping, bool((slot_mapping >= 0).all())
+            self._slots_max = int(slot_mapping.max()) if slot_mapping.numel() else -1
+        if (
+            self._native is not None
+            and k.shape[0] <= SMALL_ROWS
+            and k.dtype == v.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16
+            and k.stride()[1:] == v.stride()[1:] == (k.shape[2], 1)
+            and k_cache.is_contiguous()
+            and v_cache.is_contiguous()
+            and slot_mapping.dtype == torch.int64
+            and slot_mapping.is_contiguous()
+            and self._slots_max < k_cache.shape[0] * k_cache.shape[1]
+        ):
+            return cpu_native.store_kv(self._native, k, v, k_cache, v_cache, slot_mapping)
         if not self._slots_all_valid:
             return store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)

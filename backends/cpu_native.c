@@ -1,6 +1,6 @@
-/* The cpu backend's bf16 fast path in C (built and loaded by cpu_native.py): RMSNorm with the
- * fused residual add, in-place RoPE, and attention of short stages read straight from the paged
- * KV cache.
+/* The cpu backend's bf16 fast path in C (built and loaded by cpu_native.py): single-row GEMV,
+ * RMSNorm with the fused residual add, in-place RoPE, SiLU-and-mul and the KV-cache store of
+ * small steps, and attention of short stages read straight from the paged KV cache.
  *
  * torch runs RMSNorm and RoPE as 5-10 separate ops over tiny [T, H] tensors; inside a decode step
  * every one of those pays 20-40 us after a GEMM has evicted the caches. Here each is one pass
@@ -43,8 +43,8 @@ static inline uint16_t f32_to_bf16(float f) {
 }
 
 /* exp(x) to ~2 ulp: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2]; below -87 it returns
- * exp(-87), above 88.7 +inf (as expf overflows). Branch-free, so that the softmax loop
- * vectorises (libm's expf does not). */
+ * exp(-87), above 88.7 +inf (as expf overflows). Branch-free, so that the SiLU and softmax
+ * loops vectorise (libm's expf does not). */
 static inline float exp_f32(float in) {
     float x = in < -87.0f ? -87.0f : (in > 88.0f ? 88.0f : in);
     float n = nearbyintf(x * 1.44269504f);
@@ -120,6 +120,31 @@ void px_rope_bf16(uint16_t *x, int64_t rows, int64_t heads, int64_t d, int64_t r
                 xh[i + half] = f32_to_bf16(e + f);
             }
         }
+    }
+}
+
+/* out[t] = bf16(bf16(silu(g)) * u), [g, u] = x[t] split in halves of n; x [rows, 2n], out [rows, n]
+ * (silu_and_mul_ref). */
+void px_silu_and_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t n) {
+    for (int64_t t = 0; t < rows; t++) {
+        const uint16_t *g = x + t * 2 * n, *u = g + n;
+        uint16_t *o = out + t * n;
+        for (int64_t i = 0; i < n; i++) {
+            float v = bf16_to_f32(g[i]);
+            float silu = v / (1.0f + exp_f32(-v)); /* as torch: v / (1 + exp(-v)) */
+            o[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(silu)) * bf16_to_f32(u[i]));
+        }
+    }
+}
+
+/* Cache rows slots[t] of k_cache and v_cache (rows of `width` values) = k[t] and v[t] (source rows
+ * k_stride / v_stride values apart); negative slots are skipped (store_kv_ref). */
+void px_store_kv_bf16(const uint16_t *k, int64_t k_stride, const uint16_t *v, int64_t v_stride, uint16_t *k_cache,
+                      uint16_t *v_cache, const int64_t *slots, int64_t rows, int64_t width) {
+    for (int64_t t = 0; t < rows; t++) {
+        if (slots[t] < 0) continue;
+        memcpy(k_cache + slots[t] * width, k + t * k_stride, sizeof(uint16_t) * (size_t)width);
+        memcpy(v_cache + slots[t] * width, v + t * v_stride, sizeof(uint16_t) * (size_t)width);
     }
 }
 

@@ -1,4 +1,4 @@
-"""Build and call ``cpu_native.c``: the cpu backend's bf16 GEMV, RMSNorm, RoPE and paged attention in C.
+"""Build and call ``cpu_native.c``: the cpu backend's bf16 fast path in C.
 
 The C file is compiled once per source, compiler and host CPU with the system C compiler
 (``$CC``, else ``cc``) into ``$PORTABLE_XY_CACHE`` (default ``~/.cache/portable_xy``) and loaded
@@ -29,6 +29,8 @@ _SIGNATURES = {
     "px_rms_norm_bf16": [_P, _P, _P, _P, _P, _I, _I, _F],
     "px_rope_bf16": [_P, _I, _I, _I, _I, _P, _P],
     "px_gemv_bf16": [_P, _P, _P, _P, _I, _I, _I],
+    "px_silu_and_mul_bf16": [_P, _P, _I, _I],
+    "px_store_kv_bf16": [_P, _I, _P, _I, _P, _P, _P, _I, _I],
     "px_paged_attention_bf16": [_P, _I, _P, _P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, _F],
 }
 
@@ -130,6 +132,31 @@ def gemv(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     y = x.new_empty(m, n)
     lib.px_gemv_bf16(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k)
     return y
+
+
+def silu_and_mul(lib: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
+    """:func:`cpu.silu_and_mul_ref` for a contiguous bf16 ``[T, 2N]`` matrix."""
+    rows, n = x.shape[0], x.shape[1] // 2
+    out = x.new_empty(rows, n)
+    lib.px_silu_and_mul_bf16(x.data_ptr(), out.data_ptr(), rows, n)
+    return out
+
+
+def store_kv(
+    lib: ctypes.CDLL,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """:func:`cpu.store_kv_ref`: bf16 ``k``/``v`` ``[T, Hkv, D]`` (rows may be strided) into the
+    contiguous caches at int64 ``slots`` (-1: skipped; the others must be in range)."""
+    width = k.shape[1] * k.shape[2]
+    lib.px_store_kv_bf16(
+        k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+        slots.data_ptr(), k.shape[0], width,
+    )  # fmt: skip
 
 
 def paged_attention(

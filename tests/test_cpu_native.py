@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from portable_xy.backends import AttnMetadata, cpu_native
-from portable_xy.backends.cpu import attention_ref, linear_ref, rms_norm_ref, rope_ref
+from portable_xy.backends.cpu import attention_ref, linear_ref, rms_norm_ref, rope_ref, silu_and_mul_ref, store_kv_ref
 
 BF16 = torch.bfloat16
 ARCHES = ["native"] + (["x86-64"] if platform.machine() == "x86_64" else [])
@@ -60,6 +60,36 @@ def test_rms_norm_matches_reference(lib, rows, d):
         # the mean of squares is summed in another order: at most one bf16 rounding apart
         assert int(bf16_ulps(out, ref).max()) <= 1
         assert (out == ref).float().mean() > 0.98
+
+
+@pytest.mark.parametrize("rows,n", [(1, 1), (3, 67), (8, 1536)])
+def test_silu_and_mul_matches_reference(lib, rows, n):
+    g = torch.Generator().manual_seed(n)
+    x = (4 * torch.randn(rows, 2 * n, generator=g)).to(BF16)
+    extremes = torch.tensor([-1e4, 1e4, -95.0, 95.0, -30.0, 30.0, 0.0]).to(BF16)
+    x[0, : min(n, 7)] = extremes[: min(n, 7)]  # gates where exp(-g) underflows or overflows
+    out = cpu_native.silu_and_mul(lib, x)
+    ref = silu_and_mul_ref(x)
+    torch.testing.assert_close(out.float(), ref.float(), atol=0, rtol=2**-7)
+    assert (out == ref).float().mean() > 0.98
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_store_kv_matches_reference(lib, rows):
+    """k and v sliced from a QKV output (strided rows) into NaN-poisoned caches, slot -1 skipped:
+    the caches equal the reference's bit for bit, NaN everywhere nothing was written."""
+    g = torch.Generator().manual_seed(rows)
+    hq, hkv, d, bs, nblocks = 6, 2, 16, 5, 7
+    qkv = torch.randn(rows, (hq + 2 * hkv) * d, generator=g).to(BF16)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(rows, hkv, d)
+    v = qkv[:, (hq + hkv) * d :].view(rows, hkv, d)
+    slots = torch.randperm(nblocks * bs, generator=g)[:rows]
+    slots[rows // 2] = -1
+    caches = [torch.full((nblocks, bs, hkv, d), float("nan")).to(BF16) for _ in range(4)]  # NaN: compare bits
+    cpu_native.store_kv(lib, k, v, caches[0], caches[1], slots)
+    store_kv_ref(k, v, caches[2], caches[3], slots)
+    for ours, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(ours.view(torch.int16), ref.view(torch.int16))
 
 
 @pytest.mark.parametrize("rows", [1, 3, 17])
@@ -174,13 +204,13 @@ def test_bf16_engine_with_c_ops_agrees_with_torch_ops(smollm2_path, monkeypatch)
     convs = [[{"role": "user", "content": c}] for c in CHATS]
     params = SamplingParams(temperature=0, max_tokens=32, min_tokens=32, logprobs=2)
     calls: Counter = Counter()
-    for name in ("gemv", "rms_norm", "rope_", "paged_attention"):
+    for name in ("gemv", "rms_norm", "rope_", "silu_and_mul", "store_kv", "paged_attention"):
         fn = getattr(cpu_native, name)
         monkeypatch.setattr(cpu_native, name, lambda *a, _fn=fn, _name=name: (calls.update([_name]), _fn(*a))[1])
     make = lambda: LLM(str(smollm2_path), dtype="bfloat16", max_model_len=512, max_num_batched_tokens=64)  # noqa: E731
     run = lambda llm: llm.chat(convs, params, use_tqdm=False) + llm.chat(convs[:1], params, use_tqdm=False)  # noqa: E731
     with_c = run(make())  # the 4 chats batched, then one alone (single-row steps: the C GEMV)
-    assert set(calls) == {"gemv", "rms_norm", "rope_", "paged_attention"}
+    assert set(calls) == {"gemv", "rms_norm", "rope_", "silu_and_mul", "store_kv", "paged_attention"}
     calls.clear()
     monkeypatch.setattr(cpu_native, "load", lambda: None)
     with_torch = run(make())
