@@ -287,11 +287,19 @@ int px_paged_attention_bf16(const uint16_t *q, int64_t q_stride, uint16_t *out, 
         scores(qf, nq, k_cache + h * d, table, kl, bs, hkv * d, d, p);
         for (int64_t r = 0; r < nq; r++) { /* softmax over the visible columns */
             int64_t vis = kl - ql + r / group + 1;
-            float *pr = p + r * kl, mx = -INFINITY, sum = 0.0f;
-            for (int64_t j = 0; j < vis; j++) mx = pr[j] > mx ? pr[j] : mx;
-            for (int64_t j = 0; j < vis; j++) pr[j] = exp_f32(pr[j] - mx);
-            for (int64_t j = 0; j < vis; j++) sum += pr[j];
-            for (int64_t j = vis; j < kl; j++) pr[j] = 0.0f;
+            float *pr = p + r * kl, mx = -INFINITY, sum = 0.0f, lane_mx[LANES], lane_sum[LANES] = {0};
+            int64_t j = 0; /* max and sum in LANES partial lanes, so that the loops vectorise */
+            for (int l = 0; l < LANES; l++) lane_mx[l] = -INFINITY;
+            for (; j + LANES <= vis; j += LANES)
+                for (int l = 0; l < LANES; l++) lane_mx[l] = pr[j + l] > lane_mx[l] ? pr[j + l] : lane_mx[l];
+            for (; j < vis; j++) mx = pr[j] > mx ? pr[j] : mx;
+            for (int l = 0; l < LANES; l++) mx = lane_mx[l] > mx ? lane_mx[l] : mx;
+            for (j = 0; j < vis; j++) pr[j] = exp_f32(pr[j] - mx);
+            for (j = 0; j + LANES <= vis; j += LANES)
+                for (int l = 0; l < LANES; l++) lane_sum[l] += pr[j + l];
+            for (; j < vis; j++) sum += pr[j];
+            for (int l = 0; l < LANES; l++) sum += lane_sum[l];
+            for (j = vis; j < kl; j++) pr[j] = 0.0f;
             inv[r] = 1.0f / sum;
         }
         pv(p, nq, v_cache + h * d, table, kl, bs, hkv * d, d, vf, acc);

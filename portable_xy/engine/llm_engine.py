@@ -183,7 +183,9 @@ class LLMEngine:
                 plain_rows.append(row)
             row += inp.num_logits
         if plain:
-            results = sample(self.runner.backend, logits[plain_rows], plain, self.eos_ids)
+            # every row sampled in order (a decode batch): skip a copy of the [N, vocab] logits
+            rows = logits if plain_rows == list(range(logits.shape[0])) else logits[plain_rows]
+            results = sample(self.runner.backend, rows, plain, self.eos_ids)
             for seq, res in zip(plain, results):
                 out[seq.seq_id] = [res]
         return out
