@@ -248,9 +248,10 @@ class _BatchedPlan:
         return cache.index_select(0, self.table).view(len(self.stages), length, *cache.shape[2:])
 
 
-# Steps of at most this many rows run their bf16 GEMMs as the C GEMV over plain weights: on this
-# 2-core host it streams a SmolLM2 decode step's weights at ~15 GB/s against oneDNN's ~9
-# (interleaved, cold weights); oneDNN's AMX kernels take over where the rows make it compute-bound.
+# Steps of at most this many rows run their bf16 GEMMs as the C GEMV over plain weights. Over a
+# SmolLM2 step's 121 weights (interleaved, cold) on this 2-core host: one row took 17.5 vs 30 ms
+# with oneDNN while the host was busy, 14.5 vs 15.6 ms while it was quiet; from 2 rows on oneDNN's
+# AMX kernels win (C/oneDNN time 1.2x at 2 rows, 1.8x at 8).
 GEMV_ROWS = 1
 # Steps of at most this many rows run SiLU-and-mul and the KV-cache store in C (per-call costs
 # dominate there); larger ones stay on torch's vectorised ops.
