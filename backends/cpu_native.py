@@ -83,7 +83,16 @@ def open_library(path: Path) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
     lib.px_paged_attention_bf16.restype = ctypes.c_int
+    lib.px_amx_available.argtypes, lib.px_amx_available.restype = [], ctypes.c_int
+    if hasattr(lib, "px_gemm_amx_bf16"):  # only in builds for a CPU with AMX
+        lib.px_gemm_amx_bf16.argtypes, lib.px_gemm_amx_bf16.restype = [_P, _P, _P, _P, _I, _I, _I], ctypes.c_int
     return lib
+
+
+def has_amx(lib: ctypes.CDLL) -> bool:
+    """Whether ``lib`` has the AMX GEMM and the OS lets this process use AMX tiles
+    (``PORTABLE_XY_AMX=0`` says no, e.g. to compare with the oneDNN path)."""
+    return os.environ.get("PORTABLE_XY_AMX", "1") != "0" and bool(lib.px_amx_available())
 
 
 @functools.cache
@@ -131,6 +140,36 @@ def gemv(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     n = weight.shape[0]
     y = x.new_empty(m, n)
     lib.px_gemv_bf16(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k)
+    return y
+
+
+def pack_amx(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 ``[N, K]`` weight as AMX B tiles for :func:`gemm_amx`: ``[ceil(N/16), ceil(K/32), 16,
+    16, 2]``, tile ``(nb, kb)`` row ``r`` holding ``weight[16 nb + j, 32 kb + 2 r + {0, 1}]`` for
+    ``j < 16``, zero past N and K."""
+    n, k = weight.shape
+    nb, kb = -(-n // 16), -(-k // 32)
+    padded = weight.new_zeros(nb * 16, kb * 32)
+    padded[:n, :k] = weight
+    return padded.view(nb, 16, kb, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def gemm_amx(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    tiles: torch.Tensor,
+    n: int,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` for contiguous bf16 ``x`` ``[M, K]`` (M >= 1), the weight packed by
+    :func:`pack_amx` (``n`` its rows), bias bf16 ``[n]``: fp32 sums in AMX tiles, rounded once to
+    bf16, into ``out`` (contiguous ``[M, n]``) or a new tensor. Each row's result does not depend
+    on ``M``. Only for a library where :func:`has_amx` holds."""
+    m, k = x.shape
+    y = x.new_empty(m, n) if out is None else out
+    if lib.px_gemm_amx_bf16(x.data_ptr(), tiles.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k):
+        raise MemoryError("cpu backend: out of memory for the AMX GEMM's staging buffer")
     return y
 
 

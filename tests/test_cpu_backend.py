@@ -8,9 +8,15 @@ from portable_xy.backends import AttnMetadata, cpu, get_backend
 from portable_xy.backends.cpu import attention_ref
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prepared_linear_is_bit_identical_to_f_linear(dtype):
+@pytest.mark.parametrize("dtype,amx", [(torch.float32, "1"), (torch.bfloat16, "1"), (torch.bfloat16, "0")])
+def test_prepared_linear_matches_f_linear(dtype, amx, monkeypatch):
+    """fp32 and oneDNN bf16 are bit-identical to F.linear; the C GEMMs (the AMX kernel, or the GEMV
+    of single-row steps; tests/test_cpu_native.py) sum in another order, within one bf16 rounding.
+    bf16 rows never depend on M (MKL's fp32 switches to a GEMV at M=1, so fp32 rows may)."""
+    monkeypatch.setenv("PORTABLE_XY_AMX", amx)
     be = get_backend("cpu")
+    if amx == "1" and dtype == torch.bfloat16 and not be._amx:
+        pytest.skip("this host has no AMX (or the C path is off)")
     w = torch.randn(300, 96, dtype=dtype)
     b = torch.randn(300, dtype=dtype)
     pw = be.prepare_weight(w)
@@ -18,12 +24,27 @@ def test_prepared_linear_is_bit_identical_to_f_linear(dtype):
     gemv_rows = cpu.GEMV_ROWS if be._native is not None and dtype == torch.bfloat16 else 0
     for m in (1, 2, 3, 17, 127, 300):
         y = be.linear(x[:m], pw, b)
-        if m <= gemv_rows:  # the C GEMV (tests/test_cpu_native.py): fp32 sums in another order
+        if be._amx and dtype == torch.bfloat16 or m <= gemv_rows:
             torch.testing.assert_close(y.float(), F.linear(x[:m], w, b).float(), atol=2e-2, rtol=2e-2)
-            continue
-        assert torch.equal(y, F.linear(x[:m], w, b))
-        if dtype == torch.bfloat16:  # oneDNN bf16: rows never depend on M (MKL fp32 switches to gemv at M=1)
+        else:
+            assert torch.equal(y, F.linear(x[:m], w, b))
+        if dtype == torch.bfloat16 and m > gemv_rows:
             assert torch.equal(y[:1], be.linear(x[: gemv_rows + 1], pw, b)[:1])
+
+
+def test_amx_linear_checks_its_input(monkeypatch):
+    monkeypatch.setenv("PORTABLE_XY_AMX", "1")
+    be = get_backend("cpu")
+    if not be._amx:
+        pytest.skip("this host has no AMX (or the C path is off)")
+    pw = be.prepare_weight(torch.randn(17, 96, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="bf16 activations"):
+        be.linear(torch.randn(3, 96), pw)
+    with pytest.raises(ValueError, match=r"\[17, 96\] weight"):
+        be.linear(torch.randn(3, 95, dtype=torch.bfloat16), pw)
+    assert be.linear(torch.randn(0, 96, dtype=torch.bfloat16), pw).shape == (0, 17)
+    x = torch.randn(2, 3, 96, dtype=torch.bfloat16)  # leading dims, strided rows
+    assert torch.equal(be.linear(x[:, ::2], pw), be.linear(x[:, ::2].reshape(-1, 96), pw).view(2, 2, 17))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

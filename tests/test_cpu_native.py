@@ -43,6 +43,30 @@ def test_gemv_matches_reference_and_is_row_invariant(lib, n, k):
             assert torch.equal(cpu_native.gemv(lib, x[i : i + 1], w, bias), out[i : i + 1])
 
 
+@pytest.mark.parametrize("m", [1, 3, 17, 33, 300])
+@pytest.mark.parametrize("n,k", [(1, 96), (3, 67), (17, 576), (300, 1536), (49, 31)])
+def test_amx_gemm_matches_reference_and_is_row_invariant(lib, m, n, k):
+    """bf16 x @ W.T (+ bias) on AMX tiles, for row counts below, at and past the 16-row tiles,
+    column counts inside one tile, across tiles and with a partial last pair, K multiples of 32
+    and not: within one bf16 rounding of the fp32 product of the same values, and each row equal
+    to that row computed alone or in a block of 3."""
+    if not lib.px_amx_available():
+        pytest.skip("no AMX in this build (-march) or on this host")
+    g = torch.Generator().manual_seed(m * n * k)
+    x = torch.randn(m, k, generator=g).to(BF16)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(BF16)
+    b = torch.randn(n, generator=g).to(BF16)
+    tiles = cpu_native.pack_amx(w)
+    for bias in (b, None):
+        ref = linear_ref(x.float(), w.float(), None if bias is None else bias.float())
+        out = cpu_native.gemm_amx(lib, x, tiles, n, bias, torch.full((m, n), float("nan"), dtype=BF16))
+        # fp32 sums in another order, then one rounding to bf16 (relative 2^-8)
+        assert ((out.float() - ref).abs() <= ref.abs() * 2**-7 + 1e-5).all()
+        for i in sorted({0, m // 2, m - 1}):
+            assert torch.equal(cpu_native.gemm_amx(lib, x[i : i + 1], tiles, n, bias), out[i : i + 1])
+            assert torch.equal(cpu_native.gemm_amx(lib, x[i : i + 3], tiles, n, bias), out[i : i + 3])
+
+
 @pytest.mark.parametrize("rows", [1, 3, 17, 300])
 @pytest.mark.parametrize("d", [576, 67])
 def test_rms_norm_matches_reference(lib, rows, d):
@@ -193,10 +217,12 @@ NEAR_TIE_BF16 = 0.3
 CHATS = ["What is the capital of France?", "Write a short poem about the sea.", "Explain a hash table.", "Hi!"]
 
 
-def test_bf16_engine_with_c_ops_agrees_with_torch_ops(smollm2_path, monkeypatch):
+@pytest.mark.parametrize("amx", ["1", "0"])
+def test_bf16_engine_with_c_ops_agrees_with_torch_ops(smollm2_path, monkeypatch, amx):
     """SmolLM2 in bf16 under a 64-token budget, so that steps mix long chunks, short chunks and
-    decodes, then one chat alone: every C op runs, and the greedy tokens equal those of the
-    torch-op engine up to the first near tie of a conversation, if any."""
+    decodes, then one chat alone: every C op runs (GEMMs on AMX tiles, or else single-row steps
+    on the GEMV), and the greedy tokens equal those of the torch-op engine up to the first near
+    tie of a conversation, if any."""
     from collections import Counter
 
     from portable_xy import LLM, SamplingParams
@@ -204,13 +230,19 @@ def test_bf16_engine_with_c_ops_agrees_with_torch_ops(smollm2_path, monkeypatch)
     convs = [[{"role": "user", "content": c}] for c in CHATS]
     params = SamplingParams(temperature=0, max_tokens=32, min_tokens=32, logprobs=2)
     calls: Counter = Counter()
-    for name in ("gemv", "rms_norm", "rope_", "silu_and_mul", "store_kv", "paged_attention"):
+    monkeypatch.setenv("PORTABLE_XY_AMX", amx)
+    lib = cpu_native.load()
+    if amx == "1" and not (lib is not None and cpu_native.has_amx(lib)):
+        pytest.skip("this host has no AMX (or the C path is off)")
+    gemm = "gemm_amx" if amx == "1" else "gemv"
+    ops = {gemm, "rms_norm", "rope_", "silu_and_mul", "store_kv", "paged_attention"}
+    for name in ("gemm_amx", "gemv", "rms_norm", "rope_", "silu_and_mul", "store_kv", "paged_attention"):
         fn = getattr(cpu_native, name)
         monkeypatch.setattr(cpu_native, name, lambda *a, _fn=fn, _name=name: (calls.update([_name]), _fn(*a))[1])
     make = lambda: LLM(str(smollm2_path), dtype="bfloat16", max_model_len=512, max_num_batched_tokens=64)  # noqa: E731
     run = lambda llm: llm.chat(convs, params, use_tqdm=False) + llm.chat(convs[:1], params, use_tqdm=False)  # noqa: E731
-    with_c = run(make())  # the 4 chats batched, then one alone (single-row steps: the C GEMV)
-    assert set(calls) == {"gemv", "rms_norm", "rope_", "silu_and_mul", "store_kv", "paged_attention"}
+    with_c = run(make())  # the 4 chats batched, then one alone (single-row steps)
+    assert set(calls) == ops
     calls.clear()
     monkeypatch.setattr(cpu_native, "load", lambda: None)
     with_torch = run(make())
