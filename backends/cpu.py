@@ -312,13 +312,11 @@ class CpuBackend(Backend):
         self._amx = self._native is not None and cpu_native.has_amx(self._native)
 
     def prepare_weight(self, weight):
-        # On a host with AMX every bf16 GEMM runs on our AMX kernel: against oneDNN's packed
-        # kernels, SmolLM2's 121 matrices took 12 vs 28 ms at 1 row, 17 vs 34 at 32, 53 vs 70 at
-        # 128 and 224 vs 237 at 512 (interleaved, this host), and each row's result is independent
-        # of the batch. Otherwise bf16 GEMMs run through oneDNN; packing the weight into its blocked layout once
-        # saves a reorder per call (~25% of decode time here) and is bit-identical to F.linear.
-        # fp32 stays on F.linear: oneDNN's packed fp32 path is not row-invariant across M.
-        # With the C path, the plain weight is kept too, for the GEMV of single-row steps.
+        # bf16 on a host with AMX: our AMX kernel (cpu_native.c) for every GEMM. Otherwise oneDNN,
+        # with the weight packed once into its blocked layout (saves a reorder per call, ~25% of
+        # decode time here; bit-identical to F.linear), and with the C path the plain weight too,
+        # for the GEMV of single-row steps. fp32 stays on F.linear: oneDNN's packed fp32 path is
+        # not row-invariant across M.
         if weight.dtype == torch.bfloat16 and self._amx:
             return _AmxWeight(cpu_native.pack_amx(weight), *weight.shape)
         if weight.dtype == torch.bfloat16 and _HAS_MKLDNN_PACKING:
@@ -326,17 +324,20 @@ class CpuBackend(Backend):
             return packed if self._native is None else _Bf16Weight(packed, weight.contiguous())
         return weight
 
+    def _linear_amx(self, x: torch.Tensor, weight: _AmxWeight, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.dtype != torch.bfloat16:
+            raise TypeError(f"cpu backend: a bf16 weight needs bf16 activations, got {x.dtype}")
+        if x.shape[-1] != weight.k:
+            raise ValueError(f"cpu backend: activations {tuple(x.shape)} do not fit a [{weight.n}, {weight.k}] weight")
+        rows = x.reshape(-1, weight.k).contiguous()
+        if rows.shape[0] == 0:
+            return x.new_empty(*x.shape[:-1], weight.n)
+        bias = None if bias is None else bias.contiguous()
+        return cpu_native.gemm_amx(self._native, rows, weight.tiles, weight.n, bias).view(*x.shape[:-1], weight.n)
+
     def linear(self, x, weight, bias=None):
         if isinstance(weight, _AmxWeight):
-            if x.dtype != torch.bfloat16:
-                raise TypeError(f"cpu backend: a bf16 weight needs bf16 activations, got {x.dtype}")
-            if x.shape[-1] != weight.k:
-                raise ValueError(f"cpu backend: activations {tuple(x.shape)} do not match a [{weight.n}, {weight.k}] weight")
-            rows = x.reshape(-1, x.shape[-1]).contiguous()
-            if rows.shape[0] == 0:
-                return x.new_empty(*x.shape[:-1], weight.n)
-            y = cpu_native.gemm_amx(self._native, rows, weight.tiles, weight.n, None if bias is None else bias.contiguous())
-            return y.view(*x.shape[:-1], weight.n)
+            return self._linear_amx(x, weight, bias)
         if isinstance(weight, _Bf16Weight):
             if x.shape[0] <= GEMV_ROWS and x.dtype == torch.bfloat16 and x.dim() == 2 and x.is_contiguous():
                 return cpu_native.gemv(self._native, x, weight.plain, bias)

@@ -168,7 +168,8 @@ def gemm_amx(
     on ``M``. Only for a library where :func:`has_amx` holds."""
     m, k = x.shape
     y = x.new_empty(m, n) if out is None else out
-    if lib.px_gemm_amx_bf16(x.data_ptr(), tiles.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k):
+    b = None if bias is None else bias.data_ptr()
+    if lib.px_gemm_amx_bf16(x.data_ptr(), tiles.data_ptr(), b, y.data_ptr(), m, n, k):
         raise MemoryError("cpu backend: out of memory for the AMX GEMM's staging buffer")
     return y
 
