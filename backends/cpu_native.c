@@ -1,6 +1,7 @@
-/* The cpu backend's bf16 fast path in C (built and loaded by cpu_native.py): single-row GEMV,
- * RMSNorm with the fused residual add, in-place RoPE, SiLU-and-mul and the KV-cache store of
- * small steps, and attention of short stages read straight from the paged KV cache.
+/* The cpu backend's bf16 fast path in C (built and loaded by cpu_native.py): GEMMs on AMX tiles
+ * (hosts with AMX) or else a single-row GEMV, RMSNorm with the fused residual add, in-place RoPE,
+ * SiLU-and-mul and the KV-cache store of small steps, and attention of short stages read straight
+ * from the paged KV cache.
  *
  * torch runs RMSNorm and RoPE as 5-10 separate ops over tiny [T, H] tensors; inside a decode step
  * every one of those pays 20-40 us after a GEMM has evicted the caches. Here each is one pass
