@@ -308,7 +308,7 @@ class CpuBackend(Backend):
         self._slots_all_valid = True
         self._slots_max = -1
         self._kv_copies: dict[int, _KVCopy] = {}  # by the layer's k_cache data_ptr
-        self._native = cpu_native.load()  # bf16 RMSNorm, RoPE, attention in C; None without a compiler
+        self._native = cpu_native.load()  # the bf16 ops in C (cpu_native.c); None without a compiler
         self._amx = self._native is not None and cpu_native.has_amx(self._native)
 
     def prepare_weight(self, weight):
