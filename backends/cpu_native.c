@@ -1,6 +1,6 @@
 /* The cpu backend's bf16 fast path in C (built and loaded by cpu_native.py): GEMMs on AMX tiles
  * (hosts with AMX) or else a single-row GEMV, RMSNorm with the fused residual add, in-place RoPE,
- * SiLU-and-mul and the KV-cache store of small steps, and attention of short stages read straight
+ * SiLU-and-mul of small steps, the KV-cache store, and attention of short stages read straight
  * from the paged KV cache.
  *
  * torch runs RMSNorm and RoPE as 5-10 separate ops over tiny [T, H] tensors; inside a decode step
