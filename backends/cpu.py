@@ -332,7 +332,11 @@ class CpuBackend(Backend):
         rows = x.reshape(-1, weight.k).contiguous()
         if rows.shape[0] == 0:
             return x.new_empty(*x.shape[:-1], weight.n)
-        bias = None if bias is None else bias.contiguous()
+        if bias is not None:
+            if bias.dtype != torch.bfloat16 or bias.shape != (weight.n,):
+                got = f"{bias.dtype} {tuple(bias.shape)}"
+                raise ValueError(f"cpu backend: bias {got} for a [{weight.n}, {weight.k}] bf16 weight")
+            bias = bias.contiguous()
         return cpu_native.gemm_amx(self._native, rows, weight.tiles, weight.n, bias).view(*x.shape[:-1], weight.n)
 
     def linear(self, x, weight, bias=None):

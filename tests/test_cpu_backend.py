@@ -42,6 +42,10 @@ def test_amx_linear_checks_its_input(monkeypatch):
         be.linear(torch.randn(3, 96), pw)
     with pytest.raises(ValueError, match=r"fit a \[17, 96\] weight"):
         be.linear(torch.randn(3, 95, dtype=torch.bfloat16), pw)
+    with pytest.raises(ValueError, match="bias"):
+        be.linear(torch.randn(3, 96, dtype=torch.bfloat16), pw, torch.randn(17))
+    with pytest.raises(ValueError, match="bias"):
+        be.linear(torch.randn(3, 96, dtype=torch.bfloat16), pw, torch.randn(16, dtype=torch.bfloat16))
     assert be.linear(torch.randn(0, 96, dtype=torch.bfloat16), pw).shape == (0, 17)
     x = torch.randn(2, 3, 96, dtype=torch.bfloat16)  # leading dims, strided rows
     assert torch.equal(be.linear(x[:, ::2], pw), be.linear(x[:, ::2].reshape(-1, 96), pw).view(2, 2, 17))
