@@ -18,7 +18,7 @@ from .engine.llm_engine import LLMEngine
 from .engine.model_runner import ModelRunner, kv_bytes_per_block
 from .engine.scheduler import Scheduler, SchedulerConfig
 from .models.llama import LlamaForCausalLM
-from .models.loader import load_model_files, resolve_model_path
+from .models.loader import load_gguf_tokenizer, load_model_files, resolve_model_path
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 from .spec_decode.config import SpeculativeConfig
@@ -339,7 +339,7 @@ def _load_tokenizer(path: Path, tokenizer: str | Path | None):
     if tokenizer is not None:
         return AutoTokenizer.from_pretrained(str(tokenizer))
     if path.is_file():  # GGUF: the tokenizer and chat template live in its metadata
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return load_gguf_tokenizer(path)
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:

