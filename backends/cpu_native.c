@@ -395,7 +395,7 @@ static void amx_put(const float *c, const uint16_t *bias, uint16_t *y, int64_t r
     int64_t nr = m - r0 < rows ? m - r0 : rows;
     if (c0 + 16 <= n) {
         __m512 b = _mm512_setzero_ps();
-        if (bias) b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bias + c0))), 16));
+        if (bias) b = load_bf16x16(bias + c0);
         for (int64_t r = 0; r < nr; r++) {
             __m512 v = _mm512_add_ps(_mm512_loadu_ps(c + r * 16), b);
             _mm256_storeu_si256((__m256i *)(y + (r0 + r) * n + c0), (__m256i)_mm512_cvtneps_pbh(v));

@@ -35,6 +35,12 @@ _SIGNATURES = {
 }
 
 
+def cache_root() -> Path:
+    """Where portable_xy keeps files it derives (this library; GGUF tokenizers, see
+    ``models.loader``): ``$PORTABLE_XY_CACHE``, else ``~/.cache/portable_xy``."""
+    return Path(os.environ.get("PORTABLE_XY_CACHE", Path.home() / ".cache" / "portable_xy"))
+
+
 def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -55,7 +61,7 @@ def build(march: str = "native", cache_dir: Path | None = None) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     flags = [*FLAGS, f"-march={march}"]
     key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *flags, _cpu_flags()]).encode()).hexdigest()
-    cache_dir = cache_dir or Path(os.environ.get("PORTABLE_XY_CACHE", Path.home() / ".cache" / "portable_xy"))
+    cache_dir = cache_dir or cache_root()
     lib = cache_dir / f"cpu_native-{key[:16]}.so"
     if lib.exists():
         return lib

@@ -16,19 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 MAGIC = b"GGUF"
 # metadata value types: struct code of each scalar (8: string, 9: array)
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _DTYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
            7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}  # fmt: skip
-GGML_F32, GGML_F16 = 0, 1
 
 
 @dataclass(frozen=True)
 class GGUFTensor:
     name: str
-    ggml_type: int
+    ggml_type: GGMLQuantizationType
     shape: tuple[int, ...]  # numpy order (GGUF lists the fastest dimension first)
     data: np.ndarray  # F32/F16: that dtype in ``shape``; other types: uint8 rows of packed blocks
 
@@ -98,10 +98,9 @@ class GGUFFile:
         return [self._value(etype) for _ in range(count)]
 
     def _tensor(self, name: str, dims: list[int], ggml_type: int, offset: int) -> GGUFTensor:
-        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
         try:
-            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+            qtype = GGMLQuantizationType(ggml_type)
+            block, type_size = GGML_QUANT_SIZES[qtype]
         except (ValueError, KeyError):
             raise ValueError(f"tensor {name!r} has unknown ggml type {ggml_type}") from None
         shape = tuple(reversed(dims))
@@ -112,8 +111,8 @@ class GGUFFile:
         if offset + rows * row_bytes > len(self._buf):
             raise ValueError(f"tensor {name!r} runs past the end of the file (truncated)")
         raw = np.frombuffer(self._buf, dtype=np.uint8, count=rows * row_bytes, offset=offset)
-        if ggml_type in (GGML_F32, GGML_F16):
-            data = raw.view(np.float32 if ggml_type == GGML_F32 else np.float16).reshape(shape)
+        if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            data = raw.view(np.float32 if qtype == GGMLQuantizationType.F32 else np.float16).reshape(shape)
         else:
             data = raw.reshape(*shape[:-1], row_bytes)
-        return GGUFTensor(name, ggml_type, shape, data)
+        return GGUFTensor(name, qtype, shape, data)

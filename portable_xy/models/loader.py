@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..backends.cpu_native import cache_root
 from .config import GGUF_ARCHITECTURES, ModelConfig, UnsupportedModelError
 from .gguf_file import GGUFFile
 
@@ -42,11 +43,6 @@ def default_model_path() -> Path:
             if path.is_file():
                 return path
     raise ModelLoadError(f"{DEFAULT_MODEL_FILE} not found in the installed {DEFAULT_MODEL_PACKAGE}; {hint}")
-
-
-def cache_root() -> Path:
-    """Where portable_xy keeps derived files: ``$PORTABLE_XY_CACHE``, else ``~/.cache/portable_xy``."""
-    return Path(os.environ.get("PORTABLE_XY_CACHE", Path.home() / ".cache" / "portable_xy"))
 
 
 def load_gguf_tokenizer(path: Path):
@@ -160,56 +156,52 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_field(reader: GGUFFile, key: str, default=None):
-    return reader.fields.get(key, default)
-
-
 def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    from gguf.constants import GGMLQuantizationType
     from gguf.quants import dequantize
 
     try:
         reader = GGUFFile(path)
     except (ValueError, OSError) as e:
         raise ModelLoadError(f"GGUF file {str(path)!r} is corrupt or truncated: {e}") from None
-    arch_name = _gguf_field(reader, "general.architecture")
+    field = reader.fields.get
+    arch_name = field("general.architecture")
     if arch_name not in GGUF_ARCHITECTURES:
         raise UnsupportedModelError(
             f"unsupported GGUF architecture {arch_name!r}; supported: {sorted(GGUF_ARCHITECTURES)}"
         )
     a = arch_name
     names = {t.name for t in reader.tensors}
-    heads = int(_gguf_field(reader, f"{a}.attention.head_count"))
-    hidden = int(_gguf_field(reader, f"{a}.embedding_length"))
-    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
-    vocab = int(_gguf_field(reader, f"{a}.vocab_size", len(tokens) if tokens else 0))
+    heads = int(field(f"{a}.attention.head_count"))
+    hidden = int(field(f"{a}.embedding_length"))
+    tokens = field("tokenizer.ggml.tokens")
+    vocab = int(field(f"{a}.vocab_size", len(tokens) if tokens else 0))
     rope = {}
-    if _gguf_field(reader, f"{a}.rope.scaling.type") == "linear":
-        rope = {"rope_type": "linear", "factor": float(_gguf_field(reader, f"{a}.rope.scaling.factor"))}
-    eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    if field(f"{a}.rope.scaling.type") == "linear":
+        rope = {"rope_type": "linear", "factor": float(field(f"{a}.rope.scaling.factor"))}
+    eos = field("tokenizer.ggml.eos_token_id")
     hf_cfg = {
         "architectures": [GGUF_ARCHITECTURES[a]],
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": int(_gguf_field(reader, f"{a}.feed_forward_length")),
-        "num_hidden_layers": int(_gguf_field(reader, f"{a}.block_count")),
+        "intermediate_size": int(field(f"{a}.feed_forward_length")),
+        "num_hidden_layers": int(field(f"{a}.block_count")),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(_gguf_field(reader, f"{a}.attention.head_count_kv", heads)),
-        "head_dim": int(_gguf_field(reader, f"{a}.attention.key_length", hidden // heads)),
-        "rms_norm_eps": float(_gguf_field(reader, f"{a}.attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(_gguf_field(reader, f"{a}.rope.freq_base", 10000.0)),
+        "num_key_value_heads": int(field(f"{a}.attention.head_count_kv", heads)),
+        "head_dim": int(field(f"{a}.attention.key_length", hidden // heads)),
+        "rms_norm_eps": float(field(f"{a}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(field(f"{a}.rope.freq_base", 10000.0)),
         "rope_scaling": rope,
-        "max_position_embeddings": int(_gguf_field(reader, f"{a}.context_length", 4096)),
+        "max_position_embeddings": int(field(f"{a}.context_length", 4096)),
         "tie_word_embeddings": "output.weight" not in names,
         "attention_bias": "blk.0.attn_q.bias" in names,
-        "bos_token_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        "bos_token_id": field("tokenizer.ggml.bos_token_id"),
         "eos_token_id": eos,
     }
     config = ModelConfig.from_hf(hf_cfg)
     state: dict[str, torch.Tensor] = {}
     try:
         for t in reader.tensors:
-            w = dequantize(t.data, GGMLQuantizationType(t.ggml_type)).astype(np.float32, copy=False)
+            w = dequantize(t.data, t.ggml_type).astype(np.float32, copy=False)
             if t.name.startswith("blk."):
                 _, layer, rest = t.name.split(".", 2)
                 if rest not in _GGUF_LAYER_NAMES:
