@@ -13,10 +13,12 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+if TYPE_CHECKING:  # gguf is imported only when a file is read (the ascend test venv lacks it)
+    from gguf.constants import GGMLQuantizationType
 
 MAGIC = b"GGUF"
 # metadata value types: struct code of each scalar (8: string, 9: array)
@@ -98,6 +100,8 @@ class GGUFFile:
         return [self._value(etype) for _ in range(count)]
 
     def _tensor(self, name: str, dims: list[int], ggml_type: int, offset: int) -> GGUFTensor:
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
         try:
             qtype = GGMLQuantizationType(ggml_type)
             block, type_size = GGML_QUANT_SIZES[qtype]
