@@ -1,34 +1,24 @@
-"""Backend layer: pick CPU (torch), the Triton interpreter, CUDA or Ascend NPU, plus its profile."""
+"""Backend layer: pick CPU (torch + C), the Triton interpreter, CUDA or Ascend NPU, plus its profile.
+
+=====================  =================================================================
+module                 what
+=====================  =================================================================
+``base.py``            the op interface (:class:`Backend`) and the step's token table
+``reference.py``       the pure torch definition of every op: the oracle of every test
+``cpu.py``             the ``cpu`` backend: torch ops with C fast paths (``cpu_native``)
+``triton_backend.py``  the ``interpret``, ``cuda`` and ``npu`` backends (Triton kernels)
+``device.py``          device detection and architecture names
+``profile.py``         per-vendor, per-arch tuning data (YAML) and its precedence
+``roofline.py``        device peaks and the roofline cost model the planners use
+``graphs.py``          static-shape decode steps (CUDA / NPU graphs)
+=====================  =================================================================
+"""
 
 from __future__ import annotations
 
-import torch
-
 from .base import AttnMetadata, Backend
+from .device import detect, resolve_backend_name
 from .profile import Profile, load_profile
-
-BACKENDS = ("auto", "cpu", "interpret", "cuda", "npu")
-
-
-def _npu_available() -> bool:
-    try:
-        import torch_npu  # noqa: F401
-    except ImportError:
-        return False
-    return bool(torch.npu.is_available())
-
-
-def resolve_backend_name(name: str) -> str:
-    """``auto`` picks cuda, then npu, then cpu."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend={name!r} is not one of {list(BACKENDS)}")
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if _npu_available():
-        return "npu"
-    return "cpu"
 
 
 def get_backend(name: str = "auto") -> Backend:
@@ -37,10 +27,8 @@ def get_backend(name: str = "auto") -> Backend:
     if name == "cpu":
         from .cpu import CpuBackend
 
-        profile = load_profile("cpu")
-        if profile.data.get("num_cores_from") == "cpu_threads":
-            profile = profile.with_num_cores(torch.get_num_threads())
-        return CpuBackend(torch.device("cpu"), profile)
+        info = detect(name)
+        return CpuBackend(info.device, info.profile())
     from .triton_backend import make_triton_backend
 
     return make_triton_backend(name)

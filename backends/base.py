@@ -154,3 +154,8 @@ class Backend:
 
     def synchronize(self) -> None:
         """Wait for queued device work (no-op on CPU)."""
+
+    def mem_get_info(self) -> tuple[int, int] | None:
+        """``(free, total)`` bytes of the device's memory, or None where the KV cache is not sized
+        from device memory (CPU)."""
+        return None

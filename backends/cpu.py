@@ -1,11 +1,15 @@
-"""The `cpu` backend: every op in plain torch, plus a C fast path for bf16.
+"""The ``cpu`` backend: the default execution path on machines without an accelerator.
 
-It is both the default execution path on machines without an accelerator (so it is written for
-speed: fused QKV/gate-up GEMMs upstream, batched decode attention, in-place cache writes) and the
-oracle that the Triton kernels in ``portable_xy.triton_kernels`` are tested against (so each op is
-short and states its maths: the ``*_ref`` functions). In bf16, RMSNorm, RoPE and short-stage
-attention run in C (``cpu_native.c``, built at first use with the system compiler) where one is
-available; fp32 always stays on torch ops, the exact path compared with HF transformers.
+Every op is torch written for speed (packed oneDNN weights, batched decode attention, in-place
+RoPE and cache writes), and in bf16 most run in C (``cpu_native.c``, built at first use with the
+system compiler; AMX GEMMs where the CPU has AMX). fp32 always stays on torch ops, the exact path
+compared with HF transformers. Like every backend it is tested against the definitions in
+``reference.py``; ``docs/cpu_backend.md`` explains the choices.
+
+State: the per-step plan of short stages (:class:`_BatchedPlan`) lives on the step's
+``AttnMetadata``; the one piece of state kept from step to step is the decode batch's contiguous
+K/V history (:class:`_KVCopy`, fp32 or without C), checked against the batch's sequence ids and
+lengths on every use.
 """
 
 from __future__ import annotations
@@ -17,60 +21,7 @@ import torch.nn.functional as F
 
 from . import cpu_native
 from .base import AttnMetadata, Backend
-
-
-def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return F.linear(x, weight, bias)
-
-
-def rms_norm_ref(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if residual is not None:
-        residual = x + residual  # kept in promote(x, residual): an fp32 residual stream stays fp32
-        src = residual
-    else:
-        src = x
-    xf = src.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf.to(x.dtype) * weight), residual
-
-
-def rope_ref(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    half = cos_sin.shape[-1] // 2
-    cs = cos_sin[positions]
-    cos, sin = cs[:, None, :half], cs[:, None, half:]
-
-    def rot(x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        x1, x2 = xf[..., :half], xf[..., half:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-
-    return rot(q), rot(k)
-
-
-def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-def store_kv_ref(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    keep = slot_mapping >= 0
-    if not bool(keep.all()):
-        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
-
-
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """The first ``length`` tokens of one sequence: ``[length, Hkv, D]`` read via its block table."""
-    bs = cache.shape[1]
-    nblk = (length + bs - 1) // bs
-    return cache[block_table[:nblk].long()].flatten(0, 1)[:length]
+from .reference import gather_kv, sample_ref, silu_and_mul_ref, stage_mask, store_kv_ref, tree_mask
 
 
 def _adjacent(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
@@ -87,83 +38,6 @@ def _adjacent(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     ):
         return None
     return q.as_strided((t, hq + k.shape[1], d), (row, d, 1))
-
-
-def stage_mask(q_len: int, kv_len: int, tree: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """Boolean ``[q_len, kv_len]`` visibility: all history columns, then causal (or ``tree``)
-    over the stage's own new columns."""
-    hist = kv_len - q_len
-    if tree is None:
-        rows = torch.arange(q_len, device=device)[:, None] + hist
-        return torch.arange(kv_len, device=device)[None, :] <= rows
-    mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
-    mask[:, hist:] = tree.bool()
-    return mask
-
-
-def attention_ref(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata, scale: float
-) -> torch.Tensor:
-    """Per-stage reference: gather the stage's K/V, masked softmax(QK^T * scale) V in fp32."""
-    out = torch.empty_like(q)
-    hq, hkv = q.shape[1], k_cache.shape[2]
-    starts = meta.query_start_loc.tolist()
-    for s, (q_len, kv_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-        if q_len == 0:
-            continue
-        qs = q[starts[s] : starts[s] + q_len].float()
-        k = gather_kv(k_cache, meta.block_tables[s], kv_len).float().repeat_interleave(hq // hkv, dim=1)
-        v = gather_kv(v_cache, meta.block_tables[s], kv_len).float().repeat_interleave(hq // hkv, dim=1)
-        mask = stage_mask(q_len, kv_len, _tree(meta, s, q_len), q.device)
-        scores = torch.einsum("qhd,khd->hqk", qs, k) * scale
-        scores = scores.masked_fill(~mask, float("-inf"))
-        out[starts[s] : starts[s] + q_len] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
-    return out
-
-
-def _tree(meta: AttnMetadata, s: int, q_len: int) -> torch.Tensor | None:
-    if meta.tree_mask_offsets is None:
-        return None
-    off = int(meta.tree_mask_offsets[s])
-    if off < 0:
-        return None
-    return meta.tree_masks[off : off + q_len * q_len].view(q_len, q_len)
-
-
-def sample_ref(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-    min_p: torch.Tensor,
-    uniform: torch.Tensor,
-) -> torch.Tensor:
-    """Inverse-CDF sampling over the kept set in descending-probability order; see Backend.sample."""
-    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    greedy = temperature <= 0
-    if bool(greedy.any()):
-        out[greedy] = logits[greedy].argmax(-1)
-    for i in torch.nonzero(~greedy).flatten().tolist():
-        probs = torch.softmax(logits[i].float() / float(temperature[i]), -1)
-        k = int(top_k[i])
-        if 0 < k < probs.numel():
-            vals, idx = torch.topk(probs, k)
-        else:
-            vals, idx = torch.sort(probs, descending=True, stable=True)
-        keep = torch.ones_like(vals, dtype=torch.bool)
-        p = float(top_p[i])
-        if p < 1.0:
-            # keep the smallest prefix whose mass reaches p (always at least one token)
-            before = torch.cumsum(vals, 0) - vals
-            keep &= before < p * vals.sum()
-        mp = float(min_p[i])
-        if mp > 0.0:
-            keep &= vals >= mp * vals[0]
-        vals = vals[keep]
-        cdf = torch.cumsum(vals, 0)
-        j = int(torch.searchsorted(cdf, float(uniform[i]) * cdf[-1], right=True).clamp(max=vals.numel() - 1))
-        out[i] = idx[keep][j]
-    return out
 
 
 def argmax_rows(x: torch.Tensor, chunk: int = 128) -> torch.Tensor:
@@ -248,10 +122,8 @@ class _BatchedPlan:
         return cache.index_select(0, self.table).view(len(self.stages), length, *cache.shape[2:])
 
 
-# Steps of at most this many rows run their bf16 GEMMs as the C GEMV over plain weights. Over a
-# SmolLM2 step's 121 weights (interleaved, cold) on this 2-core host: one row took 17.5 vs 30 ms
-# with oneDNN while the host was busy, 14.5 vs 15.6 ms while it was quiet; from 2 rows on oneDNN's
-# AMX kernels win (C/oneDNN time 1.2x at 2 rows, 1.8x at 8).
+# Steps of at most this many rows run their bf16 GEMMs as the C GEMV over plain weights (it reads
+# each weight once per row, so from 2 rows on oneDNN's packed kernels win; benchmarks/cpu_bandwidth.py).
 GEMV_ROWS = 1
 # Steps of at most this many rows run SiLU-and-mul in C (per-op costs dominate there); larger ones
 # stay on torch's vectorised (and threaded) SiLU.
@@ -302,11 +174,6 @@ class CpuBackend(Backend):
 
     def __init__(self, device: torch.device, profile) -> None:
         super().__init__(device, profile)
-        self._rope_key: tuple | None = None
-        self._rope_ok_key: tuple | None = None
-        self._slots_key: torch.Tensor | None = None
-        self._slots_all_valid = True
-        self._slots_max = -1
         self._kv_copies: dict[int, _KVCopy] = {}  # by the layer's k_cache data_ptr
         self._native = cpu_native.load()  # the bf16 ops in C (cpu_native.c); None without a compiler
         self._amx = self._native is not None and cpu_native.has_amx(self._native)
@@ -371,18 +238,22 @@ class CpuBackend(Backend):
 
     def rope(self, q, k, positions, cos_sin):
         qk = _adjacent(q, k)  # q and k sliced from one QKV GEMM output: rotate them in place
-        if qk is not None and qk.dtype == torch.bfloat16 and self._native_rope_ok(positions, cos_sin):
+        if (
+            qk is not None
+            and self._native is not None
+            and qk.dtype == torch.bfloat16
+            and cos_sin.dtype == torch.float32
+            and cos_sin.is_contiguous()
+            and positions.dtype == torch.int64
+            and positions.is_contiguous()
+        ):
             cpu_native.rope_(self._native, qk, positions, cos_sin)
             return q, k
-        # cos/sin rows are gathered once per step (every layer passes the same positions), laid
-        # out so that one multiply-add rotates both halves: x * [cos, cos] + [x2, x1] * [-sin, sin]
-        if self._rope_key is None or self._rope_key[0] is not positions or self._rope_key[1] is not cos_sin:
-            half = cos_sin.shape[-1] // 2
-            cs = cos_sin[positions]
-            cos, sin = cs[:, :half], cs[:, half:]
-            both = (torch.cat((cos, cos), -1)[:, None], torch.cat((-sin, sin), -1)[:, None])
-            self._rope_key = (positions, cos_sin, *both)
-        cos, sin = self._rope_key[2], self._rope_key[3]
+        # one multiply-add rotates both halves: x * [cos, cos] + [x2, x1] * [-sin, sin]
+        half = cos_sin.shape[-1] // 2
+        cs = cos_sin[positions]
+        cos, sin = cs[:, None, :half], cs[:, None, half:]
+        cos, sin = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
         t, hq, d = q.shape
         x = (torch.cat((q, k), dim=1) if qk is None else qk).float()
         out = x * cos
@@ -393,24 +264,9 @@ class CpuBackend(Backend):
         qk.copy_(out)
         return q, k
 
-    def _native_rope_ok(self, positions: torch.Tensor, cos_sin: torch.Tensor) -> bool:
-        """Whether the C RoPE can read this table at these positions (checked once per step)."""
-        if self._native is None:
-            return False
-        if self._rope_ok_key is None or self._rope_ok_key[0] is not positions or self._rope_ok_key[1] is not cos_sin:
-            ok = (
-                cos_sin.dtype == torch.float32
-                and cos_sin.is_contiguous()
-                and positions.dtype == torch.int64
-                and positions.is_contiguous()
-                and (positions.numel() == 0 or 0 <= int(positions.min()) <= int(positions.max()) < cos_sin.shape[0])
-            )
-            self._rope_ok_key = (positions, cos_sin, ok)
-        return self._rope_ok_key[2]
-
     def silu_and_mul(self, x):
-        # torch's vectorised SiLU (Sleef exp) beats the C loop on a batch (32 x 1536 values: ~40 vs
-        # ~85 us); on a few rows torch's three ops cost ~50 us in a decode step, the C one ~5
+        # torch's vectorised, threaded SiLU beats the C loop on a batch; on a few rows torch's
+        # three ops cost more than the work (SMALL_ROWS)
         if (
             self._native is not None
             and x.shape[0] <= SMALL_ROWS
@@ -422,10 +278,6 @@ class CpuBackend(Backend):
         return silu_and_mul_ref(x)
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
-        if self._slots_key is not slot_mapping:  # checked once per step, not once per layer
-            self._slots_key, self._slots_all_valid = slot_mapping, bool((slot_mapping >= 0).all())
-            self._slots_max = int(slot_mapping.max()) if slot_mapping.numel() else -1
-        # the C store is a memcpy per row: 6.6 vs 37 us at 32 rows, 23 vs 141 us at 512 here
         if (
             self._native is not None
             and k.dtype == v.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16
@@ -434,13 +286,9 @@ class CpuBackend(Backend):
             and v_cache.is_contiguous()
             and slot_mapping.dtype == torch.int64
             and slot_mapping.is_contiguous()
-            and self._slots_max < k_cache.shape[0] * k_cache.shape[1]
-        ):
+        ):  # a memcpy per row, where torch's index_copy_ pair costs several times more
             return cpu_native.store_kv(self._native, k, v, k_cache, v_cache, slot_mapping)
-        if not self._slots_all_valid:
-            return store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
-        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
-        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+        store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 
     def attention(self, q, k_cache, v_cache, meta, scale):
         plan = meta.plan
@@ -466,7 +314,7 @@ class CpuBackend(Backend):
             qs = q[a : a + q_len].transpose(0, 1)[None]
             k = gather_kv(k_cache, meta.block_tables[s], kv_len).transpose(0, 1)[None]
             v = gather_kv(v_cache, meta.block_tables[s], kv_len).transpose(0, 1)[None]
-            tree = _tree(meta, s, q_len)
+            tree = tree_mask(meta, s, q_len)
             if tree is None and kv_len == q_len:
                 o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=hq != hkv)
             else:

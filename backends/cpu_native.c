@@ -107,9 +107,11 @@ void px_rms_norm_bf16(const uint16_t *x, const float *res, float *res_out, const
 
 /* Rotate `heads` heads of d values in each of `rows` rows, in place (rotate-half RoPE):
  * [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], cos/sin = cos_sin[pos[t], :d/2], [d/2:]. */
-void px_rope_bf16(uint16_t *x, int64_t rows, int64_t heads, int64_t d, int64_t row_stride, const float *cos_sin,
-                  const int64_t *pos) {
+int px_rope_bf16(uint16_t *x, int64_t rows, int64_t heads, int64_t d, int64_t row_stride, const float *cos_sin,
+                 int64_t num_pos, const int64_t *pos) {
     int64_t half = d / 2;
+    for (int64_t t = 0; t < rows; t++)
+        if (pos[t] < 0 || pos[t] >= num_pos) return 1; /* checked before anything is rotated */
     for (int64_t t = 0; t < rows; t++) {
         const float *c = cos_sin + pos[t] * d, *s = c + half;
         for (int64_t h = 0; h < heads; h++) {
@@ -123,6 +125,7 @@ void px_rope_bf16(uint16_t *x, int64_t rows, int64_t heads, int64_t d, int64_t r
             }
         }
     }
+    return 0;
 }
 
 /* out[t] = bf16(bf16(silu(g)) * u), [g, u] = x[t] split in halves of n; x [rows, 2n], out [rows, n]
@@ -141,13 +144,16 @@ void px_silu_and_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_
 
 /* Cache rows slots[t] of k_cache and v_cache (rows of `width` values) = k[t] and v[t] (source rows
  * k_stride / v_stride values apart); negative slots are skipped (store_kv_ref). */
-void px_store_kv_bf16(const uint16_t *k, int64_t k_stride, const uint16_t *v, int64_t v_stride, uint16_t *k_cache,
-                      uint16_t *v_cache, const int64_t *slots, int64_t rows, int64_t width) {
+int px_store_kv_bf16(const uint16_t *k, int64_t k_stride, const uint16_t *v, int64_t v_stride, uint16_t *k_cache,
+                     uint16_t *v_cache, const int64_t *slots, int64_t rows, int64_t width, int64_t num_slots) {
+    for (int64_t t = 0; t < rows; t++)
+        if (slots[t] >= num_slots) return 1; /* checked before anything is written */
     for (int64_t t = 0; t < rows; t++) {
         if (slots[t] < 0) continue;
         memcpy(k_cache + slots[t] * width, k + t * k_stride, sizeof(uint16_t) * (size_t)width);
         memcpy(v_cache + slots[t] * width, v + t * v_stride, sizeof(uint16_t) * (size_t)width);
     }
+    return 0;
 }
 
 /* Scores p[r * kl + j] = qf[r] . k_j for nq query rows (fp32, pre-scaled) and the kl keys of one

@@ -22,23 +22,19 @@ from pathlib import Path
 
 import torch
 
+from .. import envs
+
 SOURCE = Path(__file__).with_name("cpu_native.c")
 FLAGS = ["-O3", "-ffp-contract=off", "-std=c11", "-shared", "-fPIC"]
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "px_rms_norm_bf16": [_P, _P, _P, _P, _P, _I, _I, _F],
-    "px_rope_bf16": [_P, _I, _I, _I, _I, _P, _P],
+    "px_rope_bf16": [_P, _I, _I, _I, _I, _P, _I, _P],
     "px_gemv_bf16": [_P, _P, _P, _P, _I, _I, _I],
     "px_silu_and_mul_bf16": [_P, _P, _I, _I],
-    "px_store_kv_bf16": [_P, _I, _P, _I, _P, _P, _P, _I, _I],
+    "px_store_kv_bf16": [_P, _I, _P, _I, _P, _P, _P, _I, _I, _I],
     "px_paged_attention_bf16": [_P, _I, _P, _P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, _F],
 }
-
-
-def cache_root() -> Path:
-    """Where portable_xy keeps files it derives (this library; GGUF tokenizers, see
-    ``models.loader``): ``$PORTABLE_XY_CACHE``, else ``~/.cache/portable_xy``."""
-    return Path(os.environ.get("PORTABLE_XY_CACHE", Path.home() / ".cache" / "portable_xy"))
 
 
 def _cpu_flags() -> str:
@@ -55,13 +51,13 @@ def build(march: str = "native", cache_dir: Path | None = None) -> Path:
     """Compile ``cpu_native.c`` for ``-march=<march>`` (if not already cached) and return the shared
     library's path. OpenMP (the attention kernel's threads) is used where the compiler has it.
     Raises ``RuntimeError`` with the compiler's message when it cannot build."""
-    cc = shutil.which(os.environ.get("CC", "cc"))
+    cc = shutil.which(envs.c_compiler())
     if cc is None:
-        raise RuntimeError(f"no C compiler: {os.environ.get('CC', 'cc')!r} is not on PATH")
+        raise RuntimeError(f"no C compiler: {envs.c_compiler()!r} is not on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     flags = [*FLAGS, f"-march={march}"]
     key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *flags, _cpu_flags()]).encode()).hexdigest()
-    cache_dir = cache_dir or cache_root()
+    cache_dir = cache_dir or envs.cache_root()
     lib = cache_dir / f"cpu_native-{key[:16]}.so"
     if lib.exists():
         return lib
@@ -88,7 +84,8 @@ def open_library(path: Path) -> ctypes.CDLL:
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
-    lib.px_paged_attention_bf16.restype = ctypes.c_int
+    for name in ("px_paged_attention_bf16", "px_rope_bf16", "px_store_kv_bf16"):
+        getattr(lib, name).restype = ctypes.c_int
     lib.px_amx_available.argtypes, lib.px_amx_available.restype = [], ctypes.c_int
     if hasattr(lib, "px_gemm_amx_bf16"):  # only in builds for a CPU with AMX
         lib.px_gemm_amx_bf16.argtypes, lib.px_gemm_amx_bf16.restype = [_P, _P, _P, _P, _I, _I, _I], ctypes.c_int
@@ -98,13 +95,13 @@ def open_library(path: Path) -> ctypes.CDLL:
 def has_amx(lib: ctypes.CDLL) -> bool:
     """Whether ``lib`` has the AMX GEMM and the OS lets this process use AMX tiles
     (``PORTABLE_XY_AMX=0`` says no, e.g. to compare with the oneDNN path)."""
-    return os.environ.get("PORTABLE_XY_AMX", "1") != "0" and bool(lib.px_amx_available())
+    return envs.amx_enabled() and bool(lib.px_amx_available())
 
 
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The loaded library, or ``None`` (with one warning saying why) when it cannot be built."""
-    if os.environ.get("PORTABLE_XY_NATIVE", "1") == "0":
+    if not envs.native_enabled():
         return None
     try:
         return open_library(build())
@@ -116,7 +113,7 @@ def load() -> ctypes.CDLL | None:
 def rms_norm(
     lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`cpu.rms_norm_ref` for bf16 ``x`` ``[T, D]`` and weight, fp32 residual (or none)."""
+    """:func:`reference.rms_norm_ref` for bf16 ``x`` ``[T, D]`` and weight, fp32 residual (or none)."""
     out = torch.empty_like(x)
     res_out = None if residual is None else torch.empty_like(residual)
     lib.px_rms_norm_bf16(
@@ -134,9 +131,14 @@ def rms_norm(
 
 def rope_(lib: ctypes.CDLL, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
     """Rotate, in place, the bf16 heads ``x`` ``[T, H, D]`` (strides ``(any, D, 1)``);
-    ``cos_sin`` fp32 ``[P, D]``, ``positions`` int64 ``[T]``, as :func:`cpu.rope_ref`."""
+    ``cos_sin`` fp32 ``[P, D]`` contiguous, ``positions`` int64 ``[T]`` contiguous, as
+    :func:`reference.rope_ref`. A position outside ``[0, P)`` raises before anything is rotated."""
     rows, heads, d = x.shape
-    lib.px_rope_bf16(x.data_ptr(), rows, heads, d, x.stride(0), cos_sin.data_ptr(), positions.data_ptr())
+    status = lib.px_rope_bf16(
+        x.data_ptr(), rows, heads, d, x.stride(0), cos_sin.data_ptr(), cos_sin.shape[0], positions.data_ptr()
+    )
+    if status:
+        raise IndexError(f"rope: a position is outside the cos/sin table of {cos_sin.shape[0]} rows")
 
 
 def gemv(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -181,7 +183,7 @@ def gemm_amx(
 
 
 def silu_and_mul(lib: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
-    """:func:`cpu.silu_and_mul_ref` for a contiguous bf16 ``[T, 2N]`` matrix."""
+    """:func:`reference.silu_and_mul_ref` for a contiguous bf16 ``[T, 2N]`` matrix."""
     rows, n = x.shape[0], x.shape[1] // 2
     out = x.new_empty(rows, n)
     lib.px_silu_and_mul_bf16(x.data_ptr(), out.data_ptr(), rows, n)
@@ -196,13 +198,17 @@ def store_kv(
     v_cache: torch.Tensor,
     slots: torch.Tensor,
 ) -> None:
-    """:func:`cpu.store_kv_ref`: bf16 ``k``/``v`` ``[T, Hkv, D]`` (rows may be strided) into the
-    contiguous caches at int64 ``slots`` (-1: skipped; the others must be in range)."""
+    """:func:`reference.store_kv_ref`: bf16 ``k``/``v`` ``[T, Hkv, D]`` (rows may be strided) into
+    the contiguous caches at int64 ``slots`` (-1: skipped). A slot past the cache raises before
+    anything is written."""
     width = k.shape[1] * k.shape[2]
-    lib.px_store_kv_bf16(
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    status = lib.px_store_kv_bf16(
         k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-        slots.data_ptr(), k.shape[0], width,
+        slots.data_ptr(), k.shape[0], width, num_slots,
     )  # fmt: skip
+    if status:
+        raise IndexError(f"store_kv: a slot is past the cache's {num_slots} slots")
 
 
 def paged_attention(

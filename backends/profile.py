@@ -9,6 +9,8 @@ Precedence, lowest to highest (later files override keys of earlier ones, dicts 
    (default ``~/.cache/portable_xy/profiles``), same ``<vendor>/<arch>.yaml`` layout
    (``<vendor>/default.yaml`` when no arch is given, e.g. the ``interpret`` backend).
 
+An ``arch`` without a shipped file of its own skips step 3 (``backends/device.py`` names archs).
+
 A tuned file starts with header fields (:data:`TUNED_HEADER_KEYS`): ``device`` (the device name it
 was timed on), ``triton_version`` / ``triton_package`` and ``kernel_source_hash`` (of the kernel
 modules). They are metadata, not profile data: the loader removes them (``Profile.tuned`` keeps
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +32,12 @@ from typing import Any
 
 import yaml
 
+from ..envs import tuned_profile_dir
+
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
 # Header fields of a tuned profile file (not merged into the profile data).
 TUNED_HEADER_KEYS = ("device", "triton_version", "triton_package", "kernel_source_hash", "tuned_at", "tuner")
-# Kernel tooling that does not change what the kernels compute or how fast they run.
-_HASH_EXCLUDE = {"aot.py"}
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -47,10 +48,6 @@ def _deep_merge(base: dict, over: dict) -> dict:
         else:
             out[key] = copy.deepcopy(val)
     return out
-
-
-def tuned_profile_dir() -> Path:
-    return Path(os.environ.get("PORTABLE_XY_PROFILE_DIR", Path.home() / ".cache" / "portable_xy" / "profiles"))
 
 
 def kernel_source_dir() -> Path:
@@ -64,11 +61,11 @@ def kernel_source_dir() -> Path:
 
 
 def kernel_source_hash() -> str:
-    """``sha256:<hex>`` over the kernel modules' sources (file names and bytes, sorted)."""
+    """``sha256:<hex>`` over the kernel modules' sources (file names and bytes, sorted). The kernel
+    package holds kernels, their wrappers and launch helpers only (AOT specs and other tooling live
+    in ``portable_xy.tools``), so only a change to what runs invalidates a tuning."""
     h = hashlib.sha256()
     for path in sorted(kernel_source_dir().glob("*.py")):
-        if path.name in _HASH_EXCLUDE:
-            continue
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return "sha256:" + h.hexdigest()[:16]
 
@@ -141,7 +138,7 @@ class Profile:
         return Profile(self.vendor, self.arch, data, list(self.sources), copy.deepcopy(self.tuned))
 
 
-def _vendor_files(vendor: str, arch: str | None) -> list[Path]:
+def _vendor_files(vendor: str, arch: str | None, tuned: bool) -> list[Path]:
     files = [PROFILE_DIR / "default.yaml"]
     vdir = PROFILE_DIR / vendor
     if vdir.is_dir():
@@ -150,23 +147,26 @@ def _vendor_files(vendor: str, arch: str | None) -> list[Path]:
             files.append(vdir / f"{arch}.yaml")
     else:
         files.append(PROFILE_DIR / f"{vendor}.yaml")
-    # tuned file: <vendor>/<arch>.yaml, or <vendor>/default.yaml for arch-less vendors (interpret)
-    files.append(tuned_profile_dir() / vendor / f"{arch or 'default'}.yaml")
+    if tuned:  # <vendor>/<arch>.yaml, or <vendor>/default.yaml for arch-less vendors (interpret)
+        files.append(tuned_profile_dir() / vendor / f"{arch or 'default'}.yaml")
     return files
 
 
-def load_profile(vendor: str, arch: str | None = None, device_name: str | None = None) -> Profile:
+def load_profile(
+    vendor: str, arch: str | None = None, device_name: str | None = None, tuned: bool = True
+) -> Profile:
     """Resolve the profile for ``vendor`` (``cpu``, ``interpret``, ``cuda``, ``ascend``) and
     ``arch`` (``sm80``, ``sm90``, ``910b``, ``910_93``...), applying the precedence above.
-    ``device_name``: when given, a tuned file timed on another device is ignored too."""
+    ``device_name``: when given, a tuned file timed on another device is ignored too.
+    ``tuned=False``: the shipped files only."""
     known = sorted(p.stem if p.is_file() else p.name for p in PROFILE_DIR.iterdir() if p.stem != "default")
     if not (PROFILE_DIR / vendor).is_dir() and not (PROFILE_DIR / f"{vendor}.yaml").is_file():
         raise ValueError(f"no profile for vendor {vendor!r}; known vendors: {known}")
     data: dict[str, Any] = {}
     sources = []
-    tuned = None
-    files = _vendor_files(vendor, arch)
-    tuned_path = files[-1]
+    header_applied = None
+    files = _vendor_files(vendor, arch, tuned)
+    tuned_path = files[-1] if tuned else None
     for path in files:
         if path.is_file():
             with open(path) as f:
@@ -183,7 +183,7 @@ def load_profile(vendor: str, arch: str | None = None, device_name: str | None =
                         stacklevel=2,
                     )
                     continue
-                tuned = header
+                header_applied = header
             data = _deep_merge(data, layer)
             sources.append(str(path))
-    return Profile(vendor=vendor, arch=arch, data=data, sources=sources, tuned=tuned)
+    return Profile(vendor=vendor, arch=arch, data=data, sources=sources, tuned=header_applied)

@@ -11,11 +11,12 @@ profile:
   ``portable_xy`` imports triton earlier). If triton or the kernels were already imported
   without it, this raises a clear error instead of failing inside a kernel. fp32/fp16 only:
   the interpreter has no bfloat16.
-* ``cuda``: device ``cuda``, profile ``cuda/sm<cc>`` from
-  ``triton.runtime.driver.active.get_current_target()`` (``cuda/default`` for archs without a
+* ``cuda``: device ``cuda``, profile ``cuda/sm<cc>`` (``cuda/default`` for archs without a
   file), core count = SM count.
 * ``npu``: Ascend via ``torch_npu`` + triton-ascend, profile ``ascend/910b`` or
-  ``ascend/910_93`` from the target arch string, core count = ``num_aicore``.
+  ``ascend/910_93`` from the SoC name, core count = ``num_aicore``.
+
+Device detection and the arch names are :mod:`portable_xy.backends.device`'s.
 
 Kernel modules are imported lazily (inside :func:`make_triton_backend`), and the Meta-Attention
 module only when attention is first planned or run.
@@ -25,21 +26,18 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 from types import SimpleNamespace
 
 import torch
 
+from .. import envs
 from .base import AttnMetadata, Backend
-from .profile import Profile, load_profile
+from .device import detect, require
+from .profile import Profile
 
 _KERNELS = ("smooth_gemm", "rms_norm", "rope", "activation", "kv_cache", "sampling")
 _PKG = "portable_xy.triton_kernels"
-
-
-def _env_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _imported_kernel_mode() -> str | None:
@@ -71,7 +69,7 @@ def _triton_mode() -> str | None:
 
 def _load_kernels(interpret: bool) -> SimpleNamespace:
     if interpret and "triton" not in sys.modules:
-        os.environ["TRITON_INTERPRET"] = "1"  # before the checks below import triton
+        envs.set_triton_interpret(True)  # before the checks below import triton
     mode = _imported_kernel_mode()
     if interpret:
         if mode == "compiled" or _triton_mode() == "compiled":
@@ -82,9 +80,9 @@ def _load_kernels(interpret: bool) -> SimpleNamespace:
                 "it is interpreted, so set TRITON_INTERPRET=1 before anything imports triton (e.g. in the "
                 "environment of the process), or use a fresh process."
             )
-        os.environ["TRITON_INTERPRET"] = "1"
+        envs.set_triton_interpret(True)
     else:
-        if _env_interpret() or mode == "interpret" or _triton_mode() == "interpret":
+        if envs.triton_interpret() or mode == "interpret" or _triton_mode() == "interpret":
             raise RuntimeError(
                 "TRITON_INTERPRET=1 is set (or the kernels were imported under it): Triton kernels in this "
                 "process run in the CPU interpreter. Unset TRITON_INTERPRET and use a fresh process for a "
@@ -175,89 +173,40 @@ class TritonBackend(Backend):
         elif self.device.type == "npu":
             torch.npu.synchronize()
 
+    def mem_get_info(self) -> tuple[int, int] | None:
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)
+        if self.device.type == "npu":
+            return torch.npu.mem_get_info(self.device)
+        return None
+
 
 # ------------------------------------------------------------------------------------------------
 # construction
 # ------------------------------------------------------------------------------------------------
 
 
-def cuda_profile_arch(cc: int) -> str | None:
-    """``sm<cc>`` when a profile file exists for it, else None (``cuda/default``)."""
-    from .profile import PROFILE_DIR
-
-    arch = f"sm{cc}"
-    return arch if (PROFILE_DIR / "cuda" / f"{arch}.yaml").is_file() else None
-
-
-def ascend_profile_arch(target_arch: str) -> str | None:
-    """``Ascend910B3`` -> ``910b``; ``Ascend910_9382`` -> ``910_93``; anything else -> None."""
-    a = str(target_arch).lower().replace("ascend", "")
-    if a.startswith("910_93"):
-        return "910_93"
-    if a.startswith("910b"):
-        return "910b"
-    return None
-
-
-def _with_cores(profile: Profile, source: str, value) -> Profile:
-    if profile.data.get("num_cores_from") == source and value:
-        return profile.with_num_cores(int(value))
-    return profile
-
-
-def _make_interpret() -> TritonBackend:
-    kernels = _load_kernels(interpret=True)
-    return TritonBackend("interpret", torch.device("cpu"), load_profile("interpret"), kernels)
-
-
-def _make_cuda() -> TritonBackend:
-    if not torch.cuda.is_available():
-        raise RuntimeError("backend 'cuda' needs an NVIDIA GPU visible to torch (torch.cuda.is_available() is False)")
-    kernels = _load_kernels(interpret=False)
-    import triton
-
-    target = triton.runtime.driver.active.get_current_target()
-    if target.backend != "cuda":
-        raise RuntimeError(f"backend 'cuda': the active Triton driver targets {target.backend!r}, not CUDA")
-    dev = torch.device("cuda", torch.cuda.current_device())
-    profile = load_profile("cuda", cuda_profile_arch(int(target.arch)))
-    profile = _with_cores(profile, "sm_count", torch.cuda.get_device_properties(dev).multi_processor_count)
-    return TritonBackend("cuda", dev, profile, kernels)
-
-
-def _make_npu() -> TritonBackend:
-    try:
-        import torch_npu  # noqa: F401
-    except ImportError as e:
-        raise RuntimeError(
-            "backend 'npu' needs torch_npu (Ascend's PyTorch plugin) and triton-ascend: "
-            "pip install 'portable-xy[ascend]' on a machine with CANN; torch_npu could not be imported "
-            f"({e})"
-        ) from e
-    if importlib.util.find_spec("triton.backends.ascend") is None:
+def make_triton_backend(name: str) -> TritonBackend:
+    """Build the ``interpret``, ``cuda`` or ``npu`` backend (see the module doc): the device is
+    checked first, then the kernels are imported in the matching Triton mode, then the device's
+    profile is resolved."""
+    if name not in ("interpret", "cuda", "npu"):
+        raise ValueError(f"not a Triton backend: {name!r} (choose from ['cuda', 'interpret', 'npu'])")
+    require(name)
+    if name == "npu" and importlib.util.find_spec("triton.backends.ascend") is None:
         raise RuntimeError(
             "backend 'npu': the installed triton is upstream Triton, not triton-ascend (they cannot coexist: "
             "uninstall both, then install triton-ascend)"
         )
-    if not torch.npu.is_available():
-        raise RuntimeError("backend 'npu': torch_npu is installed but no NPU is available")
-    kernels = _load_kernels(interpret=False)
-    import triton
+    kernels = _load_kernels(interpret=name == "interpret")
+    if name == "cuda":
+        import triton
 
-    dev_index = torch.npu.current_device()
-    target = triton.runtime.driver.active.get_current_target()
-    profile = load_profile("ascend", ascend_profile_arch(target.arch))
-    props = triton.runtime.driver.active.utils.get_device_properties(dev_index)
-    profile = _with_cores(profile, "num_aicore", props.get("num_aicore"))
-    return TritonBackend("npu", torch.device("npu", dev_index), profile, kernels)
+        target = triton.runtime.driver.active.get_current_target()
+        if target.backend != "cuda":
+            raise RuntimeError(f"backend 'cuda': the active Triton driver targets {target.backend!r}, not CUDA")
+    info = detect(name)
+    return TritonBackend(name, info.device, info.profile(), kernels)
 
 
-def make_triton_backend(name: str) -> TritonBackend:
-    """Build the ``interpret``, ``cuda`` or ``npu`` backend (see the module doc)."""
-    makers = {"interpret": _make_interpret, "cuda": _make_cuda, "npu": _make_npu}
-    if name not in makers:
-        raise ValueError(f"not a Triton backend: {name!r} (choose from {sorted(makers)})")
-    return makers[name]()
-
-
-__all__ = ["TritonBackend", "ascend_profile_arch", "cuda_profile_arch", "make_triton_backend"]
+__all__ = ["TritonBackend", "make_triton_backend"]

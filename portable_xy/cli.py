@@ -1,10 +1,12 @@
-"""The ``portable-xy`` command: generate text, and the kernel tooling subcommands."""
+"""The ``portable-xy`` command: generate text; ``kernels`` and ``bench`` are the tooling commands of
+:mod:`portable_xy.tools`, imported only when one of them runs."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+TOOL_COMMANDS = ("kernels", "bench")  # registered by portable_xy.tools
 DEMO_PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about a GPU and an NPU sharing one kernel.",
@@ -40,13 +42,14 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``portable-xy`` argument parser with every subcommand registered."""
+def build_parser(tools: bool = True) -> argparse.ArgumentParser:
+    """The ``portable-xy`` argument parser; ``tools=False`` leaves out the tooling commands (and
+    their imports)."""
     parser = argparse.ArgumentParser(prog="portable-xy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text with a model (default: SmolLM2-135M-Instruct)")
-    gen.add_argument("--model", default=None, help="HF model directory or .gguf file (default: SmolLM2)")
+    gen.add_argument("--model", default=None, help="HF model directory, .gguf file or hub id (default: SmolLM2)")
     gen.add_argument("--backend", default="auto")
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--max-tokens", type=int, default=64)
@@ -54,22 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", help="a chat prompt (repeatable); default: a built-in set")
     gen.set_defaults(func=_generate)
 
-    kernels = sub.add_parser("kernels", help="Triton kernel tooling (AOT report, offline tuner)")
-    ksub = kernels.add_subparsers(dest="kernels_command", required=True)
-    from .backends.tuner import add_tune_command
-    from .triton_kernels.aot import add_aot_report_command
+    if tools:
+        from .tools import add_tool_commands
 
-    add_aot_report_command(ksub)
-    add_tune_command(ksub)
-
-    from .bench import add_bench_command
-
-    add_bench_command(sub)
+        add_tool_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    wants_tools = not argv or argv[0] in TOOL_COMMANDS or argv[0].startswith("-")
+    args = build_parser(tools=wants_tools).parse_args(argv)
     return int(args.func(args) or 0)
 
 

@@ -53,6 +53,17 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < 1e-5
 
+    @property
+    def can_speculate(self) -> bool:
+        """Whether drafts may be verified for these params: not when sampling keeps per-token
+        state (logprobs, repetition / presence / frequency penalties)."""
+        return (
+            self.logprobs is None
+            and self.repetition_penalty == 1.0
+            and not self.presence_penalty
+            and not self.frequency_penalty
+        )
+
     def _verify(self) -> None:
         def bad(name: str, want: str) -> ValueError:
             return ValueError(f"SamplingParams.{name} {want}, got {getattr(self, name)!r}")

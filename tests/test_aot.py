@@ -189,7 +189,7 @@ def test_interpret_mode_process_is_refused(tmp_path):
     code = (
         "import os; os.environ['TRITON_INTERPRET'] = '1'\n"
         "import triton\n"
-        "from portable_xy.triton_kernels import aot\n"
+        "from portable_xy.tools import aot\n"
         "try:\n"
         "    aot.aot_report(['sm_80'], specs=lambda p: [])\n"
         "except RuntimeError as e:\n"

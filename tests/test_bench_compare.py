@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from portable_xy.bench import kernels as bk
-from portable_xy.bench.compare import by_case, compare, speedup
 from portable_xy.cli import main
+from portable_xy.tools.bench import kernels as bk
+from portable_xy.tools.bench.compare import by_case, compare, speedup
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

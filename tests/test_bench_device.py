@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-from portable_xy.bench import kernels as bk
-from portable_xy.bench.impls import attention_impls
-from portable_xy.bench.shapes import mixed_step
+from portable_xy.tools.bench import kernels as bk
+from portable_xy.tools.bench.impls import attention_impls
+from portable_xy.tools.bench.shapes import mixed_step
 
 DEVICES = [pytest.param("cuda", marks=pytest.mark.cuda), pytest.param("npu", marks=pytest.mark.npu)]
 

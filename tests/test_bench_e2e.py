@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from portable_xy.bench import e2e
 from portable_xy.cli import main
+from portable_xy.tools.bench import e2e
 
 
 def test_synthetic_workload_is_seeded_and_clipped():

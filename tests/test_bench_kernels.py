@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from portable_xy.backends import get_backend
-from portable_xy.backends.cpu import stage_mask
-from portable_xy.bench import kernels as bk
-from portable_xy.bench.impls import attention_impls
-from portable_xy.bench.shapes import attention_cases, gemm_shapes, mixed_step
+from portable_xy.backends.reference import stage_mask
 from portable_xy.cli import main
+from portable_xy.tools.bench import kernels as bk
+from portable_xy.tools.bench.impls import attention_impls
+from portable_xy.tools.bench.shapes import attention_cases, gemm_shapes, mixed_step
 
 
 def test_model_shapes_per_rank():
@@ -115,7 +115,7 @@ def test_interpret_tiny_run_uses_the_triton_kernels():
 
 
 def test_a_failing_call_is_recorded_and_the_run_goes_on(monkeypatch):
-    from portable_xy.bench import impls
+    from portable_xy.tools.bench import impls
 
     real = impls.gemm_impls
 
@@ -161,4 +161,4 @@ def test_bench_package_is_packaged():
 
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    assert "portable_xy.bench" in pyproject["tool"]["setuptools"]["packages"]
+    assert "portable_xy.tools.bench" in pyproject["tool"]["setuptools"]["packages"]

@@ -7,11 +7,11 @@ import math
 
 import pytest
 
-from portable_xy.bench.padding import analyse_profile, fixed_tile, load_shipped
-from portable_xy.bench.shapes import gemm_shapes
 from portable_xy.cli import main
-from portable_xy.triton_kernels.smooth_gemm import menu as menu_tiles
-from portable_xy.triton_kernels.smooth_gemm import plan_gemm
+from portable_xy.tools.bench.padding import analyse_profile, fixed_tile, load_shipped
+from portable_xy.tools.bench.shapes import gemm_shapes
+from portable_xy.triton_kernels.gemm_plan import menu as menu_tiles
+from portable_xy.triton_kernels.gemm_plan import plan_gemm
 
 M_MAX = 48
 

@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from portable_xy.bench.roofline import DeviceSpec, StageShape, device_spec, step_time
-from portable_xy.bench.sim_metrics import Slo, completion_rate, summarize
-from portable_xy.bench.simulate import SimConfig, SimResult, simulate
-from portable_xy.bench.trace import Request, load_trace, mean_rate, rescale, synthetic_trace
 from portable_xy.cli import main
+from portable_xy.tools.bench.sim_metrics import Slo, completion_rate, summarize
+from portable_xy.tools.bench.simulate import SimConfig, SimResult, simulate
+from portable_xy.tools.bench.step_model import DeviceSpec, StageShape, device_spec, step_time
+from portable_xy.tools.bench.trace import Request, load_trace, mean_rate, rescale, synthetic_trace
 
 POLICIES = ("tokenwise", "prefill_first", "decode_first")
 

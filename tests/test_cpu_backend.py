@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from portable_xy.backends import AttnMetadata, cpu, get_backend
-from portable_xy.backends.cpu import attention_ref
+from portable_xy.backends.reference import attention_ref
 
 
 @pytest.mark.parametrize("dtype,amx", [(torch.float32, "1"), (torch.bfloat16, "1"), (torch.bfloat16, "0")])
@@ -125,7 +125,7 @@ def test_mixed_stage_attention_matches_reference(dtype, tol):
 @pytest.mark.parametrize("x_dtype,res_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("rows", [1, 3, 17])
 def test_rms_norm_fast_path_matches_reference(x_dtype, res_dtype, rows):
-    from portable_xy.backends.cpu import rms_norm_ref
+    from portable_xy.backends.reference import rms_norm_ref
 
     be = get_backend("cpu")
     x = torch.randn(rows, 576).to(x_dtype)
@@ -147,7 +147,7 @@ def test_rms_norm_fast_path_matches_reference(x_dtype, res_dtype, rows):
 def test_rope_matches_reference_in_place_and_not(dtype, rows):
     """q and k sliced from one QKV output are rotated in place; separate tensors are not touched.
     Both give the reference's values bit for bit, and V's columns are left alone."""
-    from portable_xy.backends.cpu import rope_ref
+    from portable_xy.backends.reference import rope_ref
 
     be = get_backend("cpu")
     hq, hkv, d = 6, 2, 16

@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from portable_xy.backends import AttnMetadata, cpu_native
-from portable_xy.backends.cpu import attention_ref, linear_ref, rms_norm_ref, rope_ref, silu_and_mul_ref, store_kv_ref
+from portable_xy.backends.reference import (
+    attention_ref,
+    linear_ref,
+    rms_norm_ref,
+    rope_ref,
+    silu_and_mul_ref,
+    store_kv_ref,
+)
 
 BF16 = torch.bfloat16
 ARCHES = ["native"] + (["x86-64"] if platform.machine() == "x86_64" else [])

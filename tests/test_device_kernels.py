@@ -4,7 +4,7 @@ Marked ``cuda`` / ``npu``; skipped cleanly on machines without the hardware (lik
 import pytest
 import torch
 
-from portable_xy.backends import cpu as ref
+from portable_xy.backends import reference as ref
 
 
 def _device_backend(name: str):

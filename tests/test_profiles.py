@@ -250,3 +250,29 @@ def test_profile_file_must_be_a_mapping(fake_tree):
     (fake_tree / "acme" / "bad.yaml").write_text("- just\n- a list\n")
     with pytest.raises(ValueError, match="must hold a mapping"):
         load_profile("acme", "bad")
+
+
+ASCEND_SOCS = ["Ascend910B1", "Ascend910B2", "Ascend910B3", "Ascend910B4", "Ascend910_9382", "Ascend910_9391",
+               "Ascend910C", "Ascend310P3", "Ascend910A", ""]  # fmt: skip
+
+
+def test_every_detected_arch_has_a_profile_or_the_documented_fallback():
+    """Whatever arch name backends/device.py returns, the profile resolves: the arch file where one
+    is shipped, else the vendor default (and a tuned file would be written and read under the
+    same name, see test_tuner)."""
+    from portable_xy.backends.device import DeviceInfo, ascend_arch, cuda_arch, shipped_arch_file
+
+    names = {("cuda", cuda_arch(cc)) for cc in (70, 75, 80, 86, 87, 89, 90, 100, 120)}
+    names |= {("ascend", ascend_arch(soc)) for soc in ASCEND_SOCS}
+    assert ascend_arch("Ascend910C") == ascend_arch("Ascend910_9382") == "910_93"  # one mapping for A3 parts
+    for vendor, arch in sorted(names, key=str):
+        path = shipped_arch_file(vendor, arch)
+        backend = {"cuda": "cuda", "ascend": "npu"}[vendor]
+        profile = DeviceInfo(backend, None, "test", arch).profile(tuned=False)
+        vendor_default = str(PROFILE_DIR / vendor / "default.yaml")
+        assert vendor_default in profile.sources
+        if path is None:
+            assert profile.sources[-1] == vendor_default, (arch, profile.sources)
+        else:
+            assert profile.sources[-1] == str(path) and path.stem == arch
+    assert {a for v, a in names if shipped_arch_file(v, a)} == {"sm80", "sm90", "910b", "910_93"}

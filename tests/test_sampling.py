@@ -5,7 +5,7 @@ import torch
 from tiny_models import random_prompts
 
 from portable_xy import SamplingParams
-from portable_xy.backends.cpu import sample_ref
+from portable_xy.backends.reference import sample_ref
 
 PROMPTS = [{"prompt_token_ids": p} for p in random_prompts(3, [5, 12, 30], seed=7)]
 

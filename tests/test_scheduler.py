@@ -5,6 +5,7 @@ just counts), the budget holds, blocks never leak and every request ends with it
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -25,19 +26,15 @@ class FakeEngine:
 
     def __init__(self, cfg: SchedulerConfig, num_blocks: int, caching: bool, token_wise: bool, spec_k: int, seed: int):
         self.bm = BlockManager(num_blocks, BS, caching, token_wise)
-        self.spec_k = spec_k
-        self.sched = Scheduler(self.bm, cfg, self.num_spec)
+        self.sched = Scheduler(self.bm, dataclasses.replace(cfg, num_speculative_tokens=spec_k))
         self.kv = [-1] * (num_blocks * BS)  # token id stored at each slot
         self.rng = random.Random(seed)
         self.want: dict[int, int] = {}  # seq id -> output length
         self.done: dict[int, Sequence] = {}
         self.next_id = 0
 
-    def num_spec(self, seq: Sequence) -> int:
-        return max(0, min(self.spec_k, self.want[seq.seq_id] - seq.num_output_tokens - 1))
-
     def add(self, prompt: list[int], out_len: int, priority: int = 0) -> Sequence:
-        params = SamplingParams(temperature=0)
+        params = SamplingParams(temperature=0, max_tokens=out_len)  # the scheduler verifies < out_len drafts
         seq = Sequence(self.next_id, str(self.next_id), 0, prompt, params, None, RequestMetrics(0.0), priority)
         self.want[seq.seq_id] = out_len
         self.next_id += 1
@@ -52,7 +49,7 @@ class FakeEngine:
         batch = self.sched.schedule()
         assert batch.total_tokens <= cfg.max_num_batched_tokens
         assert len({s.seq.seq_id for s in batch.stages}) == len(batch.stages)
-        for src, dst in self.bm.take_pending_copies():
+        for src, dst in batch.block_copies:
             self.kv[dst * BS : (dst + 1) * BS] = self.kv[src * BS : (src + 1) * BS]
         new: dict[int, list[int]] = {}
         rejected: dict[int, int] = {}

@@ -11,7 +11,7 @@ import torch
 from tiny_models import random_prompts
 
 from portable_xy import LLM, SamplingParams
-from portable_xy.backends.cpu import sample_ref
+from portable_xy.backends.reference import sample_ref
 from portable_xy.engine.sequence import Sequence
 from portable_xy.outputs import RequestMetrics
 from portable_xy.spec_decode import filtered_probs, verify_drafts

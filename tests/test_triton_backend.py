@@ -1,7 +1,8 @@
-"""The Triton backends as a whole: ``get_backend("interpret")`` builds, its ops match the ``cpu``
-backend, attention is delegated to Meta-Attention with the agreed API, bf16 / missing torch_npu /
-missing GPU / wrong import order give clear errors, and a tiny model generates the same tokens as
-on the ``cpu`` backend (with the reference attention standing in for Meta-Attention)."""
+"""The Triton backends as a whole: ``get_backend("interpret")`` builds, its ops match the
+reference backend (``backends/reference.py``), attention is delegated to Meta-Attention with the
+agreed API, bf16 / missing torch_npu / missing GPU / wrong import order give clear errors, and a
+tiny model generates the same tokens as on the ``cpu`` backend (with the reference attention
+standing in for Meta-Attention)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from portable_xy.backends import get_backend
 from portable_xy.backends import triton_backend as tb
 from portable_xy.backends.base import AttnMetadata
-from portable_xy.backends.cpu import attention_ref
+from portable_xy.backends.reference import ReferenceBackend, attention_ref
 
 # not importorskip: importing triton here, before TRITON_INTERPRET=1, would make it unusable for
 # the interpreter in this process
@@ -35,8 +36,8 @@ def be():
 
 
 @pytest.fixture(scope="module")
-def cpu():
-    return get_backend("cpu")
+def ref():
+    return ReferenceBackend()
 
 
 def _close(a, b):
@@ -53,7 +54,7 @@ def test_interpret_backend_builds(be):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_ops_match_cpu_backend(be, cpu, dtype):
+def test_ops_match_reference(be, ref, dtype):
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
 
     def rnd(*shape, scale=1.0):
@@ -62,27 +63,27 @@ def test_ops_match_cpu_backend(be, cpu, dtype):
     T, H, HQ, HK, D = 19, 64, 4, 2, 16
     x, w, b = rnd(T, H), rnd(96, H, scale=0.125), rnd(96)
     for bias in (None, b):
-        _close(be.linear(x, w, bias), cpu.linear(x, w, bias))
+        _close(be.linear(x, w, bias), ref.linear(x, w, bias))
     nw, res = rnd(H, scale=0.1) + 1, rnd(T, H)
     y, r = be.rms_norm(x, nw, 1e-6, res)
-    y_ref, r_ref = cpu.rms_norm(x, nw, 1e-6, res)
+    y_ref, r_ref = ref.rms_norm(x, nw, 1e-6, res)
     _close(y, y_ref)
     _close(r, r_ref)
-    _close(be.rms_norm(x, nw, 1e-6)[0], cpu.rms_norm(x, nw, 1e-6)[0])
+    _close(be.rms_norm(x, nw, 1e-6)[0], ref.rms_norm(x, nw, 1e-6)[0])
     qkv = rnd(T, (HQ + 2 * HK) * D)
     q, k, v = qkv.split([HQ * D, HK * D, HK * D], dim=-1)
     q, k, v = q.reshape(T, HQ, D), k.reshape(T, HK, D), v.reshape(T, HK, D)
     pos = torch.randint(0, 100, (T,), generator=g)
     cos_sin = torch.randn(128, D, generator=g)
-    for got, want in zip(be.rope(q, k, pos, cos_sin), cpu.rope(q, k, pos, cos_sin)):
+    for got, want in zip(be.rope(q, k, pos, cos_sin), ref.rope(q, k, pos, cos_sin)):
         _close(got, want)
     gu = rnd(T, 2 * 40, scale=2.0)
-    _close(be.silu_and_mul(gu), cpu.silu_and_mul(gu))
+    _close(be.silu_and_mul(gu), ref.silu_and_mul(gu))
     caches = [torch.zeros(8, 16, HK, D, dtype=dtype) for _ in range(4)]
     slots = torch.randperm(128, generator=g)[:T]
     slots[::4] = -1
     be.store_kv(k, v, caches[0], caches[1], slots)
-    cpu.store_kv(k, v, caches[2], caches[3], slots)
+    ref.store_kv(k, v, caches[2], caches[3], slots)
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
     n = 5
     logits = 2 * torch.randn(n, 300, generator=g)
@@ -94,7 +95,7 @@ def test_ops_match_cpu_backend(be, cpu, dtype):
         torch.tensor([0.0, 0.0, 0.0, 0.0, 0.1]),
         torch.rand(n, generator=g),
     )
-    assert be.sample(*args).tolist() == cpu.sample(*args).tolist()
+    assert be.sample(*args).tolist() == ref.sample(*args).tolist()
 
 
 def test_bf16_is_a_clear_error(be):
@@ -192,12 +193,15 @@ def test_interpret_after_the_cli_parser_is_built():
 
 
 def test_profile_arch_mapping():
-    assert tb.ascend_profile_arch("Ascend910B3") == "910b"
-    assert tb.ascend_profile_arch("Ascend910B1") == "910b"
-    assert tb.ascend_profile_arch("Ascend910_9382") == "910_93"
-    assert tb.ascend_profile_arch("Ascend310B1") is None
-    assert tb.cuda_profile_arch(80) == "sm80" and tb.cuda_profile_arch(90) == "sm90"
-    assert tb.cuda_profile_arch(86) is None  # -> cuda/default.yaml
+    from portable_xy.backends.device import ascend_arch, cuda_arch, shipped_arch_file
+
+    assert ascend_arch("Ascend910B3") == "910b"
+    assert ascend_arch("Ascend910B1") == "910b"
+    assert ascend_arch("Ascend910_9382") == "910_93"
+    assert shipped_arch_file("ascend", ascend_arch("Ascend310B1")) is None  # -> ascend/default.yaml
+    assert cuda_arch(80) == "sm80" and cuda_arch((9, 0)) == "sm90"
+    assert shipped_arch_file("cuda", cuda_arch(80)).name == "sm80.yaml"
+    assert shipped_arch_file("cuda", cuda_arch(86)) is None  # -> cuda/default.yaml
     with pytest.raises(ValueError):
         tb.make_triton_backend("cpu")
 

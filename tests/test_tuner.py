@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from portable_xy.backends import profile as prof_mod
-from portable_xy.backends import tuner
 from portable_xy.backends.profile import load_profile
+from portable_xy.tools import tune as tuner
 
 HEADER = ("device", "triton_version", "triton_package", "kernel_source_hash", "tuned_at", "tuner")
 
@@ -42,7 +42,7 @@ def test_dry_run_writes_keyed_profile_at_tuned_location(tuned_dir):
     assert doc["triton_version"] == ver and doc["triton_package"] == pkg
     assert doc["device"].startswith("dry-run")
     tiles = doc["gemm"]["tiles"]
-    assert 1 <= len(tiles) <= len(tuner.shipped_profile("cuda", "sm90").gemm["tiles"])
+    assert 1 <= len(tiles) <= len(load_profile("cuda", "sm90", tuned=False).gemm["tiles"])
     assert len({t["BLOCK_K"] for t in tiles}) == 1  # one BLOCK_K per menu (bit-exact rows)
     for t in tiles:
         assert all(t[k] % 16 == 0 for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
@@ -106,7 +106,7 @@ def test_stale_tuned_file_is_ignored(tuned_dir, change):
         p = load_profile("cuda", "sm80")
     assert p.tuned is None
     assert str(path) not in p.sources
-    assert p.gemm["tiles"] == tuner.shipped_profile("cuda", "sm80").gemm["tiles"]
+    assert p.gemm["tiles"] == load_profile("cuda", "sm80", tuned=False).gemm["tiles"]
 
 
 def test_device_name_mismatch_is_ignored(tuned_dir):
@@ -119,16 +119,21 @@ def test_device_name_mismatch_is_ignored(tuned_dir):
 
 
 def test_kernel_source_hash_tracks_sources(tmp_path, monkeypatch):
-    src = tmp_path / "triton_kernels"
+    """The hash covers the kernel package; tooling (AOT specs, the tuner) lives outside it."""
+    src, tools = tmp_path / "triton_kernels", tmp_path / "tools"
     src.mkdir()
+    tools.mkdir()
     (src / "k.py").write_text("x = 1\n")
-    (src / "aot.py").write_text("tooling\n")
+    (tools / "aot_specs.py").write_text("tooling\n")
     monkeypatch.setattr(prof_mod, "kernel_source_dir", lambda: src)
     h1 = prof_mod.kernel_source_hash()
-    (src / "aot.py").write_text("tooling changed\n")  # tooling does not invalidate tunings
+    (tools / "aot_specs.py").write_text("tooling changed\n")  # tooling does not invalidate tunings
     assert prof_mod.kernel_source_hash() == h1
     (src / "k.py").write_text("x = 2\n")
     assert prof_mod.kernel_source_hash() != h1
+    monkeypatch.undo()
+    kernels = {p.stem for p in prof_mod.kernel_source_dir().glob("*.py")}
+    assert not kernels & {"aot", "aot_specs", "tune", "tuner"}, kernels  # the real layout
 
 
 def test_choose_menu_prefers_per_problem_best():
@@ -179,12 +184,13 @@ rc = main(["kernels", "tune", "--backend", "interpret", "--shapes", "64x64", "--
            "--menu-size", "2", "--warmup", "0", "--reps", "1", "--no-attention"])
 assert rc == 0, rc
 from portable_xy.triton_kernels import smooth_gemm as sg  # after the tuner set TRITON_INTERPRET=1
+from portable_xy.triton_kernels.gemm_plan import single_tile_plan
 
 p = load_profile("interpret")
 assert p.tuned is not None, p.sources
 x, w = torch.randn(20, 64), torch.randn(64, 64)
 for t in p.gemm["tiles"]:
-    y = sg.smooth_gemm(x, w, None, p, sg.single_tile_plan(20, 64, 64, t, p))
+    y = sg.smooth_gemm(x, w, None, p, single_tile_plan(20, 64, 64, t, p))
     torch.testing.assert_close(y, x @ w.T, rtol=1e-4, atol=1e-4)
 print("E2E-OK", p.gemm["tiles"])
 """
@@ -220,3 +226,15 @@ def test_interpret_refused_after_compiled_import(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", sys.modules.get("triton") or object())
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         tuner._enter_interpret_mode()
+
+
+@pytest.mark.parametrize("backend,soc_or_cc", [("npu", "Ascend910C"), ("npu", "Ascend910_9382"), ("cuda", 89)])
+def test_tuned_file_lands_where_the_backend_reads(tuned_dir, backend, soc_or_cc):
+    """The tuner names the file by the arch backends/device.py detects, and the backend's profile
+    on that device loads it (also for archs without a shipped file, e.g. sm89)."""
+    from portable_xy.backends.device import DeviceInfo, ascend_arch, cuda_arch
+
+    arch = ascend_arch(soc_or_cc) if backend == "npu" else cuda_arch(soc_or_cc)
+    path = tuner.tune(backend, dry_run=True, arch=arch, attention=False, log=_quiet)
+    profile = DeviceInfo(backend, None, "test", arch).profile()
+    assert profile.sources[-1] == str(path) and profile.tuned is not None

@@ -1,6 +1,6 @@
 """SiLU-and-mul (the gated MLP activation of Llama-family models).
 
-Torch reference: ``portable_xy.backends.cpu.silu_and_mul_ref``::
+Torch reference: ``portable_xy.backends.reference.silu_and_mul_ref``::
 
     gate, up = x.chunk(2, -1);  y = silu(gate) * up      # silu computed in fp32, rounded to
                                                           # x.dtype, then multiplied in x.dtype
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rms_norm import launch_options, support_programs
+from .launch import launch_options, support_programs
 
 
 @triton.jit
@@ -65,18 +65,3 @@ def silu_and_mul(x: torch.Tensor, profile=None, out: torch.Tensor | None = None)
         **(launch_options(profile) if profile is not None else {}),
     )  # fmt: skip
     return y.reshape(*lead, n_cols)
-
-
-def aot_specs(profile) -> list[dict]:
-    s = profile.data.get("support") or {}
-    dts = ["fp16"] + (["bf16"] if (profile.data.get("supports") or {}).get("bf16", True) else [])
-    specs = []
-    for ty in dts:
-        sig = {"x_ptr": f"*{ty}", "y_ptr": f"*{ty}", "n_rows": "i32", "n_cols": "i32", "stride_xm": "i32",
-               "stride_ym": "i32", "num_programs": "i32", "BLOCK_I": "constexpr"}  # fmt: skip
-        specs.append(dict(
-            name=f"silu_and_mul_{ty}", fn=silu_and_mul_kernel, signature=sig,
-            constexprs={"BLOCK_I": int(s.get("block_i", 1024))}, num_warps=int(s.get("num_warps", 4)),
-            num_stages=1, expect_tensor_cores=False, divisible_by_16=["n_cols", "stride_xm", "stride_ym"],
-        ))  # fmt: skip
-    return specs

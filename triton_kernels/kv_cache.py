@@ -1,6 +1,6 @@
 """Paged KV-cache store by slot mapping.
 
-Torch reference: ``portable_xy.backends.cpu.store_kv_ref`` (semantics of ``Backend.store_kv``)::
+Torch reference: ``portable_xy.backends.reference.store_kv_ref`` (semantics of ``Backend.store_kv``)::
 
     for t with slot_mapping[t] >= 0:  cache.view(-1, Hkv, D)[slot_mapping[t]] = kv[t]
 
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rms_norm import launch_options, support_programs
+from .launch import launch_options, support_programs
 
 
 @triton.jit
@@ -75,20 +75,3 @@ def store_kv(
         BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(D),
         **(launch_options(profile) if profile is not None else {}),
     )  # fmt: skip
-
-
-def aot_specs(profile) -> list[dict]:
-    """fp16/bf16, 8 KV heads of 128."""
-    s = profile.data.get("support") or {}
-    dts = ["fp16"] + (["bf16"] if (profile.data.get("supports") or {}).get("bf16", True) else [])
-    specs = []
-    for ty in dts:
-        sig = {"k_ptr": f"*{ty}", "v_ptr": f"*{ty}", "kc_ptr": f"*{ty}", "vc_ptr": f"*{ty}", "slot_ptr": "*i64",
-               "T": "i32", "H": "i32", "D": "i32", "stride_kt": "i32", "stride_kh": "i32", "stride_vt": "i32",
-               "stride_vh": "i32", "num_programs": "i32", "BLOCK_H": "constexpr", "BLOCK_D": "constexpr"}  # fmt: skip
-        specs.append(dict(
-            name=f"store_kv_{ty}", fn=store_kv_kernel, signature=sig, constexprs={"BLOCK_H": 8, "BLOCK_D": 128},
-            num_warps=int(s.get("num_warps", 4)), num_stages=1, expect_tensor_cores=False,
-            divisible_by_16=["D", "stride_kt", "stride_kh", "stride_vt", "stride_vh"],
-        ))  # fmt: skip
-    return specs

@@ -1,7 +1,7 @@
 """Meta-Attention: one Triton launch computes attention for any mix of prefill, prefill-with-history
 (prefix hit or later chunk), decode and verify (chain or tree) stages over the paged KV cache.
 
-Torch reference: ``portable_xy.backends.cpu.attention_ref``.
+Torch reference: ``portable_xy.backends.reference.attention_ref``.
 
 Layouts
   q, out          ``[T, Hq, D]`` (any token/head strides, unit last stride)
@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .smooth_gemm import launch_kwargs
+from .launch import launch_kwargs
 from .task_table import (
     MAX_LAUNCH_TILES,
     UNIT_FIELDS,
@@ -58,7 +58,6 @@ from .task_table import (
     build_decode_task_table,
     build_task_table,
     choose_num_splits,
-    launch_tiles,
 )
 
 UNIT_WIDTH = tl.constexpr(len(UNIT_FIELDS))
@@ -311,11 +310,11 @@ def _num_warps(att: dict, block_m: int, head_dim: int) -> int:
     return int(warps.get(block_m, warps.get(str(block_m), default)))
 
 
-def _tree_max_q_tile(att: dict) -> int:
+def tree_max_q_tile(att: dict) -> int:
     return int(att.get("tree_max_q_tile") or 64)
 
 
-def _launch_options(att: dict, block_m: int, head_dim: int) -> dict:
+def attention_launch_options(att: dict, block_m: int, head_dim: int) -> dict:
     """Compile options of a launch whose largest query tile is ``block_m``."""
     opts = {"num_warps": _num_warps(att, block_m, head_dim), "num_stages": int(att.get("num_stages", 2))}
     return {**opts, **(att.get("options") or {})}
@@ -346,7 +345,7 @@ def plan_attention(meta, num_heads: int, num_kv_heads: int, profile) -> Attentio
     block_n = int(att["kv_tile"])
     has_tree = meta.tree_mask_offsets is not None
     if has_tree:  # the per-element tree-mask gather costs registers: smaller tiles
-        menu = [t for t in menu if t <= _tree_max_q_tile(att)] or menu[:1]
+        menu = [t for t in menu if t <= tree_max_q_tile(att)] or menu[:1]
     split_cfg = att.get("split_kv") or {}
     num_splits = 1
     if not has_tree:
@@ -404,7 +403,7 @@ def meta_attention(
     (:class:`~portable_xy.backends.base.AttnMetadata`), in one launch (plus one reduce launch on
     the split-KV path). ``plan`` comes from :func:`plan_attention` for the same ``meta``.
     Returns ``out [T, Hq, D]`` (``q``'s dtype; written in place when given). Reference:
-    ``portable_xy.backends.cpu.attention_ref``."""
+    ``portable_xy.backends.reference.attention_ref``."""
     t, hq, d = q.shape
     if hq != plan.num_q_heads or k_cache.shape[2] != plan.num_kv_heads:
         raise ValueError(
@@ -425,7 +424,7 @@ def meta_attention(
         part_acc = torch.empty(parts, d, dtype=torch.float32, device=q.device)
     else:
         part_m = part_l = part_acc = dummy
-    kw = launch_kwargs(_launch_options(plan.attention, plan.launch_tiles[-1], d))
+    kw = launch_kwargs(attention_launch_options(plan.attention, plan.launch_tiles[-1], d))
     m0, m1, m2, m3 = plan.launch_tiles
     meta_attention_kernel[(table.num_cores,)](
         q, k_cache, v_cache, out,
@@ -448,51 +447,3 @@ def meta_attention(
             SPLITS_P2=triton.next_power_of_2(table.num_splits), HEAD_DIM=d, **launch_kwargs({"num_warps": 4}),
         )  # fmt: skip
     return out
-
-
-# -------------------------------------------------------------------------------------------------
-# AOT compile specs (``portable-xy kernels aot-report``)
-# -------------------------------------------------------------------------------------------------
-_PTR_ARGS = ("q_ptr", "k_ptr", "v_ptr", "o_ptr")
-_I32_PTR_ARGS = ("units_ptr", "segments_ptr", "q_start_ptr", "seq_lens_ptr", "tables_ptr", "tree_off_ptr")
-_STRIDE_ARGS = ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "stride_ks", "stride_kh",
-                "stride_vb", "stride_vs", "stride_vh")  # fmt: skip
-
-
-def aot_specs(profile) -> list[dict]:
-    """The launch variants the profile produces, per dtype (fp16, bf16 where supported) and head
-    dim (64, 128), GQA group 4: ``full`` (every menu tile: a mixed step with a long prefill),
-    ``tree`` (the tree-mask variant over the tree menu), ``decode_split`` (the smallest tile alone,
-    writing split-KV partials), plus the split-KV reduce kernel."""
-    att = profile.attention
-    menu = sorted(int(t) for t in att["q_tiles"])
-    tree_menu = [t for t in menu if t <= _tree_max_q_tile(att)] or menu[:1]
-    variants = [("full", menu, False, False), ("tree", tree_menu, True, False), ("decode_split", menu[:1], False, True)]
-    dts = ["fp16"] + (["bf16"] if (profile.data.get("supports") or {}).get("bf16", True) else [])
-    specs = []
-    for ty in dts:
-        for head_dim in (64, 128):
-            for label, tiles, tree, split in variants:
-                m = launch_tiles(tiles)
-                cx = dict(GROUP=4, HEAD_DIM=head_dim, M_TILE0=m[0], M_TILE1=m[1], M_TILE2=m[2], M_TILE3=m[3],
-                          BLOCK_N=int(att["kv_tile"]), KV_BLOCK=int(profile.kv_block_size), HAS_TREE=tree,
-                          SPLIT=split, FP32_IEEE=False)  # fmt: skip
-                sig = {p: f"*{ty}" for p in _PTR_ARGS}
-                sig.update({p: "*i32" for p in _I32_PTR_ARGS})
-                sig.update({"tree_ptr": "*i8", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32"})
-                sig.update({k: "i32" for k in (*_STRIDE_ARGS, "stride_bt", "num_q_heads", "num_splits")})
-                sig["scale"] = "fp32"
-                opts = _launch_options(att, m[-1], head_dim)
-                specs.append(dict(
-                    name=f"meta_attention_{ty}_d{head_dim}_{label}", fn=meta_attention_kernel, signature=sig,
-                    constexprs=cx, num_warps=opts.pop("num_warps"), num_stages=opts.pop("num_stages"),
-                    expect_tensor_cores=True, divisible_by_16=list(_STRIDE_ARGS), options=opts,
-                ))  # fmt: skip
-        cx = dict(SPLITS_P2=8, HEAD_DIM=128)
-        sig = {"part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32", "o_ptr": f"*{ty}"}
-        ints = ("n_rows", "num_q_heads", "num_splits", "stride_ot", "stride_oh", "num_programs")
-        sig.update({k: "i32" for k in ints})
-        specs.append(dict(name=f"split_kv_reduce_{ty}", fn=split_kv_reduce_kernel, signature=sig, constexprs=cx,
-                          num_warps=4, num_stages=1, expect_tensor_cores=False,
-                          divisible_by_16=["stride_ot", "stride_oh"]))  # fmt: skip
-    return specs

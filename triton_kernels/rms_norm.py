@@ -1,6 +1,6 @@
 """RMSNorm with an optional fused residual add.
 
-Torch reference: ``portable_xy.backends.cpu.rms_norm_ref`` (semantics of ``Backend.rms_norm``)::
+Torch reference: ``portable_xy.backends.reference.rms_norm_ref`` (semantics of ``Backend.rms_norm``)::
 
     r = x + residual            (in x.dtype; only with a residual, and returned)
     y = (r.float() * rsqrt(mean(r.float()^2) + eps)).to(x.dtype) * weight
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .smooth_gemm import launch_kwargs
+from .launch import launch_options, support_programs
 
 
 @triton.jit
@@ -64,27 +64,6 @@ def rms_norm_kernel(
             w = tl.load(w_ptr + d0 + cols, mask=mask, other=0.0)
             y = (x.to(tl.float32) * rstd).to(x_ptr.dtype.element_ty) * w
             tl.store(y_ptr + out_row + d0 + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def support_programs(n_tasks: int, profile, section: str = "support") -> int:
-    """Grid size for a task loop: one program per task, or -- when the profile section says
-    ``persistent`` (Ascend) -- at most ``num_cores * programs_per_core`` programs."""
-    s = profile.data.get(section) or {}
-    if not s.get("persistent", False):
-        return max(1, n_tasks)
-    cap = max(1, int(profile.num_cores) * int(s.get("programs_per_core", 1)))
-    return max(1, min(n_tasks, cap))
-
-
-def launch_options(profile, section: str = "support") -> dict:
-    """``num_warps``/``num_stages`` (CUDA) and ``options`` (e.g. Ascend compile options); empty
-    under the interpreter."""
-    s = profile.data.get(section) or {}
-    opts = dict(s.get("options") or {})
-    for k in ("num_warps", "num_stages"):
-        if k in s:
-            opts[k] = int(s[k])
-    return launch_kwargs(opts)
 
 
 def _rows_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
@@ -144,27 +123,3 @@ def rms_norm(
         **(launch_options(profile) if profile is not None else {}),
     )  # fmt: skip
     return y, r_out
-
-
-_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def aot_specs(profile) -> list[dict]:
-    """fp16/bf16, hidden size 4096 in chunks of ``support.block_d``, with and without residual."""
-    s = profile.data.get("support") or {}
-    block_d = min(4096, int(s.get("block_d", 4096)))
-    nw = int(s.get("num_warps", 4))
-    dts = ["fp16"] + (["bf16"] if (profile.data.get("supports") or {}).get("bf16", True) else [])
-    specs = []
-    for ty in dts:
-        for has_res in (False, True):
-            sig = {"x_ptr": f"*{ty}", "res_ptr": f"*{ty}", "w_ptr": f"*{ty}", "y_ptr": f"*{ty}",
-                   "r_out_ptr": f"*{ty}", "n_rows": "i32", "H": "i32", "D": "i32", "stride_xt": "i32",
-                   "stride_xh": "i32", "stride_rt": "i32", "stride_rh": "i32", "eps": "fp32",
-                   "num_programs": "i32", "BLOCK_D": "constexpr", "HAS_RESIDUAL": "constexpr"}  # fmt: skip
-            specs.append(dict(
-                name=f"rms_norm_{ty}{'_res' if has_res else ''}", fn=rms_norm_kernel, signature=sig,
-                constexprs={"BLOCK_D": block_d, "HAS_RESIDUAL": has_res}, num_warps=nw, num_stages=1,
-                expect_tensor_cores=False, divisible_by_16=["D", "stride_xt", "stride_rt"],
-            ))  # fmt: skip
-    return specs

@@ -1,6 +1,6 @@
 """Neox-style rotary position embedding of q and k in one launch.
 
-Torch reference: ``portable_xy.backends.cpu.rope_ref`` (semantics of ``Backend.rope``). With
+Torch reference: ``portable_xy.backends.reference.rope_ref`` (semantics of ``Backend.rope``). With
 ``half = D / 2``, ``c = cos_sin[pos, :half]``, ``s = cos_sin[pos, half:]`` and ``x1 = x[:half]``,
 ``x2 = x[half:]`` of every head (computed in fp32, stored in the input dtype)::
 
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rms_norm import launch_options, support_programs
+from .launch import launch_options, support_programs
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def rope_kernel(
                     HALF, BLOCK_HK, BLOCK_HALF)  # fmt: skip
 
 
-def _block_h(n_heads: int, profile) -> int:
+def block_h(n_heads: int, profile) -> int:
     cap = int(((profile.data.get("support") or {}) if profile is not None else {}).get("block_h", 16))
     return max(1, min(triton.next_power_of_2(n_heads), cap))
 
@@ -104,26 +104,7 @@ def rope(
         q, k, qo, ko, positions, cos_sin,
         T, HQ, HK, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin.stride(0), progs,
         HALF=D // 2, BLOCK_HALF=triton.next_power_of_2(D // 2),
-        BLOCK_HQ=_block_h(HQ, profile), BLOCK_HK=_block_h(HK, profile),
+        BLOCK_HQ=block_h(HQ, profile), BLOCK_HK=block_h(HK, profile),
         **(launch_options(profile) if profile is not None else {}),
     )  # fmt: skip
     return qo, ko
-
-
-def aot_specs(profile) -> list[dict]:
-    """fp16/bf16, head_dim 128, 32 q heads and 8 kv heads (Llama-3-8B-like)."""
-    s = profile.data.get("support") or {}
-    dts = ["fp16"] + (["bf16"] if (profile.data.get("supports") or {}).get("bf16", True) else [])
-    specs = []
-    for ty in dts:
-        sig = {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "qo_ptr": f"*{ty}", "ko_ptr": f"*{ty}", "pos_ptr": "*i64",
-               "cs_ptr": "*fp32", "T": "i32", "HQ": "i32", "HK": "i32", "stride_qt": "i32", "stride_qh": "i32",
-               "stride_kt": "i32", "stride_kh": "i32", "stride_cs": "i32", "num_programs": "i32"}  # fmt: skip
-        cx = {"HALF": 64, "BLOCK_HALF": 64, "BLOCK_HQ": _block_h(32, profile), "BLOCK_HK": _block_h(8, profile)}
-        sig.update({k: "constexpr" for k in cx})
-        specs.append(dict(
-            name=f"rope_{ty}_d128", fn=rope_kernel, signature=sig, constexprs=cx,
-            num_warps=int(s.get("num_warps", 4)), num_stages=1, expect_tensor_cores=False,
-            divisible_by_16=["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_cs"],
-        ))  # fmt: skip
-    return specs

@@ -1,6 +1,6 @@
 """Token sampling: greedy argmax, or temperature + top-k + top-p + min-p by inverse CDF.
 
-Torch reference: ``portable_xy.backends.cpu.sample_ref`` (semantics of ``Backend.sample``). Per
+Torch reference: ``portable_xy.backends.reference.sample_ref`` (semantics of ``Backend.sample``). Per
 row, with ``p = softmax(logits / T)``:
 
 * ``T <= 0``: ``argmax(logits)`` (first index among equal maxima).
@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rms_norm import launch_options, support_programs
+from .launch import launch_options, support_programs
 
 
 @triton.jit
@@ -261,17 +261,3 @@ def sample(
         BLOCK_V=block_v, **(launch_options(profile, "sampling") if profile is not None else {}),
     )  # fmt: skip
     return out
-
-
-def aot_specs(profile) -> list[dict]:
-    s = profile.data.get("sampling") or {}
-    sig = {"logits_ptr": "*fp32", "temp_ptr": "*fp32", "topk_ptr": "*i32", "topp_ptr": "*fp32", "minp_ptr": "*fp32",
-           "u_ptr": "*fp32", "out_ptr": "*i64", "N": "i32", "V": "i32", "stride_l": "i32", "num_programs": "i32",
-           "BLOCK_V": "constexpr"}  # fmt: skip
-    return [
-        dict(
-            name="sample", fn=sample_kernel, signature=sig, constexprs={"BLOCK_V": int(s.get("block_v", 4096))},
-            num_warps=int(s.get("num_warps", 4)), num_stages=1, expect_tensor_cores=False,
-            divisible_by_16=["V", "stride_l"],
-        )
-    ]  # fmt: skip

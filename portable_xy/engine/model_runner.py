@@ -1,21 +1,38 @@
-"""Runs one forward pass over a step's stages: builds the token table (AttnMetadata) from
-``(sequence, start, tokens)`` inputs, runs the model on the paged KV cache, returns logits."""
+"""The model runner: one model's weights, its paged KV cache and its decode graphs, and the
+forward pass of a step (the scheduler's stages in, fp32 logits out).
+
+It owns everything that lives on the device: it builds the backend (unless given one), loads the
+weights, sizes and allocates the KV cache, and captures decode graphs where the backend has them.
+A runner is built from an :class:`~portable_xy.config.EngineConfig` alone, so another process can
+rebuild the same one from a pickled config.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..backends import AttnMetadata, Backend
-from ..backends.graphs import DecodeGraphRunner
+from ..backends import AttnMetadata, Backend, get_backend
+from ..backends.graphs import make_decode_graph_runner
+from ..models.config import ModelConfig
 from ..models.llama import LlamaForCausalLM
+from ..models.loader import load_model_files
+from .scheduler import ScheduledBatch, Stage
 from .sequence import Sequence
 
+if TYPE_CHECKING:
+    from ..config import EngineConfig
 
-def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
-    c = model.config
-    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * torch.empty((), dtype=dtype).element_size()
+DEFAULT_KV_CACHE_BYTES = 2**30  # on CPU, when neither num_kv_blocks nor kv_cache_memory_gb is set
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of K and V for ``block_size`` tokens over all layers."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
 
 
 @dataclass
@@ -29,23 +46,71 @@ class StageInput:
     num_logits: int
 
 
+def stage_input(st: Stage) -> StageInput:
+    """A scheduled stage's tokens: its slice of the sequence, plus the drafts of a verify stage."""
+    seq = st.seq
+    toks = seq.token_ids[st.start : st.start + st.num_tokens]
+    if st.kind == "V":
+        toks = toks + seq.draft_token_ids
+    return StageInput(seq, st.start, toks, st.num_logits)
+
+
 class ModelRunner:
+    """Weights, KV cache and decode graphs of one model (the target, or a draft model with
+    ``model_path``, sharing the target's ``backend`` and block layout via ``num_kv_blocks``)."""
+
     def __init__(
-        self, model: LlamaForCausalLM, backend: Backend, num_blocks: int, block_size: int, dtype: torch.dtype
+        self,
+        config: EngineConfig,
+        backend: Backend | None = None,
+        model_path: Path | None = None,
+        num_kv_blocks: int | None = None,
     ) -> None:
-        self.model = model
-        self.backend = backend
-        self.block_size = block_size
-        c = model.config
-        shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        self.config = config
+        self.backend = backend if backend is not None else get_backend(config.backend)
+        model_config, state = load_model_files(model_path or config.model_path)
+        self.model = LlamaForCausalLM(model_config, state, self.backend, config.dtype, config.max_model_len)
+        del state
+        self.block_size = config.block_size
+        self.num_kv_blocks = num_kv_blocks or self._num_kv_blocks()
+        c = model_config
+        shape = (self.num_kv_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        dev = self.backend.device
         self.kv_caches = [
-            (
-                torch.zeros(shape, dtype=dtype, device=backend.device),
-                torch.zeros(shape, dtype=dtype, device=backend.device),
-            )
+            (torch.zeros(shape, dtype=config.dtype, device=dev), torch.zeros(shape, dtype=config.dtype, device=dev))
             for _ in range(c.num_layers)
         ]
-        self.graphs: DecodeGraphRunner | None = None  # static-shape decode steps (set by LLM: enforce_eager)
+        self.graphs = make_decode_graph_runner(
+            self.backend, self._hidden, c.num_heads, c.num_kv_heads, self.block_size, config.max_model_len,
+            config.enforce_eager,
+        )  # fmt: skip
+
+    def _num_kv_blocks(self) -> int:
+        """``num_kv_blocks``, else ``kv_cache_memory_gb``, else on a GPU / NPU
+        ``gpu_memory_utilization`` of its memory minus what is in use, else 1 GiB; at least one
+        ``max_model_len`` sequence must fit."""
+        cfg = self.config
+        per_block = kv_bytes_per_block(self.model.config, cfg.block_size, cfg.dtype)
+        mem = self.backend.mem_get_info()
+        if cfg.num_kv_blocks is not None:
+            n = cfg.num_kv_blocks
+        elif cfg.kv_cache_memory_gb is not None:
+            n = max(1, int(cfg.kv_cache_memory_gb * 2**30 // per_block))
+        elif mem is not None:
+            free, total = mem
+            n = max(1, int((free - (1 - cfg.gpu_memory_utilization) * total) // per_block))
+        else:
+            n = max(1, DEFAULT_KV_CACHE_BYTES // per_block)
+        need = -(-cfg.max_model_len // cfg.block_size)
+        if n < need:
+            raise ValueError(
+                f"num_kv_blocks={n} cannot hold one max_model_len={cfg.max_model_len} sequence "
+                f"({need} blocks of {cfg.block_size} tokens); raise the KV budget or lower max_model_len"
+            )
+        return n
+
+    def _hidden(self, input_ids: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+        return self.model.forward(input_ids, meta, self.kv_caches)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole KV blocks ``src -> dst`` in every layer (copy-on-write prefix reuse), in order."""
@@ -53,6 +118,12 @@ class ModelRunner:
             for k_cache, v_cache in self.kv_caches:
                 k_cache[dst].copy_(k_cache[src])
                 v_cache[dst].copy_(v_cache[src])
+
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Run a scheduled step: its pending block copies, then its stages. Returns the fp32 logits
+        of each stage's ``num_logits`` rows, stage after stage."""
+        self.copy_blocks(batch.block_copies)
+        return self.forward([stage_input(st) for st in batch.stages])
 
     def build_metadata(self, inputs: list[StageInput]) -> tuple[torch.Tensor, AttnMetadata, torch.Tensor]:
         """Token ids, the token table, and the rows whose logits are wanted."""
@@ -97,7 +168,7 @@ class ModelRunner:
             hidden = self.graphs.forward(input_ids, meta)
         else:
             self.backend.prepare(meta, c.num_heads, c.num_kv_heads)
-            hidden = self.model.forward(input_ids, meta, self.kv_caches)
+            hidden = self._hidden(input_ids, meta)
         if rows.numel() == 0:
             return hidden.new_empty((0, c.vocab_size), dtype=torch.float32)
         return self.model.logits(hidden[rows])

@@ -1,5 +1,6 @@
 """Turns the step's logits into tokens: penalties, min_tokens, logprobs, then the backend's
-sampling op (greedy / temperature with top-k, top-p, min-p) fed with per-sequence random numbers."""
+sampling op (greedy / temperature with top-k, top-p, min-p) fed with per-sequence random numbers;
+verify stages keep the drafts the target model accepts (``spec_decode/rejection.py``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from ..backends import Backend
+from ..spec_decode.rejection import verify_drafts
+from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
 
@@ -69,3 +72,34 @@ def sample(backend: Backend, logits: torch.Tensor, seqs: list[Sequence], eos_ids
                 top += [(int(t), float(v), r + 1) for r, (v, t) in enumerate(zip(vals, idx)) if int(t) != tok]
         results.append(SampleResult(tok, lp, top))
     return results
+
+
+class Sampler:
+    """The step's new tokens from its logits (rows as :meth:`ModelRunner.execute` returns them)."""
+
+    def __init__(self, backend: Backend, eos_ids: list[int]) -> None:
+        self.backend = backend
+        self.eos_ids = eos_ids
+
+    def __call__(self, batch: ScheduledBatch, logits: torch.Tensor) -> dict[int, list[SampleResult]]:
+        """``{seq_id: tokens}``: one sampled token for a stage that reaches its sequence's end, the
+        accepted drafts plus the target's next token for a verify stage."""
+        out: dict[int, list[SampleResult]] = {}
+        plain: list[Sequence] = []
+        plain_rows: list[int] = []
+        row = 0
+        for st in batch.stages:
+            n = st.num_logits
+            if st.kind == "V":
+                toks = verify_drafts(self.backend, logits[row : row + n], st.seq)
+                out[st.seq.seq_id] = [SampleResult(t, 0.0, None) for t in toks]
+            elif n:
+                plain.append(st.seq)
+                plain_rows.append(row)
+            row += n
+        if plain:
+            # every row sampled in order (a decode batch): skip a copy of the [N, vocab] logits
+            rows = logits if plain_rows == list(range(logits.shape[0])) else logits[plain_rows]
+            for seq, res in zip(plain, sample(self.backend, rows, plain, self.eos_ids)):
+                out[seq.seq_id] = [res]
+        return out

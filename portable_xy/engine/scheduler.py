@@ -25,7 +25,7 @@ later recomputed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
@@ -44,13 +44,18 @@ class SchedulerConfig:
     decode_reserve: int | None = None  # most tokens D/V stages take ahead of prefill (None: all)
     max_num_partial_prefills: int | None = None  # most prefill stages in one step (None: any)
     chunk_align: int = 1
+    num_speculative_tokens: int = 0  # most drafts a decoding sequence verifies per step (0: none)
+    max_model_len: int | None = None  # longest sequence (None: no limit)
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "chunk_align"):
             val = getattr(self, name)
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
-        for name in ("decode_reserve", "max_num_partial_prefills"):
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"num_speculative_tokens must be a non-negative int, got {k!r}")
+        for name in ("decode_reserve", "max_num_partial_prefills", "max_model_len"):
             val = getattr(self, name)
             if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
                 raise ValueError(f"{name} must be None or a positive int, got {val!r}")
@@ -70,10 +75,22 @@ class Stage:
     start: int
     num_tokens: int
 
+    @property
+    def num_logits(self) -> int:
+        """Logit rows the step returns for this stage: every row of a verify stage, else one when
+        the stage reaches its sequence's last token (it samples), else none."""
+        if self.kind == "V":
+            return self.num_tokens
+        return int(self.start + self.num_tokens >= self.seq.num_tokens)
+
 
 @dataclass
 class ScheduledBatch:
+    """One step: its stages, and the KV block copies (``src, dst``) to do before its forward pass
+    (copy-on-write prefix reuse)."""
+
     stages: list[Stage] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def seqs(self) -> list[Sequence]:
@@ -82,6 +99,10 @@ class ScheduledBatch:
     @property
     def num_tokens(self) -> list[int]:
         return [st.num_tokens for st in self.stages]
+
+    @property
+    def verify_stages(self) -> list[Stage]:
+        return [st for st in self.stages if st.kind == "V"]
 
     @property
     def total_tokens(self) -> int:
@@ -95,18 +116,11 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    """Fills each step's token budget; see the module docstring. ``num_spec_tokens(seq)`` says
-    how many draft tokens a decoding sequence may verify next step (0: plain decode)."""
+    """Fills each step's token budget; see the module docstring."""
 
-    def __init__(
-        self,
-        block_manager: BlockManager,
-        config: SchedulerConfig,
-        num_spec_tokens: Callable[[Sequence], int] | None = None,
-    ) -> None:
+    def __init__(self, block_manager: BlockManager, config: SchedulerConfig) -> None:
         self.bm = block_manager
         self.config = config
-        self.num_spec_tokens = num_spec_tokens or (lambda seq: 0)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -119,6 +133,17 @@ class Scheduler:
 
     def _key(self, seq: Sequence) -> tuple[int, int]:
         return (seq.priority if self.config.scheduling_policy == "priority" else 0, seq.seq_id)
+
+    def num_spec_tokens(self, seq: Sequence) -> int:
+        """How many drafts ``seq`` may verify next step: 0 when not speculating or when its
+        sampling needs per-token state (penalties, min_tokens, logprobs); never more than the
+        tokens it may still emit minus the one the target adds."""
+        k = self.config.num_speculative_tokens
+        p = seq.params
+        if not k or not p.can_speculate or seq.num_output_tokens < p.min_tokens:
+            return 0
+        left = seq.num_tokens_left(self.config.max_model_len)
+        return max(0, min(k, left - 1))
 
     def _chunk(self, want: int, room: int) -> int:
         if want <= room:
@@ -148,6 +173,19 @@ class Scheduler:
 
     # ---- the step ----------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
+        """The next step's stages (empty when nothing is unfinished). Raises when requests are
+        waiting but none fits the KV cache."""
+        batch = self._fill_budget()
+        if not batch.stages and self.has_unfinished():
+            raise RuntimeError("scheduler could not schedule any sequence (KV cache too small?)")
+        batch.block_copies = self.bm.take_pending_copies()
+        now = time.time()
+        for seq in batch.seqs:
+            if seq.metrics.first_scheduled_time is None:
+                seq.metrics.first_scheduled_time = now
+        return batch
+
+    def _fill_budget(self) -> ScheduledBatch:
         cfg = self.config
         batch = ScheduledBatch()
         scheduled: set[int] = set()

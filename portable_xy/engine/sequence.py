@@ -1,4 +1,4 @@
-"""One generated sequence: its tokens, how many are in the KV cache, and its blocks.
+"""A request and its generated sequences: tokens, how many are in the KV cache, and blocks.
 
 vLLM V1's contract: no prefill/decode phases. A sequence has ``num_tokens`` (prompt + output so
 far) and ``num_computed_tokens`` (already in the KV cache); the scheduler gives it up to
@@ -9,6 +9,7 @@ next step verifies alongside its last sampled token (a Verify stage).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from enum import Enum, auto
 
 import torch
@@ -73,6 +74,13 @@ class Sequence:
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
 
+    def num_tokens_left(self, max_model_len: int | None) -> int | float:
+        """Tokens this sequence may still emit under its ``max_tokens`` and ``max_model_len``."""
+        left = float("inf") if max_model_len is None else max_model_len - self.num_tokens
+        if self.params.max_tokens is not None:
+            left = min(left, self.params.max_tokens - self.num_output_tokens)
+        return left
+
     @property
     def in_decode(self) -> bool:
         """Only the last sampled token is missing from the KV cache (the prompt is done)."""
@@ -87,3 +95,19 @@ class Sequence:
             f"Sequence(id={self.seq_id}, req={self.request_id}, tokens={self.num_tokens}, "
             f"computed={self.num_computed_tokens}, status={self.status.name})"
         )
+
+
+@dataclass
+class Request:
+    """One request: its prompt and parameters, and the ``n`` sequences it samples."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    seqs: list[Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)

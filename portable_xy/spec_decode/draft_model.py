@@ -13,42 +13,41 @@ change outputs.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ..backends import Backend
 from ..engine.model_runner import ModelRunner, StageInput
 from ..engine.scheduler import ScheduledBatch, Stage
 from ..engine.sequence import Sequence
-from ..models.llama import LlamaForCausalLM
-from ..models.loader import load_model_files, resolve_model_path
+from ..models.loader import load_model_config, resolve_model_path
+from .proposer import Proposer
 from .rejection import draw, greedy_tokens, seq_probs
 
+if TYPE_CHECKING:
+    from ..config import EngineConfig
 
-class DraftModelProposer:
-    def __init__(
-        self,
-        path: str,
-        backend: Backend,
-        dtype: torch.dtype,
-        max_model_len: int,
-        num_blocks: int,
-        block_size: int,
-        vocab_size: int,
-    ) -> None:
-        config, state = load_model_files(resolve_model_path(path))
-        if config.vocab_size != vocab_size:
+
+class DraftModelProposer(Proposer):
+    """Runs ``speculative_config.model`` beside ``target`` (same backend, same block layout)."""
+
+    def __init__(self, config: EngineConfig, target: ModelRunner) -> None:
+        path = config.speculative_config.model
+        model_path = resolve_model_path(path)
+        draft = load_model_config(model_path)
+        vocab = config.model_config.vocab_size
+        if draft.vocab_size != vocab:
             raise ValueError(
-                f"speculative_config['model']={path!r} has vocab_size={config.vocab_size}; the target model has "
-                f"{vocab_size} (a draft model must share the target's vocabulary)"
+                f"speculative_config['model']={path!r} has vocab_size={draft.vocab_size}; the target model has "
+                f"{vocab} (a draft model must share the target's vocabulary)"
             )
-        if config.max_position_embeddings < max_model_len:
+        if draft.max_position_embeddings < config.max_model_len:
             raise ValueError(
-                f"speculative_config['model']={path!r} supports {config.max_position_embeddings} positions, "
-                f"fewer than max_model_len={max_model_len}"
+                f"speculative_config['model']={path!r} supports {draft.max_position_embeddings} positions, "
+                f"fewer than max_model_len={config.max_model_len}"
             )
-        model = LlamaForCausalLM(config, state, backend, dtype, max_model_len)
-        self.backend = backend
-        self.runner = ModelRunner(model, backend, num_blocks, block_size, dtype)
+        self.backend = target.backend
+        self.runner = ModelRunner(config, target.backend, model_path, target.num_kv_blocks)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         self.runner.copy_blocks(pairs)
@@ -69,8 +68,8 @@ class DraftModelProposer:
         return tokens, probs
 
     def propose(self, batch: ScheduledBatch, verify: list[Stage]) -> None:
-        """Fill ``draft_token_ids`` (and ``draft_probs``) of the ``verify`` stages, each with up to
-        ``num_tokens - 1`` drafts, and keep the draft cache in step with ``batch``'s prefills."""
+        """Drafts for the ``verify`` stages (see :class:`Proposer`), keeping the draft cache in step
+        with ``batch``'s prefills."""
         inputs = []
         for st in batch.stages:
             if st.kind == "P":

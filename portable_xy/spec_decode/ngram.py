@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.sequence import Sequence
+from ..engine.scheduler import ScheduledBatch, Stage
+from .proposer import Proposer
 
 
 def ngram_propose(token_ids: list[int], k: int, n_min: int, n_max: int) -> list[int]:
@@ -24,12 +25,12 @@ def ngram_propose(token_ids: list[int], k: int, n_min: int, n_max: int) -> list[
     return []
 
 
-class NgramProposer:
+class NgramProposer(Proposer):
     def __init__(self, n_min: int, n_max: int) -> None:
         self.n_min, self.n_max = n_min, n_max
 
-    def propose(self, seqs: list[Sequence], ks: list[int]) -> None:
-        """Set ``draft_token_ids`` (at most ``k`` each) of the sequences about to verify."""
-        for seq, k in zip(seqs, ks):
-            seq.draft_token_ids = ngram_propose(seq.token_ids, k, self.n_min, self.n_max)
+    def propose(self, batch: ScheduledBatch, stages: list[Stage]) -> None:
+        for st in stages:
+            seq = st.seq
+            seq.draft_token_ids = ngram_propose(seq.token_ids, st.num_tokens - 1, self.n_min, self.n_max)
             seq.draft_probs = None  # a deterministic proposal: q is one-hot

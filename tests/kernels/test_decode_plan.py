@@ -15,8 +15,8 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from portable_xy.backends import AttnMetadata  # noqa: E402
-from portable_xy.backends.cpu import attention_ref  # noqa: E402
 from portable_xy.backends.profile import Profile  # noqa: E402
+from portable_xy.backends.reference import attention_ref  # noqa: E402
 from portable_xy.triton_kernels import meta_attention as ma  # noqa: E402
 from portable_xy.triton_kernels.task_table import RUNTIME_KV, UNIT_FIELDS  # noqa: E402
 

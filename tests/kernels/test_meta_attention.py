@@ -18,8 +18,8 @@ from hypothesis import strategies as st  # noqa: E402
 pytest.importorskip("triton")
 
 from portable_xy.backends import AttnMetadata  # noqa: E402
-from portable_xy.backends.cpu import attention_ref  # noqa: E402
 from portable_xy.backends.profile import Profile  # noqa: E402
+from portable_xy.backends.reference import attention_ref  # noqa: E402
 from portable_xy.triton_kernels import meta_attention as ma  # noqa: E402
 
 if type(ma.meta_attention_kernel).__name__ != "InterpretedFunction":

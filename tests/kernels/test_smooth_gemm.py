@@ -18,8 +18,10 @@ from hypothesis import strategies as st  # noqa: E402
 
 pytest.importorskip("triton")
 
-from portable_xy.backends.cpu import linear_ref  # noqa: E402
 from portable_xy.backends.profile import Profile, load_profile  # noqa: E402
+from portable_xy.backends.reference import linear_ref  # noqa: E402
+from portable_xy.tools import aot_specs  # noqa: E402
+from portable_xy.triton_kernels import gemm_plan as gp  # noqa: E402
 from portable_xy.triton_kernels import smooth_gemm as sg  # noqa: E402
 
 if type(sg.smooth_gemm_kernel).__name__ != "InterpretedFunction":
@@ -67,13 +69,13 @@ def _check(y, x, w, b):
 
 # ---- every tile of the interpreter profile, every M -------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tile", load_profile("interpret").gemm["tiles"], ids=lambda t: sg.GemmTile.from_dict(t).name)
+@pytest.mark.parametrize("tile", load_profile("interpret").gemm["tiles"], ids=lambda t: gp.GemmTile.from_dict(t).name)
 def test_interpret_menu_tiles_all_m(tile, dtype):
     prof = _prof()
     N, K = 80, 72  # N and K not multiples of the tiles: masked N tail and K tail
     for M in MS:
         x, w, b = _inputs(M, N, K, dtype, bias=M % 2 == 1)
-        plan = sg.single_tile_plan(M, N, K, tile, prof)
+        plan = gp.single_tile_plan(M, N, K, tile, prof)
         y = sg.smooth_gemm(x, w, b, prof, plan=plan, out=_poisoned(M, N, dtype))
         _check(y, x, w, b)
 
@@ -84,7 +86,7 @@ def _device_tiles():
     for vendor, arch in DEVICE_PROFILES:
         p = load_profile(vendor, arch)
         for t in p.gemm["tiles"]:
-            tile = sg.GemmTile.from_dict(t)
+            tile = gp.GemmTile.from_dict(t)
             seen.setdefault((tile.BLOCK_M, tile.BLOCK_N, tile.BLOCK_K, vendor), (vendor, arch, tile))
     return list(seen.values())
 
@@ -95,7 +97,7 @@ def test_device_profile_tiles(vendor, arch, tile):
     M, N, K = 37, tile.BLOCK_N + 24, tile.BLOCK_K + 40
     for dtype in DTYPES:
         x, w, b = _inputs(M, N, K, dtype)
-        y = sg.smooth_gemm(x, w, b, prof, plan=sg.single_tile_plan(M, N, K, tile, prof), out=_poisoned(M, N, dtype))
+        y = sg.smooth_gemm(x, w, b, prof, plan=gp.single_tile_plan(M, N, K, tile, prof), out=_poisoned(M, N, dtype))
         _check(y, x, w, b)
 
 
@@ -115,7 +117,7 @@ def test_two_segment_plan_and_persistent_grid(dtype):
         base = _prof(persistent=persistent)
         prof = dataclasses.replace(base, data={**base.data, "num_cores": cores})
         M, N, K = 300, 70, 48
-        plan = sg.plan_from_tiles(M, N, K, [tiles[2], tiles[0]], prof)
+        plan = gp.plan_from_tiles(M, N, K, [tiles[2], tiles[0]], prof)
         assert [s.m_rows for s in plan.segments] == [256, 44] and plan.padded_rows == 4
         assert all(s.programs == (min(cores, s.num_tiles) if persistent else s.num_tiles) for s in plan.segments)
         x, w, b = _inputs(M, N, K, dtype)
@@ -140,7 +142,7 @@ def test_virtual_padding_never_touches_rows_past_m():
     y = sg.smooth_gemm(x, w, b, prof, out=big_y[:M])
     _check(y, x, w, b)
     assert torch.isnan(big_y[M:]).all()
-    assert sg.plan_gemm(M, N, K, prof, 4).padded_rows > 0
+    assert gp.plan_gemm(M, N, K, prof, 4).padded_rows > 0
 
 
 # ---- rows never influence each other ------------------------------------------------------------
@@ -149,12 +151,12 @@ def test_rows_bit_exact_across_batch_sizes(dtype):
     prof = _prof()
     N, K = 70, 96
     x, w, b = _inputs(300, N, K, dtype)
-    plans = {m: sg.plan_gemm(m, N, K, prof, x.element_size()) for m in MS}
+    plans = {m: gp.plan_gemm(m, N, K, prof, x.element_size()) for m in MS}
     # the batch sizes really use different tiles / segmentations
     assert len({tuple(s.tile.name for s in p.segments) for p in plans.values()}) >= 2
     full = sg.smooth_gemm(x, w, b, prof)
     tiles = prof.gemm["tiles"]
-    two_seg = sg.smooth_gemm(x, w, b, prof, plan=sg.plan_from_tiles(300, N, K, [tiles[2], tiles[0]], prof))
+    two_seg = sg.smooth_gemm(x, w, b, prof, plan=gp.plan_from_tiles(300, N, K, [tiles[2], tiles[0]], prof))
     assert torch.equal(full, two_seg)
     for m in MS:
         assert torch.equal(sg.smooth_gemm(x[:m], w, b, prof), full[:m]), m
@@ -177,9 +179,9 @@ def test_rows_bit_exact_across_batch_sizes(dtype):
 )
 def test_plan_properties(prof_i, M, N, K, eb):
     prof = load_profile(*ALL_PROFILES[prof_i])
-    plan = sg.plan_gemm(M, N, K, prof, eb)
-    assert sg.plan_gemm(M, N, K, prof, eb) is plan  # cached
-    menu = set(sg.menu(prof))
+    plan = gp.plan_gemm(M, N, K, prof, eb)
+    assert gp.plan_gemm(M, N, K, prof, eb) is plan  # cached
+    menu = set(gp.menu(prof))
     assert len(plan.segments) <= prof.gemm.get("max_segments", 2)
     start = 0
     for i, s in enumerate(plan.segments):
@@ -195,31 +197,31 @@ def test_plan_properties(prof_i, M, N, K, eb):
     assert 0 < plan.efficiency <= 1
     # optimal within the cost model, up to the 2 % tie band
     for t in menu:
-        single = sg.single_tile_plan(M, N, K, t, prof, eb)
+        single = gp.single_tile_plan(M, N, K, t, prof, eb)
         assert plan.est_time_s <= single.est_time_s * 1.02 + 1e-15
 
 
 def test_plan_examples():
     sm90 = load_profile("cuda", "sm90")
-    decode = sg.plan_gemm(1, 4096, 4096, sm90)
+    decode = gp.plan_gemm(1, 4096, 4096, sm90)
     assert decode.segments[0].tile.BLOCK_M == 16  # decode stays on the smallest tile
-    big = sg.plan_gemm(4096, 4096, 4096, sm90)
+    big = gp.plan_gemm(4096, 4096, 4096, sm90)
     assert big.padded_rows == 0 and big.segments[0].tile.BLOCK_M == 128
-    p = sg.plan_gemm(300, 80, 96, _prof(), 4)
+    p = gp.plan_gemm(300, 80, 96, _prof(), 4)
     assert p.executed_macs == sum(s.tiles_m * s.tile.BLOCK_M * s.tiles_n * s.tile.BLOCK_N * 96 for s in p.segments)
 
 
 @pytest.mark.parametrize("vendor,arch", ALL_PROFILES)
 def test_shipped_menus_are_valid(vendor, arch):
     prof = load_profile(vendor, arch)
-    assert sg.menu_problems(prof) == []
+    assert gp.menu_problems(prof) == []
     if vendor == "ascend":
-        for t in sg.menu(prof):
+        for t in gp.menu(prof):
             assert t.live_bytes(2) <= 96 * 1024 and "num_warps" not in t.launch_options
             assert t.launch_options.get("multibuffer") is True
         assert prof.gemm["persistent"] and prof.data["num_cores_from"] == "num_aicore"
     if vendor == "cuda":
-        assert all("num_warps" in t.launch_options and "num_stages" in t.launch_options for t in sg.menu(prof))
+        assert all("num_warps" in t.launch_options and "num_stages" in t.launch_options for t in gp.menu(prof))
     dev = prof.data.get("device") or {}
     if vendor != "interpret":
         assert dev["peak_gbps"] > 0 and dev["peak_tflops"]["fp16"] > 0
@@ -227,12 +229,12 @@ def test_shipped_menus_are_valid(vendor, arch):
 
 def test_menu_problems_flags_bad_tiles():
     bad = _prof(tiles=[{"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 32}, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}])
-    probs = sg.menu_problems(bad)
+    probs = gp.menu_problems(bad)
     assert any("BLOCK_M=8" in p for p in probs) and any("mixes BLOCK_K" in p for p in probs)
     asc = load_profile("ascend")
     huge = dataclasses.replace(asc, data={**asc.data, "gemm": {**asc.gemm, "tiles": [
         {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128}]}})  # fmt: skip
-    assert any("budget" in p for p in sg.menu_problems(huge))
+    assert any("budget" in p for p in gp.menu_problems(huge))
 
 
 def test_empty_and_bad_shapes():
@@ -248,8 +250,8 @@ def test_empty_and_bad_shapes():
 def test_aot_specs_cover_every_argument():
     for vendor, arch in (("cuda", "sm80"), ("cuda", "sm90"), ("ascend", "910b")):
         prof = load_profile(vendor, arch)
-        specs = sg.aot_specs(prof)
-        assert len(specs) == len(sg.menu(prof)) * len(sg.aot_dtypes(prof))
+        specs = aot_specs.smooth_gemm(prof)
+        assert len(specs) == len(gp.menu(prof)) * len(aot_specs.half_dtypes(prof))
         for spec in specs:
             assert spec["expect_tensor_cores"] is True
             names = set(spec["fn"].arg_names)

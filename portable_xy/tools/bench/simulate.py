@@ -1,6 +1,6 @@
 """Replay a request trace through the real :class:`~portable_xy.engine.scheduler.Scheduler` in
 simulated time: requests join the waiting queue when the clock passes their arrival, each step
-advances the clock by its roofline time (:mod:`.roofline`), and a stage that reaches the end of its
+advances the clock by its roofline time (:mod:`.step_model`), and a stage that reaches the end of its
 sequence emits one token at the end of the step. When nothing is queued or running the clock jumps
 to the next arrival. Prefix caching is off (synthetic prompts share nothing).
 
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..engine.block_manager import BlockManager
-from ..engine.scheduler import Scheduler, SchedulerConfig
-from ..engine.sequence import Sequence
-from ..outputs import RequestMetrics
-from ..sampling_params import SamplingParams
-from .roofline import DTYPE_BYTES, LAYERS, DeviceSpec, StageShape, step_time
+from ...engine.block_manager import BlockManager
+from ...engine.scheduler import Scheduler, SchedulerConfig
+from ...engine.sequence import Sequence
+from ...outputs import RequestMetrics
+from ...sampling_params import SamplingParams
 from .shapes import MODELS
+from .step_model import DTYPE_BYTES, LAYERS, DeviceSpec, StageShape, step_time
 from .trace import Request
 
 
@@ -96,10 +96,7 @@ def simulate(reqs: list[Request], config: SimConfig, keep_steps: bool = False) -
             r = reqs[nxt]
             sched.add(Sequence(nxt, str(nxt), 0, [0] * r.prompt_len, params, None, RequestMetrics(r.arrival)))
             nxt += 1
-        batch = sched.schedule()
-        bm.take_pending_copies()
-        if not batch.stages:
-            raise RuntimeError("the scheduler produced an empty step with requests pending")
+        batch = sched.schedule()  # raises when requests are pending but none can be scheduled
         shapes = [StageShape(s.num_tokens, s.start, s.start + s.num_tokens == s.seq.num_tokens) for s in batch.stages]
         dt = step_time(config.model, config.device, shapes)
         if keep_steps:

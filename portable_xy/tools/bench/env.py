@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from ..backends.tuner import make_timer as tuner_timer
-
-_PEAK_KEY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+from ...backends.device import cpu_name
+from ...backends.roofline import datasheet_peaks
+from ..timing import make_timer as device_timer
 
 
 def profile_name(profile) -> str:
@@ -23,10 +23,7 @@ def profile_name(profile) -> str:
 
 def device_peaks(profile, dtype: torch.dtype) -> tuple[float | None, float | None]:
     """(peak TFLOP/s for ``dtype``, peak GB/s) from the profile's ``device`` section (None: absent)."""
-    dev = profile.data.get("device") or {}
-    tf = (dev.get("peak_tflops") or {}).get(_PEAK_KEY.get(dtype, "fp16"))
-    gbps = dev.get("peak_gbps")
-    return (float(tf) if tf else None), (float(gbps) if gbps else None)
+    return datasheet_peaks(profile, dtype)
 
 
 def _run(cmd: list[str]) -> str | None:
@@ -39,12 +36,12 @@ def _run(cmd: list[str]) -> str | None:
 
 def environment(backend: str, device: torch.device, profile) -> dict[str, Any]:
     """The ``env`` block of a report."""
-    from ..backends.profile import installed_triton
+    from ...backends.profile import installed_triton
 
     triton_pkg, triton_ver = installed_triton()
     env: dict[str, Any] = {
         "backend": backend,
-        "device": f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)",
+        "device": f"{cpu_name()} ({torch.get_num_threads()} threads)",
         "driver": None,
         "torch": torch.__version__,
         "triton": triton_ver,
@@ -71,5 +68,5 @@ def environment(backend: str, device: torch.device, profile) -> dict[str, Any]:
 def make_timer(device: torch.device, warmup: int, reps: int) -> tuple[Callable[[Callable[[], Any]], float], str]:
     """``(timer, method)``: ``timer(fn)`` is the median seconds of ``reps`` calls after ``warmup``;
     device events on cuda / npu, ``time.perf_counter`` on CPU (the offline tuner's timer)."""
-    timer = tuner_timer(device.type, False, warmup, reps)
+    timer = device_timer(device.type, warmup, reps)
     return timer, (f"{device.type}_event" if device.type in ("cuda", "npu") else "perf_counter")

@@ -1,17 +1,9 @@
 """Ahead-of-time CUDA compilation report: compile every kernel config for sm_80 / sm_90 on a
 machine WITHOUT a GPU and check registers, spills, shared memory and tensor-core use.
 
-Every kernel module of ``portable_xy.triton_kernels`` that exports ``aot_specs(profile)`` is
-asked for its configs under the CUDA profile of the architecture
-(``load_profile("cuda", "sm80" | "sm90")``). A spec is a dict::
-
-    name                 str   kernel/config label shown in the report
-    fn                   the @triton.jit function
-    signature            {arg: "*fp16" | "i32" | "fp32" ...}   (constexpr args may be omitted)
-    constexprs           {arg: value}
-    num_warps, num_stages
-    expect_tensor_cores  bool (or "mma": any tensor-core MMA is enough, see below)
-    divisible_by_16      optional list of integer args assumed multiples of 16 (pointers always are)
+Every kernel module of ``portable_xy.triton_kernels`` has its configs in
+:mod:`portable_xy.tools.aot_specs` (the spec format is described there), asked for under the CUDA
+profile of the architecture (``load_profile("cuda", "sm80" | "sm90")``).
 
 Each config is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``
 into a fresh, throw-away Triton cache (nothing is reused across runs, so a regression cannot hide
@@ -36,11 +28,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import io
 import json
 import os
-import pkgutil
 import re
 import shutil
 import subprocess
@@ -51,9 +41,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import envs
+from ..backends.device import CUDA_SMEM_PER_BLOCK
+from .aot_specs import KERNEL_SPECS
+
 ARCHS: dict[str, dict[str, Any]] = {
-    "sm_80": {"cc": 80, "profile_arch": "sm80", "smem_limit": 166912, "tc": ("HMMA", "IMMA")},
-    "sm_90": {"cc": 90, "profile_arch": "sm90", "smem_limit": 232448, "tc": ("HGMMA", "IGMMA")},
+    "sm_80": {"cc": 80, "profile_arch": "sm80", "smem_limit": CUDA_SMEM_PER_BLOCK["sm80"], "tc": ("HMMA", "IMMA")},
+    "sm_90": {"cc": 90, "profile_arch": "sm90", "smem_limit": CUDA_SMEM_PER_BLOCK["sm90"], "tc": ("HGMMA", "IGMMA")},
 }
 SASS_OPS = ("HMMA", "HGMMA", "IMMA", "IGMMA", "STL", "LDL")
 
@@ -104,16 +98,6 @@ class KernelReport:
 # ---------------------------------------------------------------------------------------------
 # discovery
 # ---------------------------------------------------------------------------------------------
-def kernel_modules() -> list[str]:
-    """Names of the ``portable_xy.triton_kernels`` modules (this one excluded)."""
-    pkg = importlib.import_module("portable_xy.triton_kernels")
-    return sorted(
-        f"{pkg.__name__}.{m.name}"
-        for m in pkgutil.iter_modules(pkg.__path__)
-        if not m.ispkg and m.name != "aot" and not m.name.startswith("_")
-    )
-
-
 def _specs_from_file(path: str):
     """Load ``aot_specs`` from a Python file (``--specs``: check kernels outside the package)."""
     import importlib.util
@@ -131,20 +115,15 @@ def _specs_from_file(path: str):
 
 
 def collect_specs(profile, kernels: list[str] | None = None, specs_file: str | None = None) -> list[tuple[str, dict]]:
-    """``[(module name, spec)]`` for every module exporting ``aot_specs`` (or only ``specs_file``);
-    ``kernels`` filters by spec name, module name (short or full) or a prefix of the spec name."""
+    """``[(module name, spec)]`` for every kernel module (or only ``specs_file``); ``kernels``
+    filters by spec name, module name (short or full) or a prefix of the spec name."""
     out = []
     if specs_file:
         name, fn = _specs_from_file(specs_file)
         out = [(name, s) for s in fn(profile)]
     else:
-        for modname in kernel_modules():
-            mod = importlib.import_module(modname)
-            fn = getattr(mod, "aot_specs", None)
-            if fn is None:
-                continue
-            for spec in fn(profile):
-                out.append((modname, spec))
+        for short, fn in KERNEL_SPECS.items():
+            out.extend((f"portable_xy.triton_kernels.{short}", spec) for spec in fn(profile))
     if kernels:
         want = set(kernels)
 
@@ -157,10 +136,6 @@ def collect_specs(profile, kernels: list[str] | None = None, specs_file: str | N
     return out
 
 
-def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
 def check_compiled_mode() -> None:
     """AOT compilation needs Triton imported in compiled mode: under ``TRITON_INTERPRET=1`` every
     ``@triton.jit`` function -- Triton's own ``tl.cdiv`` & co., created when ``triton`` is first
@@ -169,7 +144,7 @@ def check_compiled_mode() -> None:
     from triton.runtime.jit import JITFunction
 
     probe = getattr(std, "cdiv", None)
-    if _interpret_env() or (probe is not None and not isinstance(probe, JITFunction)):
+    if envs.triton_interpret() or (probe is not None and not isinstance(probe, JITFunction)):
         raise RuntimeError(
             "aot-report needs a process where triton was imported WITHOUT TRITON_INTERPRET=1 (Triton creates its "
             "@jit helpers at import time); run `portable-xy kernels aot-report` (it clears the variable) or a "
@@ -360,7 +335,7 @@ def compile_spec(spec: dict, arch: str, module: str = "", cache_dir: str | None 
         msg = f"{type(e).__name__}: {e}".strip()
         rep.error = msg.splitlines()[0][:300] if msg else type(e).__name__
         rep.problems.append("compile error: " + rep.error)
-        if os.environ.get("PORTABLE_XY_AOT_TRACEBACK"):
+        if envs.aot_traceback():
             traceback.print_exc()
         return rep
     finally:
@@ -521,9 +496,9 @@ def report_json(reports: list[KernelReport]) -> str:
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-    if _interpret_env() and "triton" not in sys.modules:
+    if envs.triton_interpret() and "triton" not in sys.modules:
         # compiling needs compiled-mode Triton; nothing imported it yet in this process
-        os.environ.pop("TRITON_INTERPRET", None)
+        envs.set_triton_interpret(False)
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -539,7 +514,7 @@ def _run_cli(args: argparse.Namespace) -> int:
         print(f"aot-report: {e}", file=sys.stderr)
         return 2
     if not reports:
-        print("no kernel exports aot_specs (or none matched --kernels)", file=sys.stderr)
+        print("no kernel spec matched --kernels", file=sys.stderr)
         return 1
     print(report_json(reports) if args.json else format_table(reports))
     return 0 if all(r.ok for r in reports) else 1
@@ -563,7 +538,7 @@ def add_aot_report_command(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m portable_xy.triton_kernels.aot")
+    parser = argparse.ArgumentParser(prog="python -m portable_xy.tools.aot")
     sub = parser.add_subparsers(dest="cmd", required=True)
     add_aot_report_command(sub)
     args = parser.parse_args(["aot-report", *(argv if argv is not None else sys.argv[1:])])

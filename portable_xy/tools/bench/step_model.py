@@ -1,4 +1,5 @@
-"""Roofline step-time model of one scheduler step (one forward pass over the step's token table).
+"""Step-time model of one scheduler step (one forward pass over the step's token table), on the
+roofline of ``backends/roofline.py``.
 
 The whole model runs on one device (TP = 1) in fp16/bf16 (2 bytes per element). Each kernel takes
 ``max(flops / (peak_flops * flops_eff), bytes / (peak_bw * bw_eff))``; a step is
@@ -23,6 +24,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ...backends.profile import load_profile
+from ...backends.roofline import Peaks, datasheet_peaks, gemm_cost
+from ...backends.roofline import attention_cost as layer_attention_cost
 from .shapes import MODELS, gemm_shapes, rank_heads
 
 DTYPE_BYTES = 2
@@ -50,26 +54,23 @@ class DeviceSpec:
 
     def kernel_time(self, flops: float, nbytes: float) -> float:
         """Roofline time of one kernel: compute- or memory-bound, whichever is slower."""
-        return max(flops / (self.peak_flops * self.flops_eff), nbytes / (self.peak_bw * self.bw_eff))
+        return Peaks(self.peak_flops, self.peak_bw).time(flops, nbytes, self.flops_eff, self.bw_eff)
 
 
 def load_shipped(name: str):
     """The repository's profile ``vendor/arch`` (e.g. ``cuda/sm90``), ignoring tuned files."""
-    from ..backends.tuner import shipped_profile
-
     vendor, _, arch = name.partition("/")
-    return shipped_profile(vendor, arch or None)
+    return load_profile(vendor, arch or None, tuned=False)
 
 
 def device_spec(
     profile: str, flops_eff: float = FLOPS_EFF, bw_eff: float = BW_EFF, step_overhead: float = STEP_OVERHEAD_S
 ) -> DeviceSpec:
     """The fp16 peak and HBM bandwidth of the shipped profile ``vendor/arch`` (e.g. ``cuda/sm90``)."""
-    dev = load_shipped(profile).data.get("device") or {}
-    tflops, gbps = (dev.get("peak_tflops") or {}).get("fp16"), dev.get("peak_gbps")
+    tflops, gbps = datasheet_peaks(load_shipped(profile), 2)
     if not tflops or not gbps:
         raise ValueError(f"profile {profile!r} has no device.peak_tflops.fp16 / device.peak_gbps")
-    return DeviceSpec(profile, float(tflops) * 1e12, float(gbps) * 1e9, flops_eff, bw_eff, step_overhead)
+    return DeviceSpec(profile, tflops * 1e12, gbps * 1e9, flops_eff, bw_eff, step_overhead)
 
 
 @dataclass(frozen=True)
@@ -84,18 +85,14 @@ class StageShape:
 
 def linear_cost(tokens: int, n: int, k: int) -> tuple[float, float]:
     """(FLOPs, bytes) of ``tokens x k`` times ``k x n`` with the weights read once."""
-    return 2.0 * tokens * n * k, float(DTYPE_BYTES * (n * k + tokens * k + tokens * n))
+    return gemm_cost(tokens, n, k, DTYPE_BYTES)
 
 
 def attention_cost(model: str, stages: Iterable[StageShape]) -> tuple[float, float]:
     """(FLOPs, bytes) of one layer's attention over the step's stages (causal area, K/V read)."""
     d = MODELS[model]
     hq, hkv = rank_heads(d, 1)
-    flops = nbytes = 0.0
-    for st in stages:
-        flops += 4.0 * d.head_dim * hq * (st.q * st.history + st.q * (st.q + 1) / 2)
-        nbytes += DTYPE_BYTES * (2 * hkv * d.head_dim * (st.history + st.q) + 2 * hq * d.head_dim * st.q)
-    return flops, nbytes
+    return layer_attention_cost([(st.q, st.history) for st in stages], hq, hkv, d.head_dim, DTYPE_BYTES)
 
 
 def step_time(model: str, device: DeviceSpec, stages: list[StageShape]) -> float:

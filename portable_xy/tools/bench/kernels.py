@@ -36,7 +36,6 @@ import argparse
 import datetime as _dt
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -44,6 +43,7 @@ from typing import Any
 
 import torch
 
+from ... import envs
 from .shapes import M_SWEEP, M_SWEEP_TINY, MODELS, TINY_SCALE, TP, AttnCase, attention_cases, gemm_shapes, rank_heads
 
 SCHEMA = "portable_xy.bench.kernels"
@@ -97,7 +97,7 @@ def _metrics(latency: float, flops: int, nbytes: int, peaks: tuple[float | None,
 
 def attention_inputs(case: AttnCase, hq: int, hkv: int, d: int, block_size: int, dtype, device, gen):
     """``(q, k_cache, v_cache, meta)``: each stage's blocks in a random order over the cache."""
-    from ..backends import AttnMetadata
+    from ...backends import AttnMetadata
 
     nblk = [-(-s // block_size) for s in case.seq_lens]
     perm = torch.randperm(sum(nblk), generator=gen)
@@ -142,12 +142,12 @@ def run_kernel_bench(
     """Run the benchmark on ``backend_name`` and return the report (see the module doc).
     ``tiny`` defaults to True on ``cpu`` / ``interpret``; ``peaks`` overrides the profile's;
     ``m_values`` the GEMM M sweep; ``case_filter`` (a regex) keeps the cases whose name matches."""
-    from ..backends import get_backend
+    from ...backends import get_backend
     from .env import device_peaks, environment, make_timer
 
     tiny = backend_name in CPU_BACKENDS if tiny is None else tiny
     if backend_name == "interpret" and "triton" not in sys.modules:
-        os.environ["TRITON_INTERPRET"] = "1"  # before the first triton import (the backend checks it)
+        envs.set_triton_interpret(True)  # before the first triton import (the backend checks it)
     backend = get_backend(backend_name)
     dev = backend.device
     dtype = dtype or (torch.float32 if dev.type == "cpu" else torch.float16)

@@ -110,7 +110,7 @@ def summarize(timings: list[Timing], wall: float, input_tokens: int) -> dict[str
 
 
 def run_ours(llm, reqs: list[Request]) -> dict[str, Any]:
-    from .. import SamplingParams
+    from ... import SamplingParams
 
     params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0) for r in reqs]
     t0 = time.perf_counter()
@@ -212,7 +212,7 @@ def run_e2e(
     log=print,
 ) -> dict:
     """Run the workload through ``portable_xy.LLM`` (and HF / vLLM when asked); returns the report."""
-    from .. import LLM
+    from ... import LLM
 
     llm = LLM(model=model, backend=backend, dtype=dtype, max_model_len=max_model_len)
     max_len = llm.max_model_len

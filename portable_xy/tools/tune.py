@@ -18,9 +18,10 @@ What is tuned
 Timers
     cuda: CUDA events; npu: NPU events (torch_npu); interpret: wall clock of the Triton
     interpreter on tiny shapes (only meaningful as an end-to-end check of the pipeline: the
-    interpreter's speed says nothing about hardware); ``--dry-run``: a deterministic fake timer (an
-    analytic roofline with a hash-seeded +-3 % ripple) that runs nothing and needs no device or
-    Triton, so CI can exercise the whole flow.
+    interpreter's speed says nothing about hardware); ``--dry-run``: a deterministic fake timer
+    (the roofline model of ``backends/roofline.py`` that the GEMM planner uses, with a hash-seeded
+    +-3 % ripple) that runs nothing and needs no device or Triton, so CI can exercise the whole
+    flow.
 
 The written file's header fields (``device``, ``triton_version``, ``triton_package``,
 ``kernel_source_hash``, ``tuned_at``, ``tuner``) let the loader drop it once the kernels or Triton
@@ -37,11 +38,7 @@ import itertools
 import json
 import math
 import os
-import platform
-import statistics
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,11 +46,15 @@ from typing import Any
 
 import yaml
 
-from .profile import Profile, installed_triton, kernel_source_hash, load_profile, tuned_profile_dir
+from .. import envs
+from ..backends.device import CUDA_SMEM_PER_BLOCK, VENDORS, detect
+from ..backends.profile import Profile, installed_triton, kernel_source_hash, load_profile
+from ..backends.roofline import attention_cost, peaks
+from ..envs import tuned_profile_dir
+from .timing import make_timer
 
-VENDOR = {"cuda": "cuda", "npu": "ascend", "interpret": "interpret"}
+TUNABLE = ("cuda", "npu", "interpret")
 DEFAULT_ARCH = {"cuda": "sm80", "npu": "910b", "interpret": None}
-SMEM_LIMIT = {"sm80": 166912, "sm90": 232448, "sm86": 101376, "sm89": 101376, "sm75": 65536}
 
 # Model weight shapes (N, K) of a Qwen3-0.6B-like layer: qkv, o, gate_up, down.
 DEFAULT_SHAPES = {
@@ -110,7 +111,7 @@ def candidate_tiles(backend: str, profile: Profile, arch: str | None) -> list[di
     menu (so the tuned menu can never be worse than the shipped one by the tuner's own measure)."""
     pool: list[dict] = []
     if backend == "cuda":
-        limit = SMEM_LIMIT.get(arch or "", 101376)
+        limit = CUDA_SMEM_PER_BLOCK.get(arch or "", CUDA_SMEM_PER_BLOCK["sm86"])
         for bm, bn, bk in itertools.product((16, 32, 64, 128), (64, 128, 256), (32, 64)):
             warps = 4 if bm * bn <= 64 * 128 else 8
             if bm * bn // (32 * warps) > 128:  # fp32 accumulator registers per thread
@@ -144,149 +145,44 @@ def _ripple(*parts) -> float:
     return 1.0 + (int.from_bytes(h[:4], "little") / 2**32 - 0.5) * 0.06
 
 
-def _peaks(profile: Profile) -> tuple[float, float]:
-    dev = profile.data.get("device") or {}
-    flops = float((dev.get("peak_tflops") or {}).get("fp16", 100)) * 1e12
-    bw = float(dev.get("peak_gbps", 1000)) * 1e9
-    return flops, bw
-
-
 def fake_gemm_time(tile: dict, p: GemmProblem, profile: Profile) -> float:
-    """Analytic time (s) of a single-tile GEMM: waves of full tiles (padding is computed), each
-    the max of its MMA time (small tiles run the MMA pipes less efficiently) and its operand
-    traffic, plus a per-tile overhead."""
-    cores = max(1, int(profile.num_cores))
-    flops, bw = _peaks(profile)
-    bm, bn, bk = tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"]
-    tiles = math.ceil(p.M / bm) * math.ceil(p.N / bn)
-    waves = math.ceil(tiles / cores)
-    busy = min(cores, tiles)
-    eff = (min(bm, 64) / 64) ** 0.5 * (min(bn, 128) / 128) ** 0.3 * (min(bk, 64) / 64) ** 0.2
-    k_pad = math.ceil(p.K / bk) * bk
-    t_mma = 2 * bm * bn * k_pad / (flops / cores) / max(eff, 1e-3)
-    t_mem = (min(bm, p.M) + bn) * k_pad * 2 / min(bw / cores * 2, bw / busy)
-    return (waves * (max(t_mma, t_mem) + 2e-7 * (1 + bk / 64)) + 3e-6) * _ripple(tile_key(tile), p.key)
+    """The planner's roofline time (s) of a single-tile GEMM (waves of full tiles, padding
+    computed), with the ripple."""
+    from ..triton_kernels.gemm_plan import single_tile_plan
+
+    return single_tile_plan(p.M, p.N, p.K, tile, profile).est_time_s * _ripple(tile_key(tile), p.key)
 
 
 def fake_attention_time(kv_tile: int, q_tiles: list[int], case: dict, profile: Profile) -> float:
-    flops, _ = _peaks(profile)
+    """Roofline time (s) of a case with every stage padded to whole query tiles (the smallest menu
+    tile holding its GQA rows) and whole KV tiles, plus a per-tile overhead, with the ripple."""
     t = 0.0
+    device = peaks(profile)
     for q_len, ctx in zip(case["query_lens"], case["seq_lens"]):
         rows = q_len * case["group"]
         qt = min((q for q in q_tiles if q >= rows), default=max(q_tiles))
-        n_q = math.ceil(rows / qt)
-        n_kv = math.ceil(ctx / kv_tile)
-        work = n_q * qt * n_kv * kv_tile * case["head_dim"] * 4 * case["num_kv_heads"]
-        t += work / flops * (1 + 16 / kv_tile * 0.3) + n_q * n_kv * 2e-8
+        n_q, n_kv = math.ceil(rows / qt), math.ceil(ctx / kv_tile)
+        padded_q = n_q * qt // case["group"]
+        flops, nbytes = attention_cost(
+            [(padded_q, n_kv * kv_tile - padded_q)], case["num_heads"], case["num_kv_heads"], case["head_dim"]
+        )
+        t += device.time(flops, nbytes) + n_q * n_kv * case["num_kv_heads"] * 2e-8
     return (t + 5e-6) * _ripple(kv_tile, tuple(q_tiles), case["name"])
 
 
-def make_timer(backend: str, dry_run: bool, warmup: int, reps: int) -> Callable[[Callable[[], Any]], float]:
-    """``timer(fn) -> seconds`` (median of ``reps`` after ``warmup`` calls)."""
-    if dry_run:
-        raise ValueError("dry-run uses the fake timers, not a device timer")
-    if backend in ("cuda", "npu"):
-        import torch
-
-        mod = torch.cuda if backend == "cuda" else torch.npu  # torch.npu exists once torch_npu is imported
-
-        def timer(fn):
-            for _ in range(warmup):
-                fn()
-            mod.synchronize()
-            times = []
-            for _ in range(reps):
-                a, b = mod.Event(enable_timing=True), mod.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) * 1e-3)
-            return statistics.median(times)
-
-        return timer
-
-    def cpu_timer(fn):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    return cpu_timer
-
-
 # -------------------------------------------------------------------------------------------------
-# device
+# profiles
 # -------------------------------------------------------------------------------------------------
-def detect_device(backend: str) -> tuple[str, str | None, Any, int | None]:
-    """``(device name, arch, torch device, core count)`` of the present device."""
-    import torch
-
-    if backend == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("no CUDA device: use --dry-run (fake timer) or --backend interpret")
-        major, minor = torch.cuda.get_device_capability()
-        props = torch.cuda.get_device_properties(0)
-        return torch.cuda.get_device_name(0), f"sm{major}{minor}", torch.device("cuda"), props.multi_processor_count
-    if backend == "npu":
-        try:
-            import torch_npu  # noqa: F401
-        except ImportError as e:
-            raise RuntimeError("torch_npu is not installed: use --dry-run") from e
-        if not torch.npu.is_available():
-            raise RuntimeError("no Ascend NPU: use --dry-run")
-        name = torch.npu.get_device_name(0)
-        arch = ascend_arch(name)
-        cores = None
-        try:
-            import triton
-
-            props = triton.runtime.driver.active.utils.get_device_properties(torch.npu.current_device())
-            cores = int(props["num_aicore"])
-        except Exception:  # noqa: BLE001 - the profile's core count is the fallback
-            pass
-        return name, arch, torch.device("npu"), cores
-    return f"Triton interpreter ({platform.machine()} CPU)", None, torch.device("cpu"), None
-
-
 def _enter_interpret_mode() -> None:
     """Triton decides interpret vs compile when a @jit function is created, including its own
     helpers (tl.cdiv & co.) created when ``triton`` is first imported: TRITON_INTERPRET=1 must be
     set before that. Set it if nothing imported triton yet, refuse otherwise."""
-    on = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-    if "triton" in sys.modules and not on:
+    if "triton" in sys.modules and not envs.triton_interpret():
         raise RuntimeError(
             "--backend interpret: triton was already imported without TRITON_INTERPRET=1 in this process; "
             "run `TRITON_INTERPRET=1 portable-xy kernels tune --backend interpret` (or a fresh process)"
         )
-    os.environ["TRITON_INTERPRET"] = "1"
-
-
-def ascend_arch(soc: str) -> str:
-    s = soc.lower().replace("ascend", "")
-    if s.startswith("910_93") or s.startswith("910c"):
-        return "910_93"
-    if s.startswith("910b"):
-        return "910b"
-    return s or "910b"
-
-
-def shipped_profile(vendor: str, arch: str | None) -> Profile:
-    """The profile from the files in the repo only (no earlier tuned file)."""
-    old = os.environ.get("PORTABLE_XY_PROFILE_DIR")
-    with tempfile.TemporaryDirectory() as empty:
-        os.environ["PORTABLE_XY_PROFILE_DIR"] = empty
-        try:
-            return load_profile(vendor, arch)
-        finally:
-            if old is None:
-                os.environ.pop("PORTABLE_XY_PROFILE_DIR", None)
-            else:
-                os.environ["PORTABLE_XY_PROFILE_DIR"] = old
+    envs.set_triton_interpret(True)
 
 
 def _with(profile: Profile, **sections) -> Profile:
@@ -305,7 +201,8 @@ def time_gemm_tiles(
     """``{tile key: {problem key: seconds}}``; a tile that fails (compile or launch) gets inf."""
     import torch
 
-    from portable_xy.triton_kernels import smooth_gemm as sg
+    from ..triton_kernels import smooth_gemm as sg
+    from ..triton_kernels.gemm_plan import single_tile_plan
 
     out: dict[str, dict[str, float]] = {}
     weights = {}
@@ -318,7 +215,7 @@ def time_gemm_tiles(
         prof = _with(profile, gemm={"tiles": [t]})
         for p in problems:
             try:
-                plan = sg.single_tile_plan(p.M, p.N, p.K, t, prof)
+                plan = single_tile_plan(p.M, p.N, p.K, t, prof)
                 x, w = xs[p.key], weights[(p.N, p.K)]
                 res[p.key] = timer(lambda x=x, w=w, plan=plan, prof=prof: sg.smooth_gemm(x, w, None, prof, plan))
             except Exception as e:  # noqa: BLE001 - an unusable tile is simply not chosen
@@ -332,8 +229,7 @@ def time_gemm_tiles(
 def aot_filter(tiles: list[dict], profile: Profile, arch: str | None, log) -> list[dict]:
     """Drop CUDA candidates whose compiled SmoothGEMM (fp16) spills registers, overflows shared
     memory or misses tensor cores, by the AOT report (compiles for the arch, no GPU needed)."""
-    from portable_xy.triton_kernels import aot
-    from portable_xy.triton_kernels import smooth_gemm as sg
+    from . import aot, aot_specs
 
     try:
         aot_arch = aot.normalize_arch(arch or "")
@@ -343,7 +239,7 @@ def aot_filter(tiles: list[dict], profile: Profile, arch: str | None, log) -> li
     aot.check_compiled_mode()
     kept = []
     for t in tiles:
-        specs = [x for x in sg.aot_specs(_with(profile, gemm={"tiles": [t]})) if "fp16" in x["name"]] or None
+        specs = [x for x in aot_specs.smooth_gemm(_with(profile, gemm={"tiles": [t]})) if "fp16" in x["name"]] or None
         if not specs:
             kept.append(t)
             continue
@@ -413,7 +309,7 @@ def attention_cases(backend: str) -> list[dict]:
 def _attention_inputs(case: dict, block_size: int, device, dtype):
     import torch
 
-    from .base import AttnMetadata
+    from ..backends.base import AttnMetadata
 
     ql, sl = case["query_lens"], case["seq_lens"]
     nh, nkv, d = case["num_heads"], case["num_kv_heads"], case["head_dim"]
@@ -470,7 +366,7 @@ def time_attention(
             results[f"kv{kv} q{qm}"] = {c["name"]: fake_attention_time(kv, qm, c, profile) for c in cases}
     else:
         try:
-            from . import get_backend
+            from ..backends import get_backend
 
             base = get_backend(backend)
         except Exception as e:  # noqa: BLE001 - no Triton backend yet / no attention kernel
@@ -531,21 +427,25 @@ def tune(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Run the tuner; returns the path of the written profile file."""
-    if backend not in VENDOR:
-        raise ValueError(f"--backend must be one of {sorted(VENDOR)}")
-    vendor = VENDOR[backend]
+    if backend not in TUNABLE:
+        raise ValueError(f"--backend must be one of {sorted(TUNABLE)}")
+    vendor = VENDORS[backend]
     dev = None
     cores = None
     if dry_run:
         arch = arch or DEFAULT_ARCH[backend]
         name = device_name or f"dry-run ({vendor} {arch or 'generic'})"
     else:
-        name, det_arch, dev, cores = detect_device(backend)
-        arch = arch or det_arch
-        name = device_name or name
+        try:
+            info = detect(backend)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}; use --dry-run (fake timer) or --backend interpret") from None
+        dev, cores = info.device, info.num_cores
+        arch = arch or info.arch
+        name = device_name or info.name
         if backend == "interpret":
             _enter_interpret_mode()
-    profile = shipped_profile(vendor, arch)
+    profile = load_profile(vendor, arch, tuned=False)  # the repo's files, not an earlier tuning
     if cores and profile.data.get("num_cores_from") in ("sm_count", "num_aicore"):
         profile = profile.with_num_cores(cores)
     shapes = shapes or DEFAULT_SHAPES[backend]
@@ -573,7 +473,7 @@ def tune(
         import torch
 
         dtype = torch.float32 if backend == "interpret" else torch.float16
-        timer = make_timer(backend, False, warmup, reps)
+        timer = make_timer(dev.type, warmup, reps)
         times = time_gemm_tiles(backend, profile, tiles, problems, dev, dtype, timer, log)
     else:
         times = {tile_key(t): {p.key: fake_gemm_time(t, p, profile) for p in problems} for t in tiles}
@@ -682,7 +582,7 @@ def add_tune_command(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--backend", required=True, choices=sorted(VENDOR))
+    p.add_argument("--backend", required=True, choices=sorted(TUNABLE))
     p.add_argument("--dry-run", action="store_true", help="deterministic fake timer; runs no kernel, needs no device")
     p.add_argument("--out", help="write here instead of tuned_profile_dir()/<vendor>/<arch>.yaml")
     p.add_argument("--arch", help="profile arch (sm80, sm90, 910b, ...); default: detected (dry-run: sm80 / 910b)")

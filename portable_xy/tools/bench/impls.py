@@ -23,8 +23,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..backends import AttnMetadata, Backend
-from ..backends.cpu import gather_kv, stage_mask
+from ...backends import AttnMetadata, Backend
+from ...backends.reference import gather_kv, stage_mask
+from ...triton_kernels.gemm_plan import menu, plan_gemm, single_tile_plan
 
 Fn = Callable[[], object]
 
@@ -36,8 +37,6 @@ Fn = Callable[[], object]
 
 def largest_tile(profile):
     """The menu tile with the most output elements (ties: more rows)."""
-    from ..triton_kernels.smooth_gemm import menu
-
     return max(menu(profile), key=lambda t: (t.BLOCK_M * t.BLOCK_N, t.BLOCK_M))
 
 
@@ -51,9 +50,9 @@ def gemm_impls(backend: Backend, x: torch.Tensor, w: torch.Tensor) -> dict[str, 
         out["smooth_gemm"] = (lambda: backend.linear(x, wp), "cpu backend linear (torch reference op)")
     else:
         sg = backend.k.smooth_gemm
-        plan = sg.plan_gemm(M, N, K, backend.profile, x.element_size())
+        plan = plan_gemm(M, N, K, backend.profile, x.element_size())
         out["smooth_gemm"] = (lambda: sg.smooth_gemm(x, w, None, backend.profile, plan), plan.describe())
-        single = sg.single_tile_plan(M, N, K, largest_tile(backend.profile), backend.profile, x.element_size())
+        single = single_tile_plan(M, N, K, largest_tile(backend.profile), backend.profile, x.element_size())
         out["single_tile"] = (lambda: sg.smooth_gemm(x, w, None, backend.profile, single), single.describe())
     if backend.device.type == "npu":
         out["vendor"] = (lambda: F.linear(x, w), "torch_npu F.linear")

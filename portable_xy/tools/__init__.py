@@ -1,0 +1,23 @@
+"""Tooling that never runs while serving: the kernel AOT report (``aot.py``, specs in
+``aot_specs.py``), the offline tile tuner (``tune.py``), the benchmarks (``bench/``) and the timer
+they share (``timing.py``). The ``portable-xy kernels`` and ``portable-xy bench`` commands live
+here; ``portable_xy.cli`` imports this package only for them."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_tool_commands(subparsers) -> None:
+    """Register ``kernels {aot-report, tune}`` and ``bench {...}`` on the top-level subparsers."""
+    from .aot import add_aot_report_command
+    from .bench import add_bench_command
+    from .tune import add_tune_command
+
+    kernels: argparse.ArgumentParser = subparsers.add_parser(
+        "kernels", help="Triton kernel tooling (AOT report, offline tuner)"
+    )
+    ksub = kernels.add_subparsers(dest="kernels_command", required=True)
+    add_aot_report_command(ksub)
+    add_tune_command(ksub)
+    add_bench_command(subparsers)
