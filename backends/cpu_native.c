@@ -3,11 +3,10 @@
  * SiLU-and-mul of small steps, the KV-cache store, and attention of short stages read straight
  * from the paged KV cache.
  *
- * torch runs RMSNorm and RoPE as 5-10 separate ops over tiny [T, H] tensors; inside a decode step
- * every one of those pays 20-40 us after a GEMM has evicted the caches. Here each is one pass
- * over the rows. Decode attention in torch needs the K/V history gathered (or kept as copies)
+ * torch runs RMSNorm and RoPE as 5-10 separate ops over tiny [T, H] tensors, each with its own
+ * dispatch and pass over memory the GEMMs have just evicted. Here each is one pass over the rows. Decode attention in torch needs the K/V history gathered (or kept as copies)
  * and a padded SDPA call; here each (stage, KV head) reads its blocks where they lie.
- * The maths and rounding points are those of the torch references in cpu.py (rms_norm_ref,
+ * The maths and rounding points are those of the torch references in reference.py (rms_norm_ref,
  * rope_ref, attention_ref), which the tests compare against. The compiler vectorises the loops
  * for the host (-O3 -march=native); -ffp-contract=off keeps a*b+c as two roundings, as torch
  * computes it.
@@ -387,7 +386,7 @@ void px_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, ui
 #define HAVE_AMX 1
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
-#define AMX_PREFETCH 2 /* weight tiles ahead; measured best of 0-16 on SmolLM2's matrices */
+#define AMX_PREFETCH 2 /* weight tiles prefetched ahead of the one being multiplied */
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from portable_xy.backends import cpu_native
-from portable_xy.backends.tuner import layer_shapes
-from portable_xy.models.loader import load_model_files, resolve_model_path
+from portable_xy.models.loader import load_model_config, resolve_model_path
+from portable_xy.tools.bench.shapes import layer_shapes
 
 
 def onednn(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
-    c = load_model_files(resolve_model_path(args.model))[0]  # the shapes; weights are random
+    c = load_model_config(resolve_model_path(args.model))  # the shapes; weights are random
     shapes = layer_shapes(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size) * c.num_layers
     bf16 = [torch.randn(n, k).to(torch.bfloat16) for n, k in shapes]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in bf16]

@@ -2,25 +2,33 @@
 measured side by side in one run (ratios, not absolute numbers, are the result).
 
     python benchmarks/throughput_vs_hf.py [--model PATH] [--batch 32] [--new-tokens 128]
-        [--dtypes float32 bfloat16] [--rounds 3] [--skip-hf]
+        [--dtypes float32 bfloat16] [--rounds 3] [--skip-hf] [--baseline DIR]
 
 Each configuration generates exactly ``--new-tokens`` tokens per request (greedy, EOS ignored):
-a single request, then ``--batch`` requests at once. HF runs fp32 ``generate`` (left-padded batch).
-All engines are loaded first, then run in ``--rounds`` interleaved rounds (each round runs every
-engine once), so that a slow spell on a shared machine hits all of them; the ratio reported is the
-median over rounds of the ratio measured within a round.
+a single request, then ``--batch`` requests at once. HF runs fp32 ``generate`` (left-padded batch)
+in this process; each portable_xy engine (one per ``--dtypes`` entry) runs in a worker process of
+its own, so that every engine runs alone with the same memory and threads. All engines are loaded
+first, then run in ``--rounds`` interleaved rounds (each round runs every engine once, in reverse
+order every other round), so that a slow spell on a shared machine hits all of them; the ratio
+reported is the median over rounds of the ratio measured within a round.
+
+``--baseline DIR`` adds the same engines from another build of portable_xy (e.g. an earlier commit,
+installed with ``pip install --no-deps --target DIR <checkout>``) and prints this build's ratios to
+it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
-from portable_xy import LLM, SamplingParams
-from portable_xy.models.loader import resolve_model_path
+from portable_xy.models.loader import load_tokenizer, resolve_model_path
 
 TOPICS = [
     "the history of the printing press", "how a transistor works", "why the sky is blue",
@@ -54,13 +62,46 @@ def run_hf(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> flo
     return len(prompts) * new_tokens / dt
 
 
-def run_ours(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+# A portable_xy engine in a worker: the build importable from sys.argv[1] ("-": this checkout's).
+# One JSON request per line on stdin ({"prompts", "new_tokens"}), one tokens/s per line on stdout.
+WORKER = """
+import json, sys
+if sys.argv[1] != "-":
+    sys.path.insert(0, sys.argv[1])
+    sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("__editable__")]
+import time
+from portable_xy import LLM, SamplingParams
+llm = LLM(None if sys.argv[2] == "-" else sys.argv[2], backend="cpu", dtype=sys.argv[3], enable_prefix_caching=False)
+print("READY", sys.modules["portable_xy"].__file__, flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    params = SamplingParams(temperature=0, max_tokens=req["new_tokens"], ignore_eos=True)
     t0 = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in req["prompts"]], params, use_tqdm=False)
     dt = time.perf_counter() - t0
-    assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
-    return len(prompts) * new_tokens / dt
+    assert all(len(o.outputs[0].token_ids) == req["new_tokens"] for o in outs)
+    print(len(req["prompts"]) * req["new_tokens"] / dt, flush=True)
+"""
+
+
+def start_engine(site: str | None, model: str | None, dtype: str):
+    """``run(prompts, new_tokens) -> tok/s`` on a worker running portable_xy from ``site``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WORKER, site or "-", model or "-", dtype], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    ready = proc.stdout.readline()
+    if not ready.startswith("READY"):
+        raise RuntimeError(f"portable_xy worker ({site or 'this checkout'}, {dtype}) failed to start")
+    print(f"{dtype} engine from {ready.split(maxsplit=1)[1].strip()}")
+
+    def run(prompts: list[list[int]], new_tokens: int) -> float:
+        proc.stdin.write(json.dumps({"prompts": prompts, "new_tokens": new_tokens}) + "\n")
+        proc.stdin.flush()
+        return float(proc.stdout.readline())
+
+    run([[1, 2, 3]] * 2, 4)  # warm-up
+    return run
 
 
 def main() -> None:
@@ -71,21 +112,21 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--baseline", metavar="DIR", help="another portable_xy build to compare with (see above)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    runners: dict[str, object] = {}
-    tokenizer = None
-    for dtype in args.dtypes:
-        llm = LLM(model=args.model, backend="cpu", dtype=dtype, enable_prefix_caching=False)
-        tokenizer = llm.get_tokenizer()
-        run_ours(llm, make_prompts(tokenizer, 2), 4)  # warm-up
-        runners[f"portable_xy {dtype}"] = lambda ps, llm=llm: run_ours(llm, ps, args.new_tokens)
+    path = resolve_model_path(args.model)
+    tokenizer = load_tokenizer(path)
     prompts = make_prompts(tokenizer, args.batch)
+    runners: dict[str, object] = {}
+    for site, label in [(None, "portable_xy"), *([(args.baseline, "baseline")] if args.baseline else [])]:
+        for dtype in args.dtypes:
+            run = start_engine(site, args.model, dtype)
+            runners[f"{label} {dtype}"] = lambda ps, run=run: run(ps, args.new_tokens)
     hf_name = "HF transformers float32"
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM
 
-        path = resolve_model_path(args.model)
         kw = {"gguf_file": path.name} if path.is_file() else {}
         hf = AutoModelForCausalLM.from_pretrained(
             str(path.parent if path.is_file() else path), dtype=torch.float32, **kw
@@ -95,24 +136,24 @@ def main() -> None:
         runners[hf_name] = lambda ps: run_hf(hf, ps, args.new_tokens, pad)
     rounds: list[dict[str, dict[str, float]]] = []
     for r in range(args.rounds):
-        rounds.append({name: {"single": run(prompts[:1]), "batch": run(prompts)} for name, run in runners.items()})
-        got = ", ".join(f"{n} {v['single']:.1f} / {v['batch']:.1f}" for n, v in rounds[-1].items())
+        order = list(runners) if r % 2 == 0 else list(reversed(runners))  # no engine always runs first
+        rounds.append({name: {"single": runners[name](prompts[:1]), "batch": runners[name](prompts)} for name in order})
+        got = ", ".join(f"{n} {rounds[-1][n]['single']:.1f} / {rounds[-1][n]['batch']:.1f}" for n in runners)
         print(f"round {r + 1} (tok/s, single / batch): {got}")
     print(f"\n{'engine (median of rounds)':<28}{'1 request tok/s':>18}{f'{args.batch} requests tok/s':>22}")
     for name in runners:
         single = statistics.median(x[name]["single"] for x in rounds)
         batch = statistics.median(x[name]["batch"] for x in rounds)
         print(f"{name:<28}{single:>18.1f}{batch:>22.1f}")
-    if hf_name in runners:
-        print("\nratios vs HF transformers (median over rounds of the ratio within a round; min-max):")
-        for name in runners:
-            if name == hf_name:
-                continue
-            parts = []
+    comparisons = [(hf_name, name) for name in runners if name != hf_name]
+    comparisons += [(f"baseline {dtype}", f"portable_xy {dtype}") for dtype in args.dtypes]
+    for ref, name in comparisons:
+        if ref in runners:
+            print(f"\n{name} / {ref} (median over rounds of the ratio within a round; min-max):", end="")
             for kind in ("single", "batch"):
-                ratios = [x[name][kind] / x[hf_name][kind] for x in rounds]
-                parts.append(f"{kind} {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
-            print(f"  {name}: " + ", ".join(parts))
+                ratios = [x[name][kind] / x[ref][kind] for x in rounds]
+                print(f" {kind} {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})", end="")
+            print()
 
 
 if __name__ == "__main__":

@@ -123,6 +123,29 @@ def test_store_kv_matches_reference(lib, rows):
         assert torch.equal(ours.view(torch.int16), ref.view(torch.int16))
 
 
+@pytest.mark.parametrize("bad", [-1, 300, 10**9])
+def test_out_of_range_positions_and_slots_raise_before_writing(lib, bad):
+    """A RoPE position outside the cos/sin table, or a KV slot past the cache, is an IndexError and
+    nothing is written (the torch references raise on the same inputs)."""
+    g = torch.Generator().manual_seed(7)
+    cos_sin = torch.randn(300, 16, generator=g)
+    x = torch.randn(3, 2, 16, generator=g).to(BF16)
+    before = x.clone()
+    pos = torch.tensor([0, 5, bad])
+    with pytest.raises(IndexError, match="cos/sin table of 300 rows"):
+        cpu_native.rope_(lib, x, pos, cos_sin)
+    assert torch.equal(x.view(torch.int16), before.view(torch.int16))
+    if bad < 0:
+        return  # slot -1 means "skip", not an error
+    k = torch.randn(3, 2, 16, generator=g).to(BF16)
+    caches = [torch.zeros(4, 5, 2, 16).to(BF16) for _ in range(2)]
+    with pytest.raises(IndexError, match="past the cache's 20 slots"):
+        cpu_native.store_kv(lib, k, k, caches[0], caches[1], torch.tensor([1, 2, bad]))
+    assert not caches[0].any() and not caches[1].any()
+    with pytest.raises(IndexError):
+        store_kv_ref(k, k, *(c.clone() for c in caches), torch.tensor([1, 2, bad]))
+
+
 @pytest.mark.parametrize("rows", [1, 3, 17])
 @pytest.mark.parametrize("d", [64, 16])
 def test_rope_in_place_is_bit_identical_to_reference(lib, rows, d):

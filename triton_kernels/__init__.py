@@ -1,4 +1,7 @@
-"""Meta-kernels written once in Triton (Meta-Attention, SmoothGEMM and support kernels).
+"""Meta-kernels written once in Triton: Meta-Attention (``meta_attention.py``, tiles dealt to cores
+by ``task_table.py``), SmoothGEMM (``smooth_gemm.py``, tile plans in ``gemm_plan.py``) and the
+support kernels (``rms_norm.py``, ``rope.py``, ``activation.py``, ``kv_cache.py``, ``sampling.py``),
+with launch helpers shared by several kernels in ``launch.py``.
 
-Each kernel module names its torch reference in ``portable_xy.backends.cpu``.
+Each kernel module names its torch definition in ``portable_xy.backends.reference``.
 """

@@ -51,6 +51,7 @@ from ..backends.device import CUDA_SMEM_PER_BLOCK, VENDORS, detect
 from ..backends.profile import Profile, installed_triton, kernel_source_hash, load_profile
 from ..backends.roofline import attention_cost, peaks
 from ..envs import tuned_profile_dir
+from .bench.shapes import layer_shapes
 from .timing import make_timer
 
 TUNABLE = ("cuda", "npu", "interpret")
@@ -98,12 +99,6 @@ def shapes_from_model(path: str) -> list[tuple[int, int]]:
     nkv = int(cfg.get("num_key_value_heads", nh))
     hd = int(cfg.get("head_dim") or h // nh)
     return layer_shapes(h, nh, nkv, hd, int(cfg["intermediate_size"]))
-
-
-def layer_shapes(hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int) -> list[tuple[int, int]]:
-    """``(N, K)`` of one Llama-family layer's fused GEMMs: QKV, O, gate-up, down."""
-    qkv = (heads + 2 * kv_heads) * head_dim
-    return [(qkv, hidden), (hidden, heads * head_dim), (2 * intermediate, hidden), (hidden, intermediate)]
 
 
 def candidate_tiles(backend: str, profile: Profile, arch: str | None) -> list[dict]:

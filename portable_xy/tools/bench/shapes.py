@@ -57,19 +57,19 @@ def rank_heads(dims: ModelDims, tp: int = TP) -> tuple[int, int]:
     return math.ceil(dims.heads / tp), max(1, dims.kv_heads // tp)
 
 
+def layer_shapes(hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int) -> list[tuple[int, int]]:
+    """``(N, K)`` of one Llama-family layer's fused GEMMs: QKV, O, gate-up, down."""
+    qkv = (heads + 2 * kv_heads) * head_dim
+    return [(qkv, hidden), (hidden, heads * head_dim), (2 * intermediate, hidden), (hidden, intermediate)]
+
+
 def gemm_shapes(model: str, tp: int = TP, scale: int = 1) -> list[GemmShape]:
     """The QKV / O / GateUp / Down ``(N, K)`` of one rank; ``scale`` > 1 shrinks every dimension
     (at least 16) for tiny runs."""
     d = MODELS[model]
     hq, hkv = rank_heads(d, tp)
-    inter = math.ceil(d.intermediate / tp)
-    nk = {
-        "qkv": ((hq + 2 * hkv) * d.head_dim, d.hidden),
-        "o": (d.hidden, hq * d.head_dim),
-        "gate_up": (2 * inter, d.hidden),
-        "down": (d.hidden, inter),
-    }
-    return [GemmShape(model, op, max(16, n // scale), max(16, k // scale)) for op, (n, k) in nk.items()]
+    nk = layer_shapes(d.hidden, hq, hkv, d.head_dim, math.ceil(d.intermediate / tp))
+    return [GemmShape(model, op, max(16, n // scale), max(16, k // scale)) for op, (n, k) in zip(OPS, nk)]
 
 
 def model_names(spec: str) -> list[str]:
