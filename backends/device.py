@@ -82,15 +82,6 @@ class DeviceInfo:
             profile = profile.with_num_cores(self.num_cores)
         return profile
 
-    def profile_reason(self) -> str:
-        """Why that profile: which arch file applies, or why the vendor default does."""
-        path = shipped_arch_file(self.vendor, self.arch)
-        if path is not None:
-            return f"{self.name}: arch {self.arch} -> {self.vendor}/{path.name}"
-        if self.arch:
-            return f"{self.name}: arch {self.arch} has no shipped file -> {self.vendor}/default.yaml"
-        return f"{self.name}: {self.vendor} profile"
-
 
 def cpu_has_fast_bf16() -> bool:
     """Whether the CPU has native bf16 dot products (AVX512-BF16 or AMX), from ``/proc/cpuinfo``."""

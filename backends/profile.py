@@ -152,9 +152,7 @@ def _vendor_files(vendor: str, arch: str | None, tuned: bool) -> list[Path]:
     return files
 
 
-def load_profile(
-    vendor: str, arch: str | None = None, device_name: str | None = None, tuned: bool = True
-) -> Profile:
+def load_profile(vendor: str, arch: str | None = None, device_name: str | None = None, tuned: bool = True) -> Profile:
     """Resolve the profile for ``vendor`` (``cpu``, ``interpret``, ``cuda``, ``ascend``) and
     ``arch`` (``sm80``, ``sm90``, ``910b``, ``910_93``...), applying the precedence above.
     ``device_name``: when given, a tuned file timed on another device is ignored too.

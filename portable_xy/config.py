@@ -158,8 +158,10 @@ class EngineConfig:
         limit = self.model_config.max_position_embeddings
         if self.max_model_len is None:
             self.max_model_len = limit
-        if not isinstance(self.max_model_len, int) or isinstance(self.max_model_len, bool) or not (
-            2 <= self.max_model_len <= limit
+        if (
+            not isinstance(self.max_model_len, int)
+            or isinstance(self.max_model_len, bool)
+            or not (2 <= self.max_model_len <= limit)
         ):
             raise ValueError(f"max_model_len must be an int in [2, {limit}] for this model, got {self.max_model_len!r}")
         profile = detect(self.backend).profile()
@@ -168,7 +170,7 @@ class EngineConfig:
         if self.block_size % 16:
             raise ValueError(f"block_size must be a multiple of 16, got {self.block_size}")
         self.chunk_align = profile.chunk_align
-        self.scheduler_config  # noqa: B018 - validates the scheduler settings
+        _ = self.scheduler_config  # building it checks the scheduler's settings
 
     def _check_fields(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):

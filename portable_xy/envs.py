@@ -9,7 +9,7 @@ variable                       meaning
 ``PORTABLE_XY_CACHE``          cache folder: the built C library, GGUF tokenizers
                                (default ``~/.cache/portable_xy``)
 ``PORTABLE_XY_PROFILE_DIR``    tuned profiles written by ``portable-xy kernels tune``
-                               (default ``<cache>/profiles``)
+                               (default ``~/.cache/portable_xy/profiles``)
 ``PORTABLE_XY_NATIVE``         ``0``: the cpu backend stays on torch ops (no C library)
 ``PORTABLE_XY_AMX``            ``0``: the cpu backend does not use its AMX GEMMs
 ``PORTABLE_XY_AOT_TRACEBACK``  set: ``kernels aot-report`` prints a compile error's traceback

@@ -6,10 +6,13 @@ import time
 from collections.abc import Sequence as Seq
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
+from .backends import Backend
 from .config import EngineConfig
 from .engine.llm_engine import LLMEngine
+from .models.config import ModelConfig
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -28,15 +31,15 @@ class LLM:
         self._request_counter = 0
 
     @property
-    def backend(self):
+    def backend(self) -> Backend:
         return self.engine.runner.backend
 
     @property
-    def dtype(self):
+    def dtype(self) -> torch.dtype:
         return self.config.dtype
 
     @property
-    def model_config(self):
+    def model_config(self) -> ModelConfig:
         return self.config.model_config
 
     @property
@@ -44,10 +47,11 @@ class LLM:
         return self.config.max_model_len
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Any:
+        """The HF tokenizer (None with ``skip_tokenizer_init=True``)."""
         return self.engine.tokenizer
 
-    def get_tokenizer(self):
+    def get_tokenizer(self) -> Any:
         return self.tokenizer
 
     def get_metrics(self) -> dict[str, float]:
