@@ -57,6 +57,9 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", help="a chat prompt (repeatable); default: a built-in set")
     gen.set_defaults(func=_generate)
 
+    from .server.cli import add_serve_command
+
+    add_serve_command(sub)
     if tools:
         from .tools import add_tool_commands
 

@@ -14,7 +14,7 @@ from .config import EngineConfig
 from .engine.llm_engine import LLMEngine
 from .models.config import ModelConfig
 from .outputs import RequestOutput
-from .sampling_params import SamplingParams
+from .sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -81,7 +81,7 @@ class LLM:
         """Generate completions for ``prompts`` (a string, a ``{"prompt_token_ids": [...]}``
         dict, or a list of those). Returns one ``RequestOutput`` per prompt, in input order.
         ``priority``: one int per prompt (lower first) under ``scheduling_policy="priority"``."""
-        items = self._normalize_prompts(prompts)
+        items = self.engine.inputs.prompts(prompts)
         params = self._normalize_params(sampling_params, len(items))
         if priority is None:
             priority = [0] * len(items)
@@ -103,73 +103,23 @@ class LLM:
     ) -> list[RequestOutput]:
         """Apply the tokenizer's chat template to one conversation (a list of message dicts) or a
         list of conversations, then generate."""
-        if self.tokenizer is None:
-            raise ValueError("chat() needs a tokenizer, but this LLM was built with skip_tokenizer_init=True")
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(
-                f"messages must be a non-empty list of message dicts or of conversations, got {messages!r}"
-            )
-        convs = [messages] if isinstance(messages[0], dict) else messages
-        prompts = []
-        for i, conv in enumerate(convs):
-            if not isinstance(conv, list) or not all(isinstance(m, dict) and "role" in m for m in conv):
-                raise ValueError(f"conversation {i} must be a list of {{'role': ..., 'content': ...}} dicts")
-            text = self.tokenizer.apply_chat_template(
-                conv, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
-            )
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        prompts = self.engine.inputs.chat(messages, add_generation_prompt, chat_template)
         return self.generate(prompts, sampling_params, use_tqdm)
 
     # ---- input checking (all before any request is queued, so bad input changes nothing) ------
-    def _normalize_prompts(self, prompts) -> list[tuple[str | None, list[int]]]:
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
-        if not isinstance(prompts, Seq) or isinstance(prompts, (bytes, bytearray)):
-            raise TypeError(f"prompts must be a str, a dict or a list of those, got {type(prompts).__name__}")
-        if len(prompts) == 0:
-            raise ValueError("prompts is empty")
-        vocab = self.model_config.vocab_size
-        out = []
-        for i, p in enumerate(prompts):
-            if isinstance(p, str):
-                if not p:
-                    raise ValueError(f"prompt {i} is an empty string")
-                if self.tokenizer is None:
-                    raise ValueError(f"prompt {i} is text but no tokenizer is loaded; pass prompt_token_ids")
-                text, ids = p, self.tokenizer(p)["input_ids"]
-            elif isinstance(p, dict):
-                if "prompt_token_ids" not in p:
-                    raise ValueError(f"prompt {i} is a dict without 'prompt_token_ids': keys {sorted(p)}")
-                text, ids = p.get("prompt"), p["prompt_token_ids"]
-                if not isinstance(ids, (list, tuple)) or not all(
-                    isinstance(t, int) and not isinstance(t, bool) for t in ids
-                ):
-                    raise TypeError(f"prompt {i}: prompt_token_ids must be a list of int")
-            else:
-                raise TypeError(f"prompt {i} must be a str or a dict with 'prompt_token_ids', got {type(p).__name__}")
-            if len(ids) == 0:
-                raise ValueError(f"prompt {i} has no tokens")
-            bad = next((t for t in ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise ValueError(f"prompt {i}: token id {bad} is outside the vocabulary [0, {vocab})")
-            if len(ids) >= self.max_model_len:
-                raise ValueError(
-                    f"prompt {i} has {len(ids)} tokens; max_model_len={self.max_model_len} leaves no room to generate"
-                )
-            out.append((text, list(ids)))
-        return out
-
     @staticmethod
     def _normalize_params(sp, n: int) -> list[SamplingParams]:
+        """One ``SamplingParams`` per prompt, each returning its request's output once, when it
+        finishes (``RequestOutputKind.FINAL_ONLY``; the caller's objects are not changed)."""
         if sp is None:
-            return [SamplingParams()] * n
+            sp = SamplingParams()
         if isinstance(sp, SamplingParams):
-            return [sp] * n
+            return [sp.clone(output_kind=RequestOutputKind.FINAL_ONLY)] * n
         if isinstance(sp, Seq) and all(isinstance(s, SamplingParams) for s in sp):
             if len(sp) != n:
                 raise ValueError(f"got {len(sp)} sampling_params for {n} prompts")
-            return list(sp)
+            final = {id(s): s.clone(output_kind=RequestOutputKind.FINAL_ONLY) for s in sp}
+            return [final[id(s)] for s in sp]
         raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got {type(sp).__name__}")
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -185,7 +135,7 @@ class LLM:
         start, generated0 = time.perf_counter(), self.engine.num_generated_tokens
         try:
             while self.engine.has_unfinished_requests():
-                done = self.engine.step()
+                done = self.engine.step()  # FINAL_ONLY requests: the outputs of finished ones
                 generated = self.engine.num_generated_tokens - generated0
                 for out in done:
                     results[out.request_id] = out

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, fields
+from enum import IntEnum
+
+
+class RequestOutputKind(IntEnum):
+    """What the engine returns for a request while it runs (vLLM's values): everything so far at
+    every step, only what is new since the last output, or one output when it finishes."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -31,6 +42,7 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     _stop_strs: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __init__(self, **kwargs) -> None:
@@ -44,6 +56,11 @@ class SamplingParams:
         self._verify()
         stop = self.stop
         self._stop_strs = [stop] if isinstance(stop, str) else list(stop or [])
+
+    def clone(self, **changes) -> SamplingParams:
+        """A copy with ``changes`` applied (and checked)."""
+        kwargs = {f.name: copy.copy(getattr(self, f.name)) for f in fields(self) if f.init}
+        return SamplingParams(**{**kwargs, **changes})
 
     @property
     def stop_strings(self) -> list[str]:
@@ -84,6 +101,8 @@ class SamplingParams:
             check_type(name, (int,), optional=True)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             check_type(name, (bool,))
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise TypeError(f"SamplingParams.output_kind must be a RequestOutputKind, got {self.output_kind!r}")
         if self.n < 1:
             raise bad("n", "must be at least 1")
         if self.temperature < 0:

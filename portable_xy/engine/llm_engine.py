@@ -1,27 +1,56 @@
-"""The engine core: requests in, one scheduled step at a time, finished outputs out.
+"""The engine core: requests in, one scheduled step at a time, outputs out.
 
 ``LLMEngine.from_config`` builds every part from one :class:`~portable_xy.config.EngineConfig`;
-front ends (``LLM``, and any other) add requests and call :meth:`LLMEngine.step`. A step is
-schedule -> propose -> run -> sample -> postprocess, one call each.
+front ends (``LLM``, ``AsyncLLM``) add requests and call :meth:`LLMEngine.step`. A step is
+schedule -> propose -> run -> sample -> postprocess, one call each. A step that raises fails the
+requests it ran (their blocks are freed) and nothing else: :class:`EngineStepError`.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from dataclasses import dataclass, field
 
 import torch
 
 from ..config import EngineConfig
 from ..models.loader import load_tokenizer
 from ..outputs import RequestMetrics, RequestOutput
-from ..sampling_params import SamplingParams
+from ..sampling_params import RequestOutputKind, SamplingParams
 from ..spec_decode import Proposer, make_proposer
 from .block_manager import BlockManager
+from .input_processor import InputProcessor
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .sampler import Sampler, SampleResult
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Request, Sequence
+
+
+class EngineStepError(RuntimeError):
+    """A step raised: its requests (``request_ids``) were aborted and their blocks freed; the
+    engine and every other request carry on."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"engine step failed ({type(cause).__name__}: {cause}); aborted requests {request_ids}")
+        self.request_ids = request_ids
+        self.cause = cause
+
+
+@dataclass
+class StepStats:
+    """What one step did, for metrics: tokens, latencies of the tokens it emitted (seconds), and
+    the requests it finished (``(finish_reason, e2e latency, prompt tokens, generated tokens)``)."""
+
+    num_prompt_tokens: int = 0  # prompts of requests whose first token came in this step
+    num_generation_tokens: int = 0
+    ttfts: list[float] = field(default_factory=list)
+    inter_token_latencies: list[float] = field(default_factory=list)
+    finished: list[tuple[str, float, int, int]] = field(default_factory=list)
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 class LLMEngine:
@@ -44,8 +73,10 @@ class LLMEngine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_ids = sorted(eos)
+        lock = threading.Lock()  # one thread at a time in the tokenizer (front ends encode, steps decode)
+        self.inputs = InputProcessor(tokenizer, config.model_config.vocab_size, config.max_model_len, lock)
         self.sampler = Sampler(runner.backend, self.eos_ids)
-        self.output = OutputProcessor(tokenizer, self.eos_ids, config.max_model_len)
+        self.output = OutputProcessor(tokenizer, self.eos_ids, config.max_model_len, lock)
         self.rng = torch.Generator().manual_seed(config.seed)
         self.requests: dict[str, Request] = {}
         self._next_seq_id = 0
@@ -53,6 +84,7 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
+        self.last_step = StepStats()
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -87,26 +119,50 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.requests[request_id] = req
 
-    def abort_request(self, request_id: str) -> None:
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Drop a request and free its blocks. Returns its last output (unfinished completions get
+        ``finish_reason="abort"``), or None when the request is not (or no longer) in the engine."""
         req = self.requests.pop(request_id, None)
-        if req is not None:
-            for seq in req.seqs:
-                if not seq.is_finished:
-                    self.scheduler.abort(seq)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.abort(seq)
+                seq.finish_reason = "abort"
+        return self.output.make_output(req)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    @property
+    def num_running(self) -> int:
+        return len({s.request_id for s in self.scheduler.running})
+
+    @property
+    def num_waiting(self) -> int:
+        return len({s.request_id for s in self.scheduler.waiting} - {s.request_id for s in self.scheduler.running})
+
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns the requests that finished in it."""
+        """Run one step. Returns the outputs it produced: every request that finished, and those
+        of the running ones whose ``output_kind`` is not ``FINAL_ONLY`` and that got tokens."""
         batch = self.scheduler.schedule()
         if not batch.stages:
             return []
-        self.propose(batch)
-        logits = self.runner.execute(batch)
-        new_tokens = self.sampler(batch, logits)
-        return self.postprocess(batch, new_tokens)
+        try:
+            self.propose(batch)
+            logits = self.runner.execute(batch)
+            new_tokens = self.sampler(batch, logits)
+            return self.postprocess(batch, new_tokens)
+        except Exception as e:
+            raise self._fail(batch, e) from e
+
+    def _fail(self, batch: ScheduledBatch, cause: Exception) -> EngineStepError:
+        """Abort the requests of a step that raised."""
+        ids = list(dict.fromkeys(seq.request_id for seq in batch.seqs))
+        for rid in ids:
+            self.abort_request(rid)
+        return EngineStepError(ids, cause)
 
     def propose(self, batch: ScheduledBatch) -> None:
         """Drafts for the step's verify stages; a stage that got fewer drafts than the room it
@@ -121,7 +177,8 @@ class LLMEngine:
 
     def postprocess(self, batch: ScheduledBatch, new_tokens: dict[int, list[SampleResult]]) -> list[RequestOutput]:
         """Advance the scheduler past the step (a verify stage keeps only its accepted drafts),
-        append the new tokens, finish sequences that stopped; the outputs of finished requests."""
+        append the new tokens, finish sequences that stopped; the step's outputs (see :meth:`step`)."""
+        stats = self.last_step = StepStats()
         verify = batch.verify_stages
         rejected = {st.seq.seq_id: st.num_tokens - len(new_tokens[st.seq.seq_id]) for st in verify}
         for st in verify:
@@ -130,21 +187,46 @@ class LLMEngine:
             m.num_draft_tokens += drafts
             m.num_accepted_tokens += accepted
             m.num_verify_steps += 1
-            self.num_draft_tokens += drafts
-            self.num_accepted_tokens += accepted
+            stats.num_drafts += 1
+            stats.num_draft_tokens += drafts
+            stats.num_accepted_tokens += accepted
+        self.num_draft_tokens += stats.num_draft_tokens
+        self.num_accepted_tokens += stats.num_accepted_tokens
         self.scheduler.postprocess(batch, rejected)
         now = time.time()
-        done: list[RequestOutput] = []
+        touched: dict[str, Request] = {}
         for st in batch.stages:
             seq = st.seq
             seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)
             seq.draft_token_ids, seq.draft_probs = [], None
-            self.num_generated_tokens += self.output.append(seq, new_tokens.get(seq.seq_id, []), now)
+            results = new_tokens.get(seq.seq_id, [])
+            if not results:
+                continue
+            req = touched[seq.request_id] = self.requests[seq.request_id]
+            if seq.index == 0:
+                m = seq.metrics
+                if m.first_token_time is None:
+                    stats.ttfts.append(now - m.arrival_time)
+                    stats.num_prompt_tokens += len(req.prompt_token_ids)
+                else:
+                    stats.inter_token_latencies.append(now - m.last_token_time)
+            n = self.output.append(seq, results, now)
+            stats.num_generation_tokens += n
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
-                req = self.requests[seq.request_id]
-                if req.finished:
-                    seq.metrics.finished_time = now
-                    done.append(self.output.make_output(self.requests.pop(seq.request_id)))
+        self.num_generated_tokens += stats.num_generation_tokens
+        outputs: list[RequestOutput] = []
+        for rid, req in touched.items():
+            if req.finished:
+                req.metrics.finished_time = now
+                del self.requests[rid]
+                m = req.metrics
+                stats.finished.append((req.seqs[0].finish_reason, now - m.arrival_time, len(req.prompt_token_ids),
+                                       sum(s.num_output_tokens for s in req.seqs)))  # fmt: skip
+            elif req.params.output_kind == RequestOutputKind.FINAL_ONLY:
+                continue
+            out = self.output.make_output(req)
+            if out is not None:
+                outputs.append(out)
         self.num_steps += 1
-        return done
+        return outputs

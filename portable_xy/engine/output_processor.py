@@ -1,9 +1,14 @@
 """After a step: append each sequence's new tokens, check its stop conditions, detokenize, and
-build the vLLM-shaped outputs of finished requests."""
+build the vLLM-shaped outputs: one when a request finishes, and while it runs one per step that
+gave it tokens, everything so far or only what is new (``SamplingParams.output_kind``)."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 from ..outputs import CompletionOutput, Logprob, RequestOutput
+from ..sampling_params import RequestOutputKind
 from .sampler import SampleResult
 from .sequence import Request, Sequence
 
@@ -11,10 +16,11 @@ from .sequence import Request, Sequence
 class OutputProcessor:
     """Stop checks and detokenization with the engine's tokenizer (``None``: token ids only)."""
 
-    def __init__(self, tokenizer, eos_ids: list[int], max_model_len: int) -> None:
+    def __init__(self, tokenizer, eos_ids: list[int], max_model_len: int, lock: threading.Lock | None = None) -> None:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
+        self.lock = lock or contextlib.nullcontext()
 
     def append(self, seq: Sequence, results: list[SampleResult], now: float) -> int:
         """Append ``results`` to ``seq`` until one finishes it; returns how many were appended."""
@@ -36,12 +42,16 @@ class OutputProcessor:
         return n
 
     def _decode_one(self, token_id: int) -> str | None:
-        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
+        if self.tokenizer is None:
+            return None
+        with self.lock:
+            return self.tokenizer.decode([token_id])
 
     def _decode(self, seq: Sequence, token_ids: list[int]) -> str:
         if self.tokenizer is None:
             return ""
-        return self.tokenizer.decode(token_ids, skip_special_tokens=seq.params.skip_special_tokens)
+        with self.lock:
+            return self.tokenizer.decode(token_ids, skip_special_tokens=seq.params.skip_special_tokens)
 
     def _check_stop(self, seq: Sequence) -> None:
         p = seq.params
@@ -64,31 +74,54 @@ class OutputProcessor:
         ):
             seq.finish_reason = "length"
 
-    def make_output(self, req: Request) -> RequestOutput:
+    def final_text(self, seq: Sequence) -> str:
+        """A finished sequence's text: without its EOS / stop token, cut at a stop string."""
+        if not isinstance(seq.stop_reason, str):  # stop-string text was cut in _check_stop
+            ids = seq.output_token_ids
+            if seq.finish_reason == "stop" and not seq.params.include_stop_str_in_output:
+                ids = ids[:-1]  # EOS or a stop token id: not part of the text
+            seq.text = self._decode(seq, ids)
+        return seq.text
+
+    def _stable_text(self, seq: Sequence) -> str:
+        """A running sequence's text as far as it cannot change any more: without a trailing
+        incomplete character, and holding back what could be the start of a stop string."""
+        text = self._decode(seq, seq.output_token_ids).rstrip("\ufffd")
+        hold = max((len(s) for s in seq.params.stop_strings), default=1) - 1
+        text = text[: len(text) - hold] if hold else text
+        return text if text.startswith(seq.sent_text) else seq.sent_text
+
+    def make_output(self, req: Request) -> RequestOutput | None:
+        """The request's output now (None: nothing new to return for a ``DELTA`` request)."""
+        delta = req.params.output_kind == RequestOutputKind.DELTA
         outs = []
         for seq in req.seqs:
-            if not isinstance(seq.stop_reason, str):  # stop-string text was cut in _check_stop
-                ids = seq.output_token_ids
-                if seq.finish_reason == "stop" and not seq.params.include_stop_str_in_output:
-                    ids = ids[:-1]  # EOS or a stop token id: not part of the text
-                seq.text = self._decode(seq, ids)
+            done = seq.finish_reason is not None
+            if delta and (seq.finish_sent or (not done and seq.num_sent_tokens == seq.num_output_tokens)):
+                continue
+            text = self.final_text(seq) if done else self._stable_text(seq)
+            start = seq.num_sent_tokens if delta else 0
+            logprobs = seq.logprobs[start:] if seq.params.logprobs is not None else None
             outs.append(
                 CompletionOutput(
                     index=seq.index,
-                    text=seq.text,
-                    token_ids=seq.output_token_ids,
+                    text=text[len(seq.sent_text) :] if delta else text,
+                    token_ids=seq.output_token_ids[start:],
                     cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
-                    logprobs=seq.logprobs if seq.params.logprobs is not None else None,
+                    logprobs=logprobs,
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
                 )
             )
+            seq.num_sent_tokens, seq.sent_text, seq.finish_sent = seq.num_output_tokens, text, done
+        if not outs:
+            return None
         return RequestOutput(
             request_id=req.request_id,
             prompt=req.prompt,
             prompt_token_ids=req.prompt_token_ids,
             outputs=outs,
-            finished=True,
+            finished=req.finished,
             metrics=req.metrics,
             num_cached_tokens=req.metrics.num_cached_tokens,
         )

@@ -1,0 +1,258 @@
+"""``AsyncLLM``: the engine core behind an asyncio API, for online serving.
+
+The engine runs on a thread of its own. Callers (coroutines on any event loop) hand it requests
+and aborts through a queue; the thread drains the queue between steps, so a request that arrives
+mid-batch joins at the next step (continuous batching under the token-wise scheduler). Every step's
+outputs go back to each request's ``asyncio.Queue`` on its caller's loop. All engine state is
+touched by the engine thread only.
+
+A step that raises fails the requests it ran, with the error (their blocks are freed); the loop and
+the other requests carry on. A request whose consumer stops iterating (a client that disconnects)
+is aborted. :meth:`AsyncLLM.shutdown` stops the thread and fails what is still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import weakref
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from .config import EngineConfig
+from .engine.input_processor import PromptType
+from .engine.llm_engine import EngineStepError, LLMEngine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+StatLogger = Callable[[LLMEngine, bool], None]  # (engine, a step ran) -> None, on the engine thread
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is full (``max_waiting_requests``); retry later."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped (shutdown, or an error outside any step)."""
+
+
+class _Sink:
+    """Where the engine thread puts one request's outputs: a queue on its caller's event loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening
+            pass
+
+
+class RequestStream:
+    """One request's outputs, an async iterator on its caller's event loop; the last output has
+    ``finished=True``. A stream closed (:meth:`close`) or dropped before its request finished
+    aborts the request, so an abandoned request never keeps its blocks."""
+
+    def __init__(self, llm: AsyncLLM, request_id: str, sink: _Sink) -> None:
+        self.request_id = request_id
+        self._sink = sink
+        self._llm = llm
+        self._open = weakref.finalize(self, llm._abandon, request_id)  # runs on close() or when dropped
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if not self._open.alive:
+            raise StopAsyncIteration
+        item = await self._sink.queue.get()
+        if isinstance(item, BaseException) or item.finished:
+            self._open.detach()  # the engine is done with it: nothing to abort
+            self._llm._streams.pop(self.request_id, None)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Abort the request unless it finished."""
+        self._open()
+
+
+class AsyncLLM:
+    """vLLM's ``AsyncLLM`` surface: ``generate`` (an async iterator of outputs), ``abort``,
+    ``shutdown``. ``AsyncLLM(model, **kwargs)`` takes :class:`EngineConfig`'s fields, like ``LLM``.
+
+    ``max_waiting_requests``: most requests waiting for their first step; beyond it ``generate``
+    raises :class:`EngineOverloadedError` (None: no bound). ``stat_loggers`` run on the engine
+    thread after each step and after requests are added or aborted."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        max_waiting_requests: int | None = None,
+        stat_loggers: list[StatLogger] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._start(LLMEngine.from_config(EngineConfig.from_kwargs("AsyncLLM", model=model, **kwargs)),
+                    max_waiting_requests, stat_loggers)  # fmt: skip
+
+    @classmethod
+    def from_config(
+        cls,
+        config: EngineConfig,
+        max_waiting_requests: int | None = None,
+        stat_loggers: list[StatLogger] | None = None,
+    ) -> AsyncLLM:
+        self = cls.__new__(cls)
+        self._start(LLMEngine.from_config(config), max_waiting_requests, stat_loggers)
+        return self
+
+    def _start(self, engine: LLMEngine, max_waiting: int | None, stat_loggers: list[StatLogger] | None) -> None:
+        if max_waiting is not None and (not isinstance(max_waiting, int) or isinstance(max_waiting, bool)
+                                        or max_waiting < 0):  # fmt: skip
+            raise ValueError(f"max_waiting_requests must be None or a non-negative int, got {max_waiting!r}")
+        self.engine = engine
+        self.config = engine.config
+        self.max_waiting_requests = max_waiting
+        self.stat_loggers = list(stat_loggers or [])
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Sink] = {}  # requests accepted and not yet finished
+        self._num_running = 0
+        self._stopping = False
+        self.dead_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="portable_xy-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the caller's side -------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def add_request(
+        self, prompt: PromptType, sampling_params: SamplingParams, request_id: str, priority: int = 0
+    ) -> RequestStream:
+        """Queue a request now and return its outputs' stream. Bad input, a request id in use, a
+        full waiting queue or a stopped engine raise here, before anything is queued."""
+        text, ids = self.engine.inputs.prompt(prompt)
+        if not isinstance(sampling_params, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
+        if not self.is_running:
+            raise EngineDeadError(f"the engine is not running ({self.dead_error or 'shut down'})")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already running")
+        if self.max_waiting_requests is not None and self.num_waiting >= self.max_waiting_requests:
+            raise EngineOverloadedError(
+                f"the engine's waiting queue is full ({self.max_waiting_requests} requests); retry later"
+            )
+        sink = self._streams[request_id] = _Sink()
+        self._send("add", (request_id, text, ids, sampling_params, priority))
+        return RequestStream(self, request_id, sink)
+
+    async def generate(
+        self, prompt: PromptType, sampling_params: SamplingParams, request_id: str, priority: int = 0
+    ) -> AsyncIterator[RequestOutput]:
+        """vLLM's API: the request's outputs as its tokens arrive (``sampling_params.output_kind``:
+        everything so far, or only what is new), the last one with ``finished=True``. A consumer
+        that stops early aborts the request."""
+        stream = self.add_request(prompt, sampling_params, request_id, priority)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.close()
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request and free its blocks; its ``generate`` ends with a last output whose
+        unfinished completions have ``finish_reason="abort"``."""
+        self._send("abort", request_id)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests accepted but not yet running (queued here or in the scheduler), from the count
+        of running requests the engine thread published after its last step (engine state is not
+        read from other threads)."""
+        return max(0, len(self._streams) - self._num_running)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the engine thread (after the step in flight) and fail every unfinished request."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _send(self, kind: str, payload: Any) -> None:
+        self._commands.put((kind, payload))
+        self._wake.set()
+
+    def _abandon(self, request_id: str) -> None:
+        """(any thread) A stream went away before its request finished: forget it, abort it."""
+        self._streams.pop(request_id, None)
+        self._send("abort", request_id)
+
+    # ---- the engine thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                if self._drain_commands():
+                    self._log(stepped=False)
+                if not self.engine.has_unfinished_requests():
+                    self._wake.wait(timeout=1.0)
+                    self._wake.clear()
+                    continue
+                try:
+                    outputs = self.engine.step()
+                except EngineStepError as e:
+                    self._log(stepped=False)
+                    for rid in e.request_ids:
+                        self._deliver(rid, e)
+                    continue
+                self._log(stepped=True)  # before the outputs: a caller they wake sees this step's counts
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+        except BaseException as e:  # noqa: BLE001 - the engine itself broke: fail everything, say why
+            self.dead_error = e
+        finally:
+            self._stopping = True
+            err = EngineDeadError(f"the engine stopped ({self.dead_error or 'shut down'})")
+            for rid in list(self._streams):
+                self.engine.abort_request(rid)
+                self._deliver(rid, err)
+
+    def _drain_commands(self) -> bool:
+        changed = False
+        while True:
+            try:
+                kind, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return changed
+            changed = True
+            if kind == "add":
+                rid, text, ids, params, priority = payload
+                if rid in self._streams:  # not already abandoned by its caller
+                    self.engine.add_request(rid, text, ids, params, priority)
+            else:
+                out = self.engine.abort_request(payload)
+                if out is not None:
+                    self._deliver(payload, out)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        """Hand an output or an error to the request's caller; the last one also ends the
+        request's place here, whether or not its caller still reads."""
+        last = isinstance(item, BaseException) or item.finished
+        stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
+        if stream is not None:
+            stream.put(item)
+
+    def _log(self, stepped: bool) -> None:
+        self._num_running = self.engine.num_running
+        for logger in self.stat_loggers:
+            logger(self.engine, stepped)

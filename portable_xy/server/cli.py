@@ -1,0 +1,85 @@
+"""``portable-xy serve [MODEL]``: the flags (``vllm serve``'s names, one per
+:class:`~portable_xy.config.EngineConfig` field) and the server's start-up. The server itself is
+``api_server.py``, imported only when the command runs."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from typing import Any
+
+from ..config import EngineConfig
+
+
+def _arg_type(hint: Any) -> tuple[type | None, bool]:
+    """(the scalar type, whether None is allowed) of an EngineConfig field's annotation."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        scalars = [a for a in args if a is not type(None)]
+        return (scalars[0] if len(scalars) == 1 else str), type(None) in args
+    return hint, False
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per :class:`EngineConfig` field (vLLM's names, dashes for underscores)."""
+    hints = typing.get_type_hints(EngineConfig)
+    for f in dataclasses.fields(EngineConfig):
+        if not f.init or f.name == "model":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind, optional = _arg_type(hints[f.name])
+        if f.name == "speculative_config":
+            parser.add_argument(flag, type=json.loads, default=None, help="JSON, e.g. '{\"method\": \"ngram\", ...}'")
+        elif kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        elif kind in (int, float):
+            parser.add_argument(flag, type=kind, default=f.default)
+        else:
+            parser.add_argument(flag, default=f.default)
+
+
+def add_serve_command(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve", help="OpenAI-compatible HTTP server",
+        description="Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, "
+        "/tokenize, /detokenize, /health, /metrics).",
+    )  # fmt: skip
+    p.add_argument("model", nargs="?", default=None, help="model path or hub id (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--model", dest="model_flag", default=None, help="same as the positional MODEL")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--served-model-name", nargs="+", default=None, help="model name(s) in the API")
+    p.add_argument("--max-waiting-requests", type=int, default=None,
+                   help="answer 503 once this many requests wait for their first step")  # fmt: skip
+    p.add_argument("--uvicorn-log-level", default="warning")
+    add_engine_args(p)
+    p.set_defaults(func=serve)
+    return p
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..async_llm import AsyncLLM
+    from ..metrics import PrometheusStatLogger
+    from .api_server import build_app
+
+    names = {f.name for f in dataclasses.fields(EngineConfig) if f.init}
+    kwargs = {k: v for k, v in vars(args).items() if k in names and k != "model"}
+    model = args.model or args.model_flag
+    config = EngineConfig(model=model, **kwargs)
+    served = args.served_model_name or [str(model) if model else "SmolLM2-135M-Instruct"]
+    metrics = PrometheusStatLogger(served[0])
+    engine = AsyncLLM.from_config(config, args.max_waiting_requests, [metrics])
+    app = build_app(engine, served, args.api_key, metrics)
+    print(f"serving {served[0]} on http://{args.host}:{args.port}/v1 (backend={config.backend}, "
+          f"dtype={str(config.dtype).removeprefix('torch.')})", flush=True)  # fmt: skip
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
+    finally:
+        engine.shutdown()
+    return 0
