@@ -44,11 +44,11 @@ class _Sink:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 
-    def put(self, item: RequestOutput | BaseException) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the caller's loop is closed: nobody is listening
-            pass
+
+def _put_all(items: list[tuple[_Sink, RequestOutput | BaseException]]) -> None:
+    """(the callers' loop) One step's outputs into their requests' queues."""
+    for sink, item in items:
+        sink.queue.put_nowait(item)
 
 
 class RequestStream:
@@ -87,7 +87,12 @@ class AsyncLLM:
 
     ``max_waiting_requests``: most requests waiting for their first step; beyond it ``generate``
     raises :class:`EngineOverloadedError` (None: no bound). ``stat_loggers`` run on the engine
-    thread after each step and after requests are added or aborted."""
+    thread after each step and after requests are added or aborted.
+
+    ``start_thread=True`` runs the engine loop on a thread of its own. With ``False`` the caller
+    runs it, with :meth:`run`, on a thread of its choosing: the server runs it on the process's
+    main thread, the thread that loaded the model, because CPU kernels parallelised with OpenMP
+    run slower from a second thread once the first has used its own OpenMP pool."""
 
     def __init__(
         self,
@@ -95,10 +100,11 @@ class AsyncLLM:
         *,
         max_waiting_requests: int | None = None,
         stat_loggers: list[StatLogger] | None = None,
+        start_thread: bool = True,
         **kwargs: Any,
     ) -> None:
-        self._start(LLMEngine.from_config(EngineConfig.from_kwargs("AsyncLLM", model=model, **kwargs)),
-                    max_waiting_requests, stat_loggers)  # fmt: skip
+        config = EngineConfig.from_kwargs("AsyncLLM", model=model, **kwargs)
+        self._setup(LLMEngine.from_config(config), max_waiting_requests, stat_loggers, start_thread)
 
     @classmethod
     def from_config(
@@ -106,12 +112,15 @@ class AsyncLLM:
         config: EngineConfig,
         max_waiting_requests: int | None = None,
         stat_loggers: list[StatLogger] | None = None,
+        start_thread: bool = True,
     ) -> AsyncLLM:
         self = cls.__new__(cls)
-        self._start(LLMEngine.from_config(config), max_waiting_requests, stat_loggers)
+        self._setup(LLMEngine.from_config(config), max_waiting_requests, stat_loggers, start_thread)
         return self
 
-    def _start(self, engine: LLMEngine, max_waiting: int | None, stat_loggers: list[StatLogger] | None) -> None:
+    def _setup(
+        self, engine: LLMEngine, max_waiting: int | None, stat_loggers: list[StatLogger] | None, start_thread: bool
+    ) -> None:
         if max_waiting is not None and (not isinstance(max_waiting, int) or isinstance(max_waiting, bool)
                                         or max_waiting < 0):  # fmt: skip
             raise ValueError(f"max_waiting_requests must be None or a non-negative int, got {max_waiting!r}")
@@ -122,11 +131,15 @@ class AsyncLLM:
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Sink] = {}  # requests accepted and not yet finished
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Sink, RequestOutput | BaseException]]] = {}
         self._num_running = 0
         self._stopping = False
         self.dead_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="portable_xy-engine", daemon=True)
-        self._thread.start()
+        self._done = threading.Event()  # the engine loop has ended
+        self._loop_thread: threading.Thread | None = None
+        if start_thread:
+            self._loop_thread = threading.Thread(target=self.run, name="portable_xy-engine", daemon=True)
+            self._loop_thread.start()
 
     # ---- the caller's side -------------------------------------------------------------------
     @property
@@ -135,7 +148,8 @@ class AsyncLLM:
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        """Whether requests are accepted (the loop has not ended nor been asked to)."""
+        return not self._stopping
 
     def add_request(
         self, prompt: PromptType, sampling_params: SamplingParams, request_id: str, priority: int = 0
@@ -183,11 +197,14 @@ class AsyncLLM:
         return max(0, len(self._streams) - self._num_running)
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the engine thread (after the step in flight) and fail every unfinished request."""
+        """Stop the engine loop (after the step in flight) and fail every unfinished request; waits
+        for the loop to end unless called from the loop's own thread."""
         self._stopping = True
         self._wake.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        if self._loop_thread is None:  # the loop never ran: nothing is in flight
+            self._fail_all()
+        elif self._loop_thread is not threading.current_thread():
+            self._done.wait(timeout)
 
     def _send(self, kind: str, payload: Any) -> None:
         self._commands.put((kind, payload))
@@ -199,7 +216,12 @@ class AsyncLLM:
         self._send("abort", request_id)
 
     # ---- the engine thread -------------------------------------------------------------------
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Run the engine loop on the calling thread until :meth:`shutdown` (for an engine built
+        with ``start_thread=False``; its own thread runs it otherwise)."""
+        if self._loop_thread not in (None, threading.current_thread()):
+            raise RuntimeError("the engine loop already runs on another thread")
+        self._loop_thread = threading.current_thread()
         try:
             while not self._stopping:
                 if self._drain_commands():
@@ -214,18 +236,26 @@ class AsyncLLM:
                     self._log(stepped=False)
                     for rid in e.request_ids:
                         self._deliver(rid, e)
+                    self._flush()
                     continue
                 self._log(stepped=True)  # before the outputs: a caller they wake sees this step's counts
                 for out in outputs:
                     self._deliver(out.request_id, out)
+                self._flush()
         except BaseException as e:  # noqa: BLE001 - the engine itself broke: fail everything, say why
             self.dead_error = e
         finally:
-            self._stopping = True
-            err = EngineDeadError(f"the engine stopped ({self.dead_error or 'shut down'})")
-            for rid in list(self._streams):
-                self.engine.abort_request(rid)
-                self._deliver(rid, err)
+            self._fail_all()
+            self._done.set()
+
+    def _fail_all(self) -> None:
+        """Stop accepting requests; abort every unfinished one and tell its caller why."""
+        self._stopping = True
+        err = EngineDeadError(f"the engine stopped ({self.dead_error or 'shut down'})")
+        for rid in list(self._streams):
+            self.engine.abort_request(rid)
+            self._deliver(rid, err)
+        self._flush()
 
     def _drain_commands(self) -> bool:
         changed = False
@@ -233,6 +263,7 @@ class AsyncLLM:
             try:
                 kind, payload = self._commands.get_nowait()
             except queue.Empty:
+                self._flush()
                 return changed
             changed = True
             if kind == "add":
@@ -245,12 +276,21 @@ class AsyncLLM:
                     self._deliver(payload, out)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        """Hand an output or an error to the request's caller; the last one also ends the
-        request's place here, whether or not its caller still reads."""
+        """Queue an output or an error for the request's caller (sent by :meth:`_flush`); the last
+        one also ends the request's place here, whether or not its caller still reads."""
         last = isinstance(item, BaseException) or item.finished
-        stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
-        if stream is not None:
-            stream.put(item)
+        sink = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
+        if sink is not None:
+            self._outbox.setdefault(sink.loop, []).append((sink, item))
+
+    def _flush(self) -> None:
+        """Hand the queued outputs over: one wake-up per caller loop, not one per output."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody is listening
+                pass
 
     def _log(self, stepped: bool) -> None:
         self._num_running = self.engine.num_running

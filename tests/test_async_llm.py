@@ -176,6 +176,50 @@ def test_waiting_queue_bound_and_shutdown(tiny_llama):
             await task
 
     asyncio.run(main())
-    assert not eng._thread.is_alive()
+    assert not eng._loop_thread.is_alive()
     bm = eng.engine.bm
     assert bm.num_free_blocks == len(bm.blocks) and not eng.engine.requests
+
+
+def test_incremental_text_equals_the_full_decode(engine):
+    """Sampled tokens of a random model include pieces of multi-byte characters: for every
+    request, the streamed deltas add up to its tokens decoded whole."""
+
+    async def run(i):
+        p = SamplingParams(temperature=1.0, seed=100 + i, max_tokens=40, ignore_eos=True,
+                           output_kind=RequestOutputKind.DELTA)  # fmt: skip
+        return [o async for o in engine.generate({"prompt_token_ids": [5 + i, 9, 11]}, p, f"t-{i}")]
+
+    async def main():
+        return await asyncio.gather(*(run(i) for i in range(8)))
+
+    texts = []
+    for outs in asyncio.run(main()):
+        ids = [t for o in outs for t in o.outputs[0].token_ids]
+        texts.append(engine.engine.inputs.decode(ids))
+        assert len(ids) == 40 and "".join(o.outputs[0].text for o in outs) == texts[-1]
+    assert any(len(t.encode()) > len(t) for t in texts)  # multi-byte characters were exercised
+    assert_idle(engine)
+
+
+def test_streamed_deltas_never_split_a_character(engine):
+    """Token by token, DELTA outputs of a text whose characters span several byte-level tokens
+    (accents, CJK, an emoji) add up to the text, and no delta holds a broken character."""
+    from portable_xy.engine.sequence import Request, Sequence
+    from portable_xy.outputs import RequestMetrics
+
+    text = "Größe: 世界 🙂 naïve café, 東京!"
+    ids = engine.engine.inputs.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text.split())  # characters really are split across tokens
+    out = engine.engine.output
+    params = SamplingParams(max_tokens=len(ids), output_kind=RequestOutputKind.DELTA)
+    seq = Sequence(0, "r", 0, [1, 2], params, None, RequestMetrics(0.0))
+    req = Request("r", None, [1, 2], params, seq.metrics, [seq])
+    deltas = []
+    for t in ids:
+        seq.token_ids.append(t)
+        o = out.make_output(req)
+        if o is not None:
+            deltas.append(o.outputs[0].text)
+    assert "".join(deltas) == engine.engine.inputs.decode(ids) == text
+    assert all("\ufffd" not in d for d in deltas)

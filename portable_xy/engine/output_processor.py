@@ -84,12 +84,21 @@ class OutputProcessor:
         return seq.text
 
     def _stable_text(self, seq: Sequence) -> str:
-        """A running sequence's text as far as it cannot change any more: without a trailing
-        incomplete character, and holding back what could be the start of a stop string."""
-        text = self._decode(seq, seq.output_token_ids).rstrip("\ufffd")
+        """A running sequence's text as far as it cannot change any more, holding back what could
+        be the start of a stop string. Decoded incrementally: each step decodes a window of a few
+        tokens before and after the last complete character (so a word boundary or a multi-byte
+        character across tokens decodes as in the full text), not the whole output."""
+        ids = seq.output_token_ids
+        if seq.read_offset < len(ids):
+            prefix = self._decode(seq, ids[seq.prefix_offset : seq.read_offset])
+            new = self._decode(seq, ids[seq.prefix_offset :])
+            if len(new) > len(prefix) and not new.endswith("\ufffd"):
+                seq.stream_text += new[len(prefix) :]
+                seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+        text = seq.stream_text
         hold = max((len(s) for s in seq.params.stop_strings), default=1) - 1
         text = text[: len(text) - hold] if hold else text
-        return text if text.startswith(seq.sent_text) else seq.sent_text
+        return text if len(text) >= len(seq.sent_text) else seq.sent_text
 
     def make_output(self, req: Request) -> RequestOutput | None:
         """The request's output now (None: nothing new to return for a ``DELTA`` request)."""

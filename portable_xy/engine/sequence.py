@@ -57,7 +57,11 @@ class Sequence:
         self.draft_token_ids: list[int] = []  # proposed this step, verified by the target model
         self.draft_probs: object | None = None  # the proposer's distributions [k, V] (None: one-hot)
         self.num_draft_computed = 0  # tokens in the draft model's KV cache (draft-model speculation)
-        # what the request's outputs have returned so far (streaming, RequestOutputKind.DELTA)
+        # streaming: the text decoded so far (incrementally: from prefix_offset, new from read_offset)
+        # and what the request's outputs have returned (RequestOutputKind.DELTA)
+        self.stream_text = ""
+        self.prefix_offset = 0
+        self.read_offset = 0
         self.num_sent_tokens = 0
         self.sent_text = ""
         self.finish_sent = False

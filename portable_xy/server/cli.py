@@ -62,6 +62,11 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
 
 
 def serve(args: argparse.Namespace) -> int:
+    """Build the engine, serve HTTP from a second thread, and run the engine loop on this (the main)
+    thread until SIGINT / SIGTERM or the HTTP server stops."""
+    import signal
+    import threading
+
     import uvicorn
 
     from ..async_llm import AsyncLLM
@@ -74,12 +79,29 @@ def serve(args: argparse.Namespace) -> int:
     config = EngineConfig(model=model, **kwargs)
     served = args.served_model_name or [str(model) if model else "SmolLM2-135M-Instruct"]
     metrics = PrometheusStatLogger(served[0])
-    engine = AsyncLLM.from_config(config, args.max_waiting_requests, [metrics])
+    engine = AsyncLLM.from_config(config, args.max_waiting_requests, [metrics], start_thread=False)
     app = build_app(engine, served, args.api_key, metrics)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level))
+
+    def http() -> None:
+        try:
+            server.run()  # outside the main thread uvicorn installs no signal handlers of its own
+        finally:
+            engine.shutdown()
+
+    def stop(*_) -> None:
+        server.should_exit = True
+        engine.shutdown()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    thread = threading.Thread(target=http, name="portable_xy-http")
+    thread.start()
     print(f"serving {served[0]} on http://{args.host}:{args.port}/v1 (backend={config.backend}, "
           f"dtype={str(config.dtype).removeprefix('torch.')})", flush=True)  # fmt: skip
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
+        engine.run()
     finally:
-        engine.shutdown()
-    return 0
+        server.should_exit = True
+        thread.join(30)
+    return 0 if engine.dead_error is None else 1
