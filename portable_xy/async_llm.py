@@ -14,6 +14,7 @@ is aborted. :meth:`AsyncLLM.shutdown` stops the thread and fails what is still r
 from __future__ import annotations
 
 import asyncio
+import gc
 import queue
 import threading
 import weakref
@@ -222,6 +223,8 @@ class AsyncLLM:
         if self._loop_thread not in (None, threading.current_thread()):
             raise RuntimeError("the engine loop already runs on another thread")
         self._loop_thread = threading.current_thread()
+        gc.collect()
+        gc.freeze()  # what exists now (model, tokenizer, modules) lives on: full collections skip it
         try:
             while not self._stopping:
                 if self._drain_commands():

@@ -58,6 +58,8 @@ class PrometheusStatLogger:
                                         _TOKEN_BUCKETS)  # fmt: skip
         self.request_generation = histogram("vllm:request_generation_tokens", "Number of generation tokens processed.",
                                             _TOKEN_BUCKETS)  # fmt: skip
+        self.iteration_tokens = histogram("vllm:iteration_tokens_total", "Number of tokens per engine step.",
+                                          _TOKEN_BUCKETS)  # fmt: skip
         self._success = Counter("vllm:request_success", "Count of successfully processed requests.",
                                 [*labels, "finished_reason"], registry=reg)  # fmt: skip
         self._seen = {"queries": 0, "hits": 0, "preemptions": 0}
@@ -79,6 +81,7 @@ class PrometheusStatLogger:
         if not stepped:
             return
         s = engine.last_step
+        self.iteration_tokens.observe(s.num_scheduled_tokens)
         self.prompt_tokens.inc(s.num_prompt_tokens)
         self.generation_tokens.inc(s.num_generation_tokens)
         self.spec_drafts.inc(s.num_drafts)

@@ -262,6 +262,9 @@ def test_tokenize_detokenize_and_metrics(server, client):
     assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] == 5
     assert after["vllm:prompt_tokens_total"] - before["vllm:prompt_tokens_total"] == out.usage.prompt_tokens
     assert after["vllm:e2e_request_latency_seconds_count"] == before["vllm:e2e_request_latency_seconds_count"] + 1
+    steps = after["vllm:iteration_tokens_total_count"] - before["vllm:iteration_tokens_total_count"]
+    step_tokens = after["vllm:iteration_tokens_total_sum"] - before["vllm:iteration_tokens_total_sum"]
+    assert steps == 5 and 5 <= step_tokens <= out.usage.prompt_tokens + 4  # a prefill step, then 4 decodes
     text = httpx.get(server + "/metrics").text
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                  "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:time_to_first_token_seconds",

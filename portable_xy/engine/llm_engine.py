@@ -43,6 +43,7 @@ class StepStats:
     """What one step did, for metrics: tokens, latencies of the tokens it emitted (seconds), and
     the requests it finished (``(finish_reason, e2e latency, prompt tokens, generated tokens)``)."""
 
+    num_scheduled_tokens: int = 0  # tokens the step ran through the model
     num_prompt_tokens: int = 0  # prompts of requests whose first token came in this step
     num_generation_tokens: int = 0
     ttfts: list[float] = field(default_factory=list)
@@ -178,7 +179,7 @@ class LLMEngine:
     def postprocess(self, batch: ScheduledBatch, new_tokens: dict[int, list[SampleResult]]) -> list[RequestOutput]:
         """Advance the scheduler past the step (a verify stage keeps only its accepted drafts),
         append the new tokens, finish sequences that stopped; the step's outputs (see :meth:`step`)."""
-        stats = self.last_step = StepStats()
+        stats = self.last_step = StepStats(num_scheduled_tokens=batch.total_tokens)
         verify = batch.verify_stages
         rejected = {st.seq.seq_id: st.num_tokens - len(new_tokens[st.seq.seq_id]) for st in verify}
         for st in verify:

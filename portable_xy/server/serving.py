@@ -34,6 +34,13 @@ def bad_request(e: Exception) -> APIError:
 async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """``(stream index, output)`` from several request streams, as they arrive. When it ends, early
     or not, every stream is closed, which aborts the requests still running."""
+    if len(streams) == 1:  # the common case: no pump task, no second queue
+        try:
+            async for out in streams[0]:
+                yield 0, out
+        finally:
+            streams[0].close()
+        return
     queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
 
     async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
