@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-TOOL_COMMANDS = ("kernels", "bench")  # registered by portable_xy.tools
+TOOL_COMMANDS = ("kernels", "bench", "selfcheck")  # registered by portable_xy.tools
 DEMO_PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about a GPU and an NPU sharing one kernel.",

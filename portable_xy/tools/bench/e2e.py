@@ -210,11 +210,13 @@ def run_e2e(
     compare_hf: bool = False,
     compare_vllm: bool = False,
     log=print,
+    engine_kwargs: dict | None = None,
 ) -> dict:
-    """Run the workload through ``portable_xy.LLM`` (and HF / vLLM when asked); returns the report."""
+    """Run the workload through ``portable_xy.LLM`` (and HF / vLLM when asked); returns the report.
+    ``engine_kwargs``: more ``LLM`` keywords (e.g. ``skip_tokenizer_init`` for a model without one)."""
     from ... import LLM
 
-    llm = LLM(model=model, backend=backend, dtype=dtype, max_model_len=max_model_len)
+    llm = LLM(model=model, backend=backend, dtype=dtype, max_model_len=max_model_len, **(engine_kwargs or {}))
     max_len = llm.max_model_len
     if prompts:
         reqs = jsonl_workload(prompts, llm.tokenizer, output_len, max_len)
