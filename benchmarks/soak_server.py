@@ -9,7 +9,7 @@ Without ``--url`` it starts ``portable-xy serve`` on a free port (and measures i
 when every good request is answered in full (a finish reason; a stream ending in ``[DONE]``),
 every malformed one gets its 4xx in OpenAI's error shape, nothing gets a 5xx, and afterwards
 ``/metrics`` shows no running or waiting request and an empty KV cache; with a local server, its
-RSS must stop growing after the warm-up (the first quarter of the requests). Prints the figures
+RSS must stop growing after the warm-up (the first 30% of the requests). Prints the figures
 and exits non-zero on a failure.
 """
 
@@ -140,7 +140,7 @@ async def one(client: httpx.AsyncClient, rng: random.Random, tally: Tally, max_t
         tally.fail(kind, f"{type(e).__name__}: {e}")
 
 
-async def soak(url: str, requests: int, clients: int, max_tokens: int, seed: int, on_quarter=None) -> Tally:
+async def soak(url: str, requests: int, clients: int, max_tokens: int, seed: int, on_tenth=None) -> Tally:
     tally = Tally()
     rng = random.Random(seed)
     gate = asyncio.Semaphore(clients)
@@ -150,8 +150,8 @@ async def soak(url: str, requests: int, clients: int, max_tokens: int, seed: int
         async def guarded(i: int) -> None:
             async with gate:
                 await one(client, random.Random(rng.random()), tally, max_tokens)
-            if on_quarter is not None and (i + 1) % max(1, requests // 4) == 0:
-                on_quarter((i + 1) // max(1, requests // 4))
+            if on_tenth is not None and (i + 1) % max(1, requests // 10) == 0:
+                on_tenth()
 
         await asyncio.gather(*(guarded(i) for i in range(requests)))
     return tally
@@ -184,7 +184,7 @@ def run(url: str, requests: int, clients: int, max_tokens: int, seed: int, pid: 
     rss: list[float] = [_rss_mib(pid)] if pid else []
     t0 = time.time()
     tally = asyncio.run(soak(url, requests, clients, max_tokens, seed,
-                             (lambda q: rss.append(_rss_mib(pid))) if pid else None))  # fmt: skip
+                             (lambda: rss.append(_rss_mib(pid))) if pid else None))  # fmt: skip
     wall = time.time() - t0
     with httpx.Client(base_url=url) as c:
         deadline = time.time() + 15
@@ -196,7 +196,8 @@ def run(url: str, requests: int, clients: int, max_tokens: int, seed: int, pid: 
             time.sleep(0.1)
         served = c.get("/health").status_code == 200
     five = sum(v for k, v in tally.statuses.items() if k >= 500)
-    growth = (max(rss[1:]) - rss[1]) if len(rss) > 2 else 0.0  # after the warm-up quarter
+    # RSS after every tenth of the requests; the first three tenths are the warm-up
+    growth = (max(rss[3:]) - rss[3]) if len(rss) > 4 else 0.0
     report = {
         "requests": requests, "clients": clients, "wall_s": round(wall, 1), "sent": dict(tally.sent),
         "answered_as_expected": dict(tally.ok), "statuses": {str(k): v for k, v in sorted(tally.statuses.items())},
