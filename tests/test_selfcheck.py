@@ -55,7 +55,8 @@ def test_gemm_check_catches_a_dropped_bias(be, tmp_path, monkeypatch):
     sg = be.k.smooth_gemm
     real = sg.smooth_gemm
     monkeypatch.setattr(sg, "smooth_gemm", lambda x, w, b, *a, **k: real(x, w, None, *a, **k))
-    monkeypatch.setattr(kernels, "sizes", lambda dev, quick: kernels.Sizes(40, 24, (1, 2), (), (4, 2), (32,), 1, 32, 64))
+    small = kernels.Sizes(40, 24, (1, 2), (), (4, 2), (32,), 1, 32, 64)
+    monkeypatch.setattr(kernels, "sizes", lambda dev, quick: small)
     _, ctx = _stage(tmp_path)
     with ctx as st:
         kernels.KernelChecks(be, st, quick=True).gemm(torch.float32)
