@@ -70,7 +70,7 @@ class Backend:
         self.profile = profile
 
     # ---- planning (host side, once per step) -------------------------------------------------
-    def prepare(self, meta: AttnMetadata, num_heads: int, num_kv_heads: int) -> None:
+    def prepare(self, meta: AttnMetadata, num_heads: int, num_kv_heads: int, head_dim: int | None = None) -> None:
         """Attach backend-private per-step plans to ``meta`` (no-op by default)."""
 
     def plan_decode(self, batch_size: int, max_seq_len: int, num_heads: int, num_kv_heads: int) -> object:

@@ -11,6 +11,11 @@ Precedence, lowest to highest (later files override keys of earlier ones, dicts 
 
 An ``arch`` without a shipped file of its own skips step 3 (``backends/device.py`` names archs).
 
+Within a file, ``triton_versions: {SPEC: {...}}`` holds settings for some Triton versions only:
+each mapping whose SPEC (comma-separated ``<``, ``<=``, ``>``, ``>=``, ``==`` clauses, e.g.
+``"<3.9"``) the installed Triton satisfies is merged over the rest of that file. It is where a
+compiler version that allocates registers differently gets other tiles.
+
 A tuned file starts with header fields (:data:`TUNED_HEADER_KEYS`): ``device`` (the device name it
 was timed on), ``triton_version`` / ``triton_package`` and ``kernel_source_hash`` (of the kernel
 modules). They are metadata, not profile data: the loader removes them (``Profile.tuned`` keeps
@@ -25,6 +30,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import operator
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +91,38 @@ def installed_triton() -> tuple[str | None, str | None]:
     return None, None
 
 
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:3])
+
+
+def version_matches(version: str, spec: str) -> bool:
+    """Whether ``version`` (``3.6.0``) satisfies every clause of ``spec`` (``">=3.6,<3.9"``)."""
+    ops = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, "<": operator.lt, ">": operator.gt}
+    have = _version_tuple(version)
+    for clause in (c.strip() for c in spec.split(",") if c.strip()):
+        op = next((o for o in ops if clause.startswith(o)), None)
+        if op is None:
+            raise ValueError(f"triton_versions: {spec!r}: each clause needs one of {list(ops)}")
+        want = _version_tuple(clause[len(op) :])
+        n = max(len(have), len(want))
+        if not ops[op](have + (0,) * (n - len(have)), want + (0,) * (n - len(want))):
+            return False
+    return True
+
+
+def _apply_triton_versions(layer: dict, path: Path) -> tuple[dict, list[str]]:
+    """``layer`` with its ``triton_versions`` entries that match the installed Triton merged in;
+    and the specs applied."""
+    specs = layer.pop("triton_versions", None) or {}
+    if not isinstance(specs, dict) or not all(isinstance(v, dict) for v in specs.values()):
+        raise ValueError(f"profile file {path}: triton_versions must map version specs to mappings")
+    version = installed_triton()[1]
+    applied = [spec for spec in specs if version is not None and version_matches(version, spec)]
+    for spec in applied:
+        layer = _deep_merge(layer, specs[spec])
+    return layer, applied
+
+
 def tuned_file_problems(header: dict, device_name: str | None = None) -> list[str]:
     """Why a tuned file's header does not match this installation (empty list: it matches)."""
     out = []
@@ -110,6 +149,8 @@ class Profile:
     sources: list[str] = field(default_factory=list)
     # header of the tuned file that was applied (device, triton_version, kernel_source_hash, ...)
     tuned: dict[str, Any] | None = None
+    # the ``triton_versions`` entries applied, as ``"<file>: triton <spec>"``
+    triton_overrides: list[str] = field(default_factory=list)
 
     @property
     def kv_block_size(self) -> int:
@@ -135,7 +176,8 @@ class Profile:
         """A copy whose core count is ``n`` (read from the device at start-up)."""
         data = copy.deepcopy(self.data)
         data["num_cores"] = int(n)
-        return Profile(self.vendor, self.arch, data, list(self.sources), copy.deepcopy(self.tuned))
+        return Profile(self.vendor, self.arch, data, list(self.sources), copy.deepcopy(self.tuned),
+                       list(self.triton_overrides))  # fmt: skip
 
 
 def _vendor_files(vendor: str, arch: str | None, tuned: bool) -> list[Path]:
@@ -161,7 +203,7 @@ def load_profile(vendor: str, arch: str | None = None, device_name: str | None =
     if not (PROFILE_DIR / vendor).is_dir() and not (PROFILE_DIR / f"{vendor}.yaml").is_file():
         raise ValueError(f"no profile for vendor {vendor!r}; known vendors: {known}")
     data: dict[str, Any] = {}
-    sources = []
+    sources, overrides = [], []
     header_applied = None
     files = _vendor_files(vendor, arch, tuned)
     tuned_path = files[-1] if tuned else None
@@ -182,6 +224,9 @@ def load_profile(vendor: str, arch: str | None = None, device_name: str | None =
                     )
                     continue
                 header_applied = header
+            layer, applied = _apply_triton_versions(layer, path)
             data = _deep_merge(data, layer)
             sources.append(str(path))
-    return Profile(vendor=vendor, arch=arch, data=data, sources=sources, tuned=header_applied)
+            overrides += [f"{path}: triton {spec}" for spec in applied]
+    return Profile(vendor=vendor, arch=arch, data=data, sources=sources, tuned=header_applied,
+                   triton_overrides=overrides)  # fmt: skip

@@ -124,10 +124,10 @@ class TritonBackend(Backend):
         return weight
 
     # ---- planning ----------------------------------------------------------------------------
-    def prepare(self, meta: AttnMetadata, num_heads: int, num_kv_heads: int) -> None:
+    def prepare(self, meta: AttnMetadata, num_heads: int, num_kv_heads: int, head_dim: int | None = None) -> None:
         from portable_xy.triton_kernels.meta_attention import plan_attention
 
-        meta.plan = plan_attention(meta, num_heads, num_kv_heads, self.profile)
+        meta.plan = plan_attention(meta, num_heads, num_kv_heads, self.profile, head_dim)
 
     def plan_decode(self, batch_size, max_seq_len, num_heads, num_kv_heads):
         from portable_xy.triton_kernels.meta_attention import plan_decode_attention
@@ -161,7 +161,7 @@ class TritonBackend(Backend):
 
         plan = meta.plan
         if plan is None:  # prepare() was not called for this step
-            plan = meta.plan = plan_attention(meta, q.shape[1], k_cache.shape[2], self.profile)
+            plan = meta.plan = plan_attention(meta, q.shape[1], k_cache.shape[2], self.profile, q.shape[2])
         return meta_attention(q, k_cache, v_cache, meta, scale, plan)
 
     def sample(self, logits, temperature, top_k, top_p, min_p, uniform):

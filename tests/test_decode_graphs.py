@@ -138,7 +138,7 @@ def runner_for(model: LlamaForCausalLM, caches: list, max_len: int, capture: boo
 
 
 def dynamic_forward(model: LlamaForCausalLM, ids: torch.Tensor, meta: AttnMetadata, caches: list) -> torch.Tensor:
-    model.backend.prepare(meta, model.config.num_heads, model.config.num_kv_heads)
+    model.backend.prepare(meta, model.config.num_heads, model.config.num_kv_heads, model.config.head_dim)
     return model.forward(ids, meta, caches)
 
 

@@ -185,6 +185,41 @@ def fake_tree(tmp_path, monkeypatch):
     return root
 
 
+@pytest.mark.parametrize("installed,who,kv_tile", [("3.6.0", "old triton", 16), ("3.9.0", "arch", 64),
+                                                     (None, "arch", 64)])  # fmt: skip
+def test_triton_versions_sections(fake_tree, monkeypatch, installed, who, kv_tile):
+    """``triton_versions`` entries apply only where the installed Triton matches, over the rest of
+    their own file and under the files above it."""
+    (fake_tree / "acme" / "x1.yaml").write_text(
+        "who: arch\ntriton_versions:\n  '>=3.2,<3.9': {who: old triton, attention: {kv_tile: 16}}\n"
+        "  '>=4.0': {who: future}\n"
+    )
+    monkeypatch.setattr(prof_mod, "installed_triton", lambda: ("triton", installed))
+    p = load_profile("acme", "x1", tuned=False)
+    assert p.data["who"] == who and p.attention["kv_tile"] == kv_tile and "triton_versions" not in p.data
+    assert p.attention["q_tiles"] == [16, 32]  # the rest still merges deeply
+    assert p.triton_overrides == ([f"{fake_tree / 'acme' / 'x1.yaml'}: triton >=3.2,<3.9"] if who != "arch" else [])
+    assert p.sources[-1] == str(fake_tree / "acme" / "x1.yaml")
+
+
+def test_triton_versions_errors(fake_tree, monkeypatch):
+    monkeypatch.setattr(prof_mod, "installed_triton", lambda: ("triton", "3.6.0"))
+    (fake_tree / "acme" / "x1.yaml").write_text("triton_versions: {'3.6': {who: x}}\n")
+    with pytest.raises(ValueError, match="each clause needs one of"):
+        load_profile("acme", "x1", tuned=False)
+    (fake_tree / "acme" / "x1.yaml").write_text("triton_versions: [1, 2]\n")
+    with pytest.raises(ValueError, match="x1.yaml: triton_versions must map"):
+        load_profile("acme", "x1", tuned=False)
+
+
+def test_version_matches():
+    from portable_xy.backends.profile import version_matches
+
+    assert version_matches("3.6.0", "<3.9") and not version_matches("3.9.0", "<3.9")
+    assert version_matches("3.9.1+git1234", ">=3.9,<3.10") and not version_matches("3.10.0", ">=3.9,<3.10")
+    assert version_matches("3.2", "==3.2.0") and version_matches("3.6.0", "<=3.6") and version_matches("4", ">3.9")
+
+
 def test_precedence_default_vendor_arch(fake_tree):
     d = load_profile("acme")
     assert d.data["who"] == "vendor" and d.num_cores == 8

@@ -114,8 +114,8 @@ def test_attention_goes_to_meta_attention(be, monkeypatch):
     calls = []
     fake = types.ModuleType("portable_xy.triton_kernels.meta_attention")
 
-    def plan_attention(meta, num_heads, num_kv_heads, profile):
-        calls.append(("plan", num_heads, num_kv_heads, profile))
+    def plan_attention(meta, num_heads, num_kv_heads, profile, head_dim=None):
+        calls.append(("plan", num_heads, num_kv_heads, profile, head_dim))
         return "PLAN"
 
     def meta_attention(q, k_cache, v_cache, meta, scale, plan):
@@ -133,14 +133,14 @@ def test_attention_goes_to_meta_attention(be, monkeypatch):
         query_lens_cpu=[1],
         seq_lens_cpu=[1],
     )
-    be.prepare(meta, 4, 2)
-    assert meta.plan == "PLAN" and calls[0] == ("plan", 4, 2, be.profile)
+    be.prepare(meta, 4, 2, 16)
+    assert meta.plan == "PLAN" and calls[0] == ("plan", 4, 2, be.profile, 16)
     q, cache = torch.randn(1, 4, 16), torch.zeros(2, 16, 2, 16)
     assert be.attention(q, cache, cache, meta, 0.25).shape == q.shape
     assert calls[1] == ("run", "PLAN", 0.25)
     meta.plan = None  # prepare() skipped: attention plans itself with q's / the cache's head counts
     be.attention(q, cache, cache, meta, 0.25)
-    assert calls[2][:3] == ("plan", 4, 2)
+    assert calls[2][:3] == ("plan", 4, 2) and calls[2][4] == 16
 
 
 def test_npu_without_torch_npu_is_a_clear_error(monkeypatch):
@@ -219,7 +219,7 @@ def test_tiny_model_generates_like_cpu(be, tmp_path, monkeypatch):
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     _perturb(model, seed=5)
     model.save_pretrained(tmp_path)
-    monkeypatch.setattr(tb.TritonBackend, "prepare", lambda self, meta, hq, hkv: None)
+    monkeypatch.setattr(tb.TritonBackend, "prepare", lambda self, meta, hq, hkv, d=None: None)
     monkeypatch.setattr(tb.TritonBackend, "attention", lambda self, q, kc, vc, meta, scale: attention_ref(
         q, kc, vc, meta, scale))  # fmt: skip
     g = torch.Generator().manual_seed(1)

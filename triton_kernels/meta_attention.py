@@ -310,8 +310,13 @@ def _num_warps(att: dict, block_m: int, head_dim: int) -> int:
     return int(warps.get(block_m, warps.get(str(block_m), default)))
 
 
-def tree_max_q_tile(att: dict) -> int:
-    return int(att.get("tree_max_q_tile") or 64)
+def tree_max_q_tile(att: dict, head_dim: int | None = None) -> int:
+    """The largest query tile of a step with a tree stage: ``attention.tree_max_q_tile``, an int
+    or ``{head_dim: tile}`` (a head dim it does not name gets 64)."""
+    cap = att.get("tree_max_q_tile") or 64
+    if isinstance(cap, dict):
+        cap = cap.get(head_dim, cap.get(str(head_dim), 64)) if head_dim is not None else min(cap.values(), default=64)
+    return int(cap)
 
 
 def attention_launch_options(att: dict, block_m: int, head_dim: int) -> dict:
@@ -330,12 +335,13 @@ def _group_and_menu(att: dict, num_heads: int, num_kv_heads: int) -> tuple[int, 
     return num_heads // num_kv_heads, menu
 
 
-def plan_attention(meta, num_heads: int, num_kv_heads: int, profile) -> AttentionPlan:
+def plan_attention(meta, num_heads: int, num_kv_heads: int, profile, head_dim: int | None = None) -> AttentionPlan:
     """Token table (``meta``) -> task table for ``profile``'s tile menu and core count.
 
     Profile keys (``attention.*``): ``q_tiles`` (query-tile menu, powers of two >= 16);
-    ``kv_tile``; ``tree_max_q_tile`` (steps with a tree-verify stage use menu tiles up to this;
-    default 64: 128-row tree tiles spill registers on sm_80 and sm_90); ``split_kv: {max_seqs,
+    ``kv_tile``; ``tree_max_q_tile`` (steps with a tree-verify stage use menu tiles up to this,
+    per ``head_dim`` where it is a mapping, see :func:`tree_max_q_tile`; default 64: 128-row tree
+    tiles spill registers on sm_80 and sm_90); ``split_kv: {max_seqs,
     num_splits}`` (decode-only steps of at most ``max_seqs`` sequences that leave cores idle split
     each sequence's KV into up to ``num_splits`` pieces, see
     :func:`~.task_table.choose_num_splits`); ``num_warps`` (``{tile: warps}``); ``num_stages``
@@ -345,7 +351,7 @@ def plan_attention(meta, num_heads: int, num_kv_heads: int, profile) -> Attentio
     block_n = int(att["kv_tile"])
     has_tree = meta.tree_mask_offsets is not None
     if has_tree:  # the per-element tree-mask gather costs registers: smaller tiles
-        menu = [t for t in menu if t <= tree_max_q_tile(att)] or menu[:1]
+        menu = [t for t in menu if t <= tree_max_q_tile(att, head_dim)] or menu[:1]
     split_cfg = att.get("split_kv") or {}
     num_splits = 1
     if not has_tree:

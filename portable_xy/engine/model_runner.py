@@ -167,7 +167,7 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(meta):  # decode-only: padded to a graph bucket
             hidden = self.graphs.forward(input_ids, meta)
         else:
-            self.backend.prepare(meta, c.num_heads, c.num_kv_heads)
+            self.backend.prepare(meta, c.num_heads, c.num_kv_heads, c.head_dim)
             hidden = self._hidden(input_ids, meta)
         if rows.numel() == 0:
             return hidden.new_empty((0, c.vocab_size), dtype=torch.float32)

@@ -82,11 +82,12 @@ def meta_attention(profile) -> list[dict]:
 
     att = profile.attention
     menu = sorted(int(t) for t in att["q_tiles"])
-    tree_menu = [t for t in menu if t <= tree_max_q_tile(att)] or menu[:1]
-    variants = [("full", menu, False, False), ("tree", tree_menu, True, False), ("decode_split", menu[:1], False, True)]
     specs = []
     for ty in _half_types(profile):
         for head_dim in (64, 128):
+            tree_menu = [t for t in menu if t <= tree_max_q_tile(att, head_dim)] or menu[:1]
+            variants = [("full", menu, False, False), ("tree", tree_menu, True, False),
+                        ("decode_split", menu[:1], False, True)]  # fmt: skip
             for label, tiles, tree, split in variants:
                 m = launch_tiles(tiles)
                 cx = dict(GROUP=4, HEAD_DIM=head_dim, M_TILE0=m[0], M_TILE1=m[1], M_TILE2=m[2], M_TILE3=m[3],

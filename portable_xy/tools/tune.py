@@ -374,7 +374,7 @@ def time_attention(
                 q, kc, vc, meta = inputs[c["name"]]
                 try:
                     meta.plan = None
-                    bk.prepare(meta, c["num_heads"], c["num_kv_heads"])
+                    bk.prepare(meta, c["num_heads"], c["num_kv_heads"], c["head_dim"])
                     scale = c["head_dim"] ** -0.5
                     res[c["name"]] = timer(
                         lambda bk=bk, q=q, kc=kc, vc=vc, meta=meta, s=scale: bk.attention(q, kc, vc, meta, s)

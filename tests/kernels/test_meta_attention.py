@@ -90,7 +90,7 @@ def run_and_check(stages, hq, hkv, d, dtype, prof, gen, poison, block_size=16, s
     else:
         q = torch.randn(t, hq, d, generator=gen).to(dtype)
         out = poison(torch.empty(t, hq, d, dtype=dtype))
-    plan = ma.plan_attention(meta, hq, hkv, prof)
+    plan = ma.plan_attention(meta, hq, hkv, prof, d)
     res = ma.meta_attention(q, k_cache, v_cache, meta, scale, plan, out=out)
     assert res is out
     ref = attention_ref(q, k_cache, v_cache, meta, scale)
@@ -180,6 +180,17 @@ def test_tree_tile_limit(gen, poison):
     assert plan.launch_tiles == (16, 32, 32, 32)
     k, v, meta = make_batch(stages, 1, 16, torch.float32, gen)
     assert ma.plan_attention(meta, 4, 1, profile()).launch_tiles == (16, 32, 64, 64)
+
+
+def test_tree_tile_limit_per_head_dim(gen, poison):
+    """``tree_max_q_tile: {head_dim: tile}``: the cap of the step's head dim; 64 for one it does
+    not name; the smallest cap when the head dim is not known."""
+    stages = [(40, 10, None), (6, 33, tree_mask([-1, 0, 0, 2, 2, 4]))]
+    prof = profile(tree_max_q_tile={128: 32})
+    assert run_and_check(stages, 4, 1, 128, torch.float16, prof, gen, poison).launch_tiles == (16, 32, 32, 32)
+    assert run_and_check(stages, 4, 1, 64, torch.float16, prof, gen, poison).launch_tiles == (16, 32, 64, 64)
+    _, _, meta = make_batch(stages, 1, 16, torch.float32, gen)
+    assert ma.plan_attention(meta, 4, 1, prof).launch_tiles == (16, 32, 32, 32)
 
 
 def test_rows_seeing_only_late_columns(gen, poison):

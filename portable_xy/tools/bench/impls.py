@@ -158,13 +158,13 @@ def attention_impls(
     backend: Backend, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata, scale: float
 ) -> dict[str, tuple[Fn, str]]:
     """``{impl: (fn, detail)}`` for one attention step (plans built here, outside the timed calls)."""
-    hq, hkv = q.shape[1], k_cache.shape[2]
-    backend.prepare(meta, hq, hkv)
+    hq, hkv, d = q.shape[1], k_cache.shape[2], q.shape[2]
+    backend.prepare(meta, hq, hkv, d)
     starts = meta.query_start_loc.tolist()
     stages = []
     for s in range(meta.num_stages):
         sm = stage_meta(meta, s)
-        backend.prepare(sm, hq, hkv)
+        backend.prepare(sm, hq, hkv, d)
         stages.append((q[starts[s] : starts[s + 1]], sm))
     one = "one launch" if backend.name != "cpu" else "cpu backend attention (torch reference op)"
     return {

@@ -36,6 +36,7 @@ def run(stage: Stage, backend: str) -> Any:
     else:
         reason = "no architecture-specific profile applies: the vendor default"
     env["profile_reason"] = reason
+    env["profile_triton_overrides"] = prof.triton_overrides
     stage.data["env"] = env
     stage.check("device detected", True, f"{env['device']}, profile {env['profile']} ({reason})")
     stage.check("profile has tiles", bool(prof.gemm.get("tiles")) and bool(prof.attention.get("q_tiles")),

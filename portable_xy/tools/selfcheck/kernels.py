@@ -153,7 +153,7 @@ class KernelChecks:
         kc, vc, meta = self.batch(stages, hkv, d, dtype, self.prof.kv_block_size)
         t = int(meta.query_start_loc[-1])
         q = self.randn(t, (hq + 2 * hkv) * d, dtype=dtype)[:, : hq * d].view(t, hq, d)  # a fused-QKV slice
-        plan = plan or ma.plan_attention(meta, hq, hkv, prof)
+        plan = plan or ma.plan_attention(meta, hq, hkv, prof, d)
         out = ma.meta_attention(q, kc, vc, meta, d**-0.5, plan, out=_nan((t, hq, d), dtype, self.dev))
         want = ref.attention_ref(q, kc, vc, meta, d**-0.5)
         return {**_close("attention", out, want, TOL[dtype][1]), "num_splits": plan.table.num_splits,
