@@ -20,16 +20,20 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
-from portable_xy.tools.bench.serve import TOPICS, BenchRequest, run_benchmark, summarize
+from portable_xy.tools.bench.serve import (
+    TOPICS,
+    BenchRequest,
+    run_benchmark,
+    serve_command,
+    start_server,
+    stop_server,
+    summarize,
+)
 
 FILLER = ("The committee reviewed the quarterly figures, the supply schedule and the staffing plan, and noted "
           "that the new warehouse reduced delivery times while raising storage costs. ")  # fmt: skip
@@ -49,21 +53,9 @@ def workload(args) -> list[BenchRequest]:
 
 
 def serve(args, policy: str) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "portable_xy.cli", "serve", *([args.model] if args.model else []), "--host",
-           "127.0.0.1", "--port", str(port), "--scheduler-policy", policy, "--max-num-batched-tokens",
-           str(args.budget), "--no-enable-prefix-caching", "--max-model-len", "4096", "--served-model-name", "m"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise RuntimeError(f"{policy} server did not start")
+    return start_server(serve_command(args.model, "--scheduler-policy", policy, "--max-num-batched-tokens",
+                                      str(args.budget), "--no-enable-prefix-caching", "--max-model-len", "4096",
+                                      "--served-model-name", "m"), timeout=300)  # fmt: skip
 
 
 def main() -> None:
@@ -92,8 +84,7 @@ def main() -> None:
             res, duration = asyncio.run(run_benchmark(bench, reqs))
             results[policy] = (res, summarize(res, duration, args.slo_ttft_ms, args.slo_itl_ms))
         finally:
-            proc.terminate()
-            proc.wait(60)
+            stop_server(proc)
         s = results[policy][1]
         itl, ttft = s["itl_s"], s["ttft_s"]
         worst = max(g for r in res if r.ok for g in r.itls)

@@ -16,15 +16,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import subprocess
 import sys
-import time
 
-import httpx
-
-from portable_xy.tools.bench.serve import TOPICS, BenchRequest, run_benchmark, summarize
+from portable_xy.tools.bench.serve import (
+    TOPICS,
+    BenchRequest,
+    run_benchmark,
+    serve_command,
+    start_server,
+    stop_server,
+    summarize,
+)
 
 OFFLINE = """
 import json, sys, time
@@ -51,25 +55,13 @@ def main() -> None:
     args = ap.parse_args()
     messages = [{"role": "user", "content": f"Write a detailed essay about {TOPICS[i % len(TOPICS)]}. (#{i})"}
                 for i in range(args.concurrency)]  # fmt: skip
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "portable_xy.cli", "serve", *([args.model] if args.model else []), "--host",
-         "127.0.0.1", "--port", str(port), "--dtype", args.dtype, "--no-enable-prefix-caching",
-         "--served-model-name", "m"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     offline = subprocess.Popen([sys.executable, "-c", OFFLINE, args.model or "-", args.dtype], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+    server = None
     try:
+        server, url = start_server(serve_command(args.model, "--dtype", args.dtype, "--no-enable-prefix-caching",
+                                                 "--served-model-name", "m"))  # fmt: skip
         assert offline.stdout.readline().startswith("READY")
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(240):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         bench = argparse.Namespace(base_url=url, endpoint="/v1/chat/completions", model="m", api_key=None,
                                    temperature=0.0, ignore_eos=True, max_concurrency=None, request_rate=float("inf"),
                                    burstiness=1.0, seed=0, progress=False)  # fmt: skip
@@ -98,9 +90,9 @@ def main() -> None:
         print(f"\nserver / offline at {args.concurrency} streaming clients x {args.output_len} tokens: "
               f"{statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f})")  # fmt: skip
     finally:
-        server.terminate()
+        if server is not None:
+            stop_server(server)
         offline.terminate()
-        server.wait(30)
         offline.wait(30)
 
 

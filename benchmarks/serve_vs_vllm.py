@@ -19,57 +19,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
-import sys
-import time
 
-import httpx
-
-from portable_xy.tools.bench.serve import TOPICS, BenchRequest, run_benchmark, summarize
+from portable_xy.tools.bench.serve import (
+    TOPICS,
+    BenchRequest,
+    run_benchmark,
+    serve_command,
+    start_server,
+    stop_server,
+    summarize,
+)
 
 LOADS = {"burst 32": (32, float("inf")), "poisson 4 req/s x 48": (48, 4.0)}
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(engine: str, args) -> tuple[subprocess.Popen, str]:
-    port = _port()
-    env = dict(os.environ)
     if engine == "vllm":
         cores = f"0-{os.cpu_count() - 1}"
-        env.update(VLLM_CPU_OMP_THREADS_BIND=cores, VLLM_CPU_NUM_OF_RESERVED_CPU="0", VLLM_CPU_KVCACHE_SPACE="2")
-        cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", args.vllm_model, "--port",
-               str(port), "--dtype", "bfloat16", "--max-model-len", "2048", "--served-model-name", "m"]  # fmt: skip
-    else:
-        cmd = [sys.executable, "-m", "portable_xy.cli", "serve", *([args.model] if args.model else []), "--host",
-               "127.0.0.1", "--port", str(port), "--max-model-len", "2048", "--served-model-name", "m"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{engine} server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(1)
-    raise RuntimeError(f"{engine} server did not start")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        env = dict(VLLM_CPU_OMP_THREADS_BIND=cores, VLLM_CPU_NUM_OF_RESERVED_CPU="0", VLLM_CPU_KVCACHE_SPACE="2")
+        cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", args.vllm_model,
+               "--dtype", "bfloat16", "--max-model-len", "2048", "--served-model-name", "m"]  # fmt: skip
+        return start_server(cmd, env, timeout=600)
+    return start_server(serve_command(args.model, "--max-model-len", "2048", "--served-model-name", "m"), timeout=600)
 
 
 def main() -> None:
@@ -100,7 +73,7 @@ def main() -> None:
                     print(f"round {r + 1} {engine:>11} {load:<22} {s['output_tok_s']:7.1f} tok/s  TTFT p99 "
                           f"{s['ttft_s']['p99']:.3f} s  ITL p99 {s['itl_s']['p99'] * 1e3:6.1f} ms", flush=True)
             finally:
-                stop(proc)
+                stop_server(proc)
     print(f"\n{'load':<22} {'engine':>11} {'tok/s':>8} {'TTFT p99 s':>11} {'ITL p99 ms':>11}")
     med = {}
     for (engine, load), runs in sorted(got.items(), key=lambda kv: (kv[0][1], kv[0][0])):

@@ -21,14 +21,14 @@ import json
 import os
 import random
 import re
-import socket
-import subprocess
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import httpx
+
+from portable_xy.tools.bench.serve import serve_command, start_server, stop_server
 
 # malformed requests and the status each must get
 BAD = [
@@ -157,27 +157,6 @@ async def soak(url: str, requests: int, clients: int, max_tokens: int, seed: int
     return tally
 
 
-def start_server(model: str | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "portable_xy.cli", "serve", *([model] if model else []), "--host", "127.0.0.1",
-           "--port", str(port), *extra]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("the server did not start")
-
-
 def run(url: str, requests: int, clients: int, max_tokens: int, seed: int, pid: int | None) -> dict:
     """The soak against ``url`` (a server process ``pid`` for RSS, if local): the report; ``ok``
     says whether it passed."""
@@ -224,13 +203,12 @@ def main() -> int:
     proc = None
     url = args.url
     if url is None:
-        proc, url = start_server(args.model, args.server_args.split())
+        proc, url = start_server(serve_command(args.model, *args.server_args.split()))
     try:
         report = run(url, args.requests, args.clients, args.max_tokens, args.seed, proc.pid if proc else None)
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(30)
+            stop_server(proc)
     print(json.dumps(report, indent=1))
     print("PASS" if report["ok"] else "FAIL")
     return 0 if report["ok"] else 1

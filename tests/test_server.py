@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import socket
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
 from portable_xy import LLM, SamplingParams
+from portable_xy.tools.bench import serve as bench_serve
+from portable_xy.tools.bench.serve import serve_command, stop_server
 
 openai = pytest.importorskip("openai")
 
@@ -28,39 +27,10 @@ KEY = "sk-test"
 NAME = "tiny"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model: str, *flags: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "portable_xy.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
-           "--backend", "cpu", "--dtype", "float32", "--max-model-len", "256", "--served-model-name", NAME, *flags]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not come up")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    cmd = serve_command(model, "--backend", "cpu", "--dtype", "float32", "--max-model-len", "256",
+                        "--served-model-name", NAME, *flags)  # fmt: skip
+    return bench_serve.start_server(cmd, {"TOKENIZERS_PARALLELISM": "false"}, timeout=180, capture=True)
 
 
 @pytest.fixture(scope="module")

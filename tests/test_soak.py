@@ -9,6 +9,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from portable_xy.tools.bench.serve import serve_command, start_server, stop_server
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "soak_server.py"
 
 
@@ -17,12 +19,12 @@ def test_soak_small(tiny_llama):
     soak = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = soak  # its dataclasses look their module up
     spec.loader.exec_module(soak)
-    proc, url = soak.start_server(tiny_llama, ["--backend", "cpu", "--dtype", "float32", "--max-model-len", "512"])
+    cmd = serve_command(tiny_llama, "--backend", "cpu", "--dtype", "float32", "--max-model-len", "512")
+    proc, url = start_server(cmd)
     try:
         report = soak.run(url, requests=120, clients=12, max_tokens=24, seed=3, pid=proc.pid)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_server(proc)
     assert report["num_failures"] == 0, report["failures"]
     assert report["http_5xx"] == 0 and report["still_serving"]
     assert report["after"] == {"num_requests_running": 0.0, "num_requests_waiting": 0.0, "kv_cache_usage_perc": 0.0}

@@ -17,9 +17,9 @@ from hypothesis import strategies as st  # noqa: E402
 
 pytest.importorskip("triton")
 
-from portable_xy.backends import AttnMetadata  # noqa: E402
 from portable_xy.backends.profile import Profile  # noqa: E402
 from portable_xy.backends.reference import attention_ref  # noqa: E402
+from portable_xy.tools.selfcheck.kernels import make_batch, tree_mask  # noqa: E402
 from portable_xy.triton_kernels import meta_attention as ma  # noqa: E402
 
 if type(ma.meta_attention_kernel).__name__ != "InterpretedFunction":
@@ -35,47 +35,6 @@ def profile(num_cores=3, q_tiles=(16, 32, 64, 128), kv_tile=32, split=None, **at
     if split:
         attention["split_kv"] = {"max_seqs": 64, "num_splits": split}
     return Profile("interpret", None, {"num_cores": num_cores, "kv_block_size": 16, "attention": attention})
-
-
-def make_batch(stages, hkv, d, dtype, gen, block_size=16, tree_offsets=False):
-    """``stages``: list of ``(q_len, history, tree)``, ``tree`` None (causal) or a bool
-    ``[q_len, q_len]`` mask. Every stage's blocks are scattered at random over the cache and its
-    unused block-table entries point at a block holding garbage. Returns caches and the token
-    table; ``tree_offsets=True`` attaches (all -1) tree offsets even without a tree stage."""
-    seq_lens = [q + h for q, h, _ in stages]
-    nblk = [-(-n // block_size) for n in seq_lens]
-    total = sum(nblk) + 1
-    perm = torch.randperm(total, generator=gen).tolist()
-    width = max(nblk)
-    tables, used = [], 0
-    for n in nblk:
-        tables.append(perm[used : used + n] + [perm[-1]] * (width - n))
-        used += n
-    k_cache = torch.randn(total, block_size, hkv, d, generator=gen).to(dtype)
-    v_cache = torch.randn(total, block_size, hkv, d, generator=gen).to(dtype)
-    starts = [0]
-    for q, _, _ in stages:
-        starts.append(starts[-1] + q)
-    tree_off = flat = None
-    if tree_offsets or any(t is not None for _, _, t in stages):
-        tree_off, flat, off = [], [torch.zeros(0, dtype=torch.int8)], 0
-        for q, _, t in stages:
-            tree_off.append(-1 if t is None else off)
-            if t is not None:
-                flat.append(t.to(torch.int8).flatten())
-                off += q * q
-    meta = AttnMetadata(
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=torch.tensor(tables, dtype=torch.int32),
-        slot_mapping=torch.zeros(starts[-1], dtype=torch.long),
-        positions=torch.zeros(starts[-1], dtype=torch.long),
-        query_lens_cpu=[q for q, _, _ in stages],
-        seq_lens_cpu=seq_lens,
-        tree_mask_offsets=None if tree_off is None else torch.tensor(tree_off, dtype=torch.int32),
-        tree_masks=None if flat is None else torch.cat(flat),
-    )
-    return k_cache, v_cache, meta
 
 
 def run_and_check(stages, hq, hkv, d, dtype, prof, gen, poison, block_size=16, strided=False, scale=None, **kw):
@@ -97,18 +56,6 @@ def run_and_check(stages, hq, hkv, d, dtype, prof, gen, poison, block_size=16, s
     assert not torch.isnan(out).any(), "rows left unwritten"
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
     return plan
-
-
-def tree_mask(parents: list[int]) -> torch.Tensor:
-    """Ancestor-or-self mask of a token tree given each node's parent (-1: the root)."""
-    q = len(parents)
-    m = torch.zeros(q, q, dtype=torch.bool)
-    for i in range(q):
-        j = i
-        while j >= 0:
-            m[i, j] = True
-            j = parents[j]
-    return m
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

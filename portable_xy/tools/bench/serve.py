@@ -24,7 +24,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
+import socket
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -56,6 +59,57 @@ class Result:
     output_tokens: int = 0
     prompt_tokens: int = 0
     error: str | None = None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(
+    cmd: list[str], env: dict[str, str] | None = None, timeout: float = 300.0, capture: bool = False
+) -> tuple[subprocess.Popen, str]:
+    """Start an OpenAI-compatible server, ``cmd`` plus ``--host 127.0.0.1 --port PORT`` on a free
+    port, and wait until its ``/health`` answers 200; returns ``(process, base URL)``. A server that
+    exits first, or is not up within ``timeout`` seconds, raises ``RuntimeError`` (with its output
+    when ``capture``)."""
+    import httpx
+
+    port = free_port()
+    out, err = (subprocess.PIPE, subprocess.STDOUT) if capture else (subprocess.DEVNULL, subprocess.DEVNULL)
+    proc = subprocess.Popen([*cmd, "--host", "127.0.0.1", "--port", str(port)], env={**os.environ, **(env or {})},
+                            stdout=out, stderr=err, text=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            said = f": {proc.stdout.read()}" if capture else ""
+            raise RuntimeError(f"{cmd[:4]} exited with {proc.returncode}{said}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_server(proc)
+    raise RuntimeError(f"{cmd[:4]} did not answer /health within {timeout:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def serve_command(model: str | None, *flags: str) -> list[str]:
+    """``portable-xy serve [MODEL] FLAGS...`` run by this Python."""
+    return [sys.executable, "-m", "portable_xy.cli", "serve", *([model] if model else []), *flags]
 
 
 def load_requests(args: argparse.Namespace) -> list[BenchRequest]:

@@ -110,47 +110,11 @@ class KernelChecks:
                 self.stage.run(f"gemm {_dt(dtype)} tile {t.name} M={M}", one, M, plan)
 
     # ---- Meta-Attention ----------------------------------------------------------------------
-    def batch(self, stages, hkv: int, d: int, dtype: torch.dtype, block_size: int):
-        """Caches with every stage's blocks scattered at random (unused table entries point at a
-        block of garbage) and the token table; ``stages``: ``(q_len, history, tree mask | None)``."""
-        seq_lens = [q + h for q, h, _ in stages]
-        nblk = [-(-n // block_size) for n in seq_lens]
-        total = sum(nblk) + 1
-        perm = torch.randperm(total, generator=self.g).tolist()
-        width, used, tables = max(nblk), 0, []
-        for n in nblk:
-            tables.append(perm[used : used + n] + [perm[-1]] * (width - n))
-            used += n
-        kc = self.randn(total, block_size, hkv, d, dtype=dtype)
-        vc = self.randn(total, block_size, hkv, d, dtype=dtype)
-        starts = [0]
-        for q, _, _ in stages:
-            starts.append(starts[-1] + q)
-        tree_off = flat = None
-        if any(t is not None for _, _, t in stages):
-            tree_off, flat, off = [], [torch.zeros(0, dtype=torch.int8)], 0
-            for q, _, t in stages:
-                tree_off.append(-1 if t is None else off)
-                if t is not None:
-                    flat.append(t.to(torch.int8).flatten())
-                    off += q * q
-        i32 = dict(dtype=torch.int32, device=self.dev)
-        meta = AttnMetadata(
-            query_start_loc=torch.tensor(starts, **i32), seq_lens=torch.tensor(seq_lens, **i32),
-            block_tables=torch.tensor(tables, **i32),
-            slot_mapping=torch.zeros(starts[-1], dtype=torch.long, device=self.dev),
-            positions=torch.zeros(starts[-1], dtype=torch.long, device=self.dev),
-            query_lens_cpu=[q for q, _, _ in stages], seq_lens_cpu=seq_lens,
-            tree_mask_offsets=None if tree_off is None else torch.tensor(tree_off, **i32),
-            tree_masks=None if flat is None else torch.cat(flat).to(self.dev),
-        )  # fmt: skip
-        return kc, vc, meta
-
     def attend(self, stages, d: int, dtype: torch.dtype, prof=None, plan=None) -> dict[str, Any]:
         from ...triton_kernels import meta_attention as ma
         hq, hkv = self.s.heads
         prof = prof or self.prof
-        kc, vc, meta = self.batch(stages, hkv, d, dtype, self.prof.kv_block_size)
+        kc, vc, meta = make_batch(stages, hkv, d, dtype, self.g, self.prof.kv_block_size, self.dev)
         t = int(meta.query_start_loc[-1])
         q = self.randn(t, (hq + 2 * hkv) * d, dtype=dtype)[:, : hq * d].view(t, hq, d)  # a fused-QKV slice
         plan = plan or ma.plan_attention(meta, hq, hkv, prof, d)
@@ -162,7 +126,7 @@ class KernelChecks:
     def attention(self, dtype: torch.dtype) -> None:
         from ...triton_kernels import meta_attention as ma
         c = self.s.scale
-        tree = _tree_mask([-1, 0, 0, 1, 1, 2, 5])
+        tree = tree_mask([-1, 0, 0, 1, 1, 2, 5])
         mixed = [(37 * c, 0, None), (17 * c, 45 * c, None), (20 * c, 64 * c, None), (1, 1, None), (1, 130 * c, None),
                  (4, 29 * c, None), (7, 50 * c, tree)]  # fmt: skip
         causal = [st for st in mixed if st[2] is None]
@@ -270,7 +234,48 @@ def _dt(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
 
-def _tree_mask(parents: list[int]) -> torch.Tensor:
+def make_batch(stages, hkv: int, d: int, dtype: torch.dtype, gen: torch.Generator, block_size: int = 16,
+               device: torch.device | str = "cpu", tree_offsets: bool = False):  # fmt: skip
+    """Paged K/V caches and the token table of one step. ``stages``: ``(q_len, history, tree)``
+    with ``tree`` None (causal) or a bool ``[q_len, q_len]`` mask. Every stage's blocks are
+    scattered at random over the cache and its unused block-table entries point at a block of
+    garbage; ``tree_offsets=True`` attaches (all -1) tree offsets even without a tree stage.
+    Returns ``(k_cache, v_cache, meta)`` on ``device``."""
+    seq_lens = [q + h for q, h, _ in stages]
+    nblk = [-(-n // block_size) for n in seq_lens]
+    total = sum(nblk) + 1
+    perm = torch.randperm(total, generator=gen).tolist()
+    width, used, tables = max(nblk), 0, []
+    for n in nblk:
+        tables.append(perm[used : used + n] + [perm[-1]] * (width - n))
+        used += n
+    kc = torch.randn(total, block_size, hkv, d, generator=gen).to(device, dtype)
+    vc = torch.randn(total, block_size, hkv, d, generator=gen).to(device, dtype)
+    starts = [0]
+    for q, _, _ in stages:
+        starts.append(starts[-1] + q)
+    tree_off = flat = None
+    if tree_offsets or any(t is not None for _, _, t in stages):
+        tree_off, flat, off = [], [torch.zeros(0, dtype=torch.int8)], 0
+        for q, _, t in stages:
+            tree_off.append(-1 if t is None else off)
+            if t is not None:
+                flat.append(t.to(torch.int8).flatten())
+                off += q * q
+    i32 = dict(dtype=torch.int32, device=device)
+    meta = AttnMetadata(
+        query_start_loc=torch.tensor(starts, **i32), seq_lens=torch.tensor(seq_lens, **i32),
+        block_tables=torch.tensor(tables, **i32),
+        slot_mapping=torch.zeros(starts[-1], dtype=torch.long, device=device),
+        positions=torch.zeros(starts[-1], dtype=torch.long, device=device),
+        query_lens_cpu=[q for q, _, _ in stages], seq_lens_cpu=seq_lens,
+        tree_mask_offsets=None if tree_off is None else torch.tensor(tree_off, **i32),
+        tree_masks=None if flat is None else torch.cat(flat).to(device),
+    )  # fmt: skip
+    return kc, vc, meta
+
+
+def tree_mask(parents: list[int]) -> torch.Tensor:
     """Ancestor-or-self mask of a token tree given each node's parent (-1: the root)."""
     m = torch.zeros(len(parents), len(parents), dtype=torch.bool)
     for i in range(len(parents)):
