@@ -21,6 +21,21 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Threads of every parallel region: px_set_num_threads(n) (n <= 0: OpenMP's default). A setting
+ * held here applies to calls from any thread, unlike omp_set_num_threads. */
+static int px_threads = 0;
+void px_set_num_threads(int64_t n) { px_threads = (int)n; }
+static inline int px_nthreads(void) {
+#ifdef _OPENMP
+    return px_threads > 0 ? px_threads : omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
 #if defined(__AVX512F__) || defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -282,7 +297,7 @@ int px_paged_attention_bf16(const uint16_t *q, int64_t q_stride, uint16_t *out, 
                              int64_t hq, int64_t hkv, int64_t d, int64_t bs, float scale) {
     int64_t group = hq / hkv;
     int failed = 0;
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(px_nthreads())
     for (int64_t item = 0; item < n * hkv; item++) {
         int64_t s = item / hkv, h = item % hkv, ql = q_len[s], kl = kv_len[s], nq = ql * group;
         const int32_t *table = tables + table_row[s] * table_stride;
@@ -333,7 +348,7 @@ int px_paged_attention_bf16(const uint16_t *q, int64_t q_stride, uint16_t *out, 
  * are exact in fp32 and summed in fp32, in an order that does not depend on m. Threads split n. */
 void px_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t m, int64_t n,
                   int64_t k) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(px_nthreads())
     for (int64_t j0 = 0; j0 < n; j0 += 8) {
         int64_t nj = n - j0 < 8 ? n - j0 : 8;
         for (int64_t i = 0; i < m; i++) {
@@ -436,7 +451,7 @@ int px_gemm_amx_bf16(const uint16_t *x, const uint16_t *wp, const uint16_t *bias
         a = stage;
     }
     int64_t mblocks = mp / mr, npairs = (nb + 1) / 2;
-#pragma omp parallel
+#pragma omp parallel num_threads(px_nthreads())
     {
         amx_config cfg = {.palette = 1};
         for (int t = 0; t < 8; t++) { /* 0-3: C (fp32), 4-5: A (x rows), 6-7: B (weight tiles) */

@@ -34,6 +34,7 @@ _SIGNATURES = {
     "px_silu_and_mul_bf16": [_P, _P, _I, _I],
     "px_store_kv_bf16": [_P, _I, _P, _I, _P, _P, _P, _I, _I, _I],
     "px_paged_attention_bf16": [_P, _I, _P, _P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, _F],
+    "px_set_num_threads": [_I],
 }
 
 
@@ -96,6 +97,15 @@ def has_amx(lib: ctypes.CDLL) -> bool:
     """Whether ``lib`` has the AMX GEMM and the OS lets this process use AMX tiles
     (``PORTABLE_XY_AMX=0`` says no, e.g. to compare with the oneDNN path)."""
     return envs.amx_enabled() and bool(lib.px_amx_available())
+
+
+def set_num_threads(n: int) -> None:
+    """Threads of torch's CPU ops and of this library's kernels (it has its own OpenMP runtime, which
+    ``torch.set_num_threads`` does not reach)."""
+    torch.set_num_threads(n)
+    lib = load()
+    if lib is not None:
+        lib.px_set_num_threads(n)
 
 
 @functools.cache

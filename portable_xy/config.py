@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .backends.device import cpu_has_fast_bf16, detect, resolve_backend_name
+from .distributed.sharding import check_tensor_parallel
 from .engine.scheduler import SchedulerConfig
 from .models.config import ModelConfig
 from .models.loader import load_model_config, resolve_model_path
@@ -28,7 +29,6 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }  # fmt: skip
 QUANTIZATIONS = (None,)  # weight quantization methods accepted so far
-TENSOR_PARALLEL_SIZES = (1,)
 
 
 def resolve_dtype(dtype: str | torch.dtype, backend: str) -> torch.dtype:
@@ -101,8 +101,11 @@ class EngineConfig:
         speculative_config: ``{"method": "ngram", "num_speculative_tokens": k,
             "prompt_lookup_min": a, "prompt_lookup_max": b}`` or ``{"method": "draft_model",
             "model": PATH, "num_speculative_tokens": k}``.
-    Parallelism:
-        tensor_parallel_size: ranks a model is sharded over (only 1 so far).
+    Parallelism (``distributed/``):
+        tensor_parallel_size: ranks the model is sharded over (Megatron-style: heads, MLP rows
+            and vocabulary split). The engine process is rank 0 and spawns the others (one
+            accelerator each; on CPU each rank gets an equal share of the cores), or, started
+            under ``torchrun`` / an ``env://`` rendezvous, each launched process is one rank.
     """
 
     model: str | Path | None = None
@@ -155,6 +158,7 @@ class EngineConfig:
             raise ValueError("dtype=bfloat16 is not supported by the Triton interpreter; use float32 or float16")
         self.model_path = resolve_model_path(self.model)
         self.model_config = load_model_config(self.model_path)
+        check_tensor_parallel(self.model_config, self.tensor_parallel_size)
         limit = self.model_config.max_position_embeddings
         if self.max_model_len is None:
             self.max_model_len = limit
@@ -192,11 +196,6 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization={self.quantization!r} is not supported (supported: {list(QUANTIZATIONS)})")
-        if self.tensor_parallel_size not in TENSOR_PARALLEL_SIZES:
-            raise ValueError(
-                f"tensor_parallel_size={self.tensor_parallel_size} is not supported (supported: "
-                f"{list(TENSOR_PARALLEL_SIZES)})"
-            )
 
     @property
     def scheduler_config(self) -> SchedulerConfig:

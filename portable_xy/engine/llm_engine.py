@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,11 @@ from .output_processor import OutputProcessor
 from .sampler import Sampler, SampleResult
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Request, Sequence
+
+
+def _stop_group(runner: ModelRunner, executor) -> None:
+    runner.shutdown()
+    executor.shutdown()
 
 
 class EngineStepError(RuntimeError):
@@ -86,17 +92,45 @@ class LLMEngine:
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         self.last_step = StepStats()
+        self._finalizer: weakref.finalize | None = None
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
         """The model runner (weights, KV cache, graphs), the block manager over its KV blocks, the
         scheduler, the proposer and the tokenizer, all from ``config``."""
-        runner = ModelRunner(config)
-        bm = BlockManager(runner.num_kv_blocks, config.block_size, config.enable_prefix_caching,
-                          config.enable_token_wise_reuse)  # fmt: skip
-        scheduler = Scheduler(bm, config.scheduler_config)
-        tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.model_path, config.tokenizer)
-        return cls(config, runner, bm, scheduler, make_proposer(config, runner), tokenizer)
+        executor = None
+        if config.tensor_parallel_size > 1:
+            from ..distributed.executor import TPExecutor
+
+            executor = TPExecutor(config)  # under torchrun, ranks > 0 serve inside and never return
+        try:
+            runner = ModelRunner(config, group=executor.group if executor else None)
+            bm = BlockManager(runner.num_kv_blocks, config.block_size, config.enable_prefix_caching,
+                              config.enable_token_wise_reuse)  # fmt: skip
+            scheduler = Scheduler(bm, config.scheduler_config)
+            tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.model_path, config.tokenizer)
+            engine = cls(config, runner, bm, scheduler, make_proposer(config, runner), tokenizer)
+        except BaseException as e:
+            if executor is None:
+                raise
+            failed = executor.worker_failures(wait_s=1.0) if isinstance(e, Exception) else []
+            if failed:  # a worker's own error explains rank 0's failed collective
+                raise executor.diagnose(e) from e
+            executor.shutdown(wait_s=0.0)
+            raise
+        if executor is not None:  # on shutdown(), garbage collection or interpreter exit
+            engine._finalizer = weakref.finalize(engine, _stop_group, runner, executor)
+        return engine
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (the engine runs no more steps after it).
+        Also done when the engine is garbage-collected and at interpreter exit."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def collective_rpc(self, method, args: tuple = ()) -> list:
+        """``method(*args)`` on the model runner of every rank (see :meth:`ModelRunner.collective_rpc`)."""
+        return self.runner.collective_rpc(method, args)
 
     # ---- requests ----------------------------------------------------------------------------
     def add_request(

@@ -9,22 +9,26 @@ rebuild the same one from a pickled config.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..backends import AttnMetadata, Backend, get_backend
 from ..backends.graphs import make_decode_graph_runner
+from ..distributed.sharding import ShardPlan
 from ..models.config import ModelConfig
 from ..models.llama import LlamaForCausalLM
-from ..models.loader import load_model_files
+from ..models.loader import open_weights
 from .scheduler import ScheduledBatch, Stage
 from .sequence import Sequence
 
 if TYPE_CHECKING:
     from ..config import EngineConfig
+    from ..distributed.group import TPGroup
 
 DEFAULT_KV_CACHE_BYTES = 2**30  # on CPU, when neither num_kv_blocks nor kv_cache_memory_gb is set
 
@@ -55,9 +59,31 @@ def stage_input(st: Stage) -> StageInput:
     return StageInput(seq, st.start, toks, st.num_logits)
 
 
+@dataclass
+class StepInput:
+    """Everything a rank needs to run one forward pass, as plain lists (rank 0 sends it to the
+    workers once per step): the tokens, their positions and cache slots, per stage its query start,
+    KV length, block table and sequence id, the rows whose logits are wanted, and the KV block
+    copies to do first."""
+
+    token_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]
+    seq_ids: list[int]
+    logit_rows: list[int]
+    block_copies: list[tuple[int, int]]
+
+
 class ModelRunner:
     """Weights, KV cache and decode graphs of one model (the target, or a draft model with
-    ``model_path``, sharing the target's ``backend`` and block layout via ``num_kv_blocks``)."""
+    ``model_path``, sharing the target's ``backend`` and block layout via ``num_kv_blocks``).
+
+    Under tensor parallelism (``group``) every rank builds one, holding its shard and a KV cache for
+    its KV heads. Rank 0's :meth:`execute` / :meth:`forward` send the step's :class:`StepInput` to
+    the workers, which run the same pass from :meth:`serve`; rank 0 gets the gathered logits."""
 
     def __init__(
         self,
@@ -65,32 +91,40 @@ class ModelRunner:
         backend: Backend | None = None,
         model_path: Path | None = None,
         num_kv_blocks: int | None = None,
+        group: TPGroup | None = None,
     ) -> None:
         self.config = config
+        self.group = group
         self.backend = backend if backend is not None else get_backend(config.backend)
-        model_config, state = load_model_files(model_path or config.model_path)
-        self.model = LlamaForCausalLM(model_config, state, self.backend, config.dtype, config.max_model_len)
-        del state
+        weights = open_weights(model_path or config.model_path)
+        model_config = weights.config
+        shard = ShardPlan.make(model_config, *((group.rank, group.size) if group else (0, 1)))
+        self.model = LlamaForCausalLM(model_config, weights, self.backend, config.dtype, config.max_model_len,
+                                      shard, group)  # fmt: skip
+        del weights
+        self.num_heads, self.num_kv_heads = shard.num_heads, shard.num_kv_heads
         self.block_size = config.block_size
-        self.num_kv_blocks = num_kv_blocks or self._num_kv_blocks()
+        n = num_kv_blocks or self._num_kv_blocks()
+        self.num_kv_blocks = group.all_reduce_min(n) if group else n  # one block layout on every rank
         c = model_config
-        shape = (self.num_kv_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        shape = (self.num_kv_blocks, self.block_size, self.num_kv_heads, c.head_dim)
         dev = self.backend.device
         self.kv_caches = [
             (torch.zeros(shape, dtype=config.dtype, device=dev), torch.zeros(shape, dtype=config.dtype, device=dev))
             for _ in range(c.num_layers)
         ]
         self.graphs = make_decode_graph_runner(
-            self.backend, self._hidden, c.num_heads, c.num_kv_heads, self.block_size, config.max_model_len,
+            self.backend, self._hidden, self.num_heads, self.num_kv_heads, self.block_size, config.max_model_len,
             config.enforce_eager,
         )  # fmt: skip
 
     def _num_kv_blocks(self) -> int:
         """``num_kv_blocks``, else ``kv_cache_memory_gb``, else on a GPU / NPU
         ``gpu_memory_utilization`` of its memory minus what is in use, else 1 GiB; at least one
-        ``max_model_len`` sequence must fit."""
+        ``max_model_len`` sequence must fit. Per rank: a shard's blocks hold its KV heads only."""
         cfg = self.config
-        per_block = kv_bytes_per_block(self.model.config, cfg.block_size, cfg.dtype)
+        per_block = kv_bytes_per_block(self.model.config, cfg.block_size, cfg.dtype) // self.model.config.num_kv_heads
+        per_block *= self.num_kv_heads
         mem = self.backend.mem_get_info()
         if cfg.num_kv_blocks is not None:
             n = cfg.num_kv_blocks
@@ -122,11 +156,15 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Run a scheduled step: its pending block copies, then its stages. Returns the fp32 logits
         of each stage's ``num_logits`` rows, stage after stage."""
-        self.copy_blocks(batch.block_copies)
-        return self.forward([stage_input(st) for st in batch.stages])
+        return self.forward([stage_input(st) for st in batch.stages], batch.block_copies)
 
-    def build_metadata(self, inputs: list[StageInput]) -> tuple[torch.Tensor, AttnMetadata, torch.Tensor]:
-        """Token ids, the token table, and the rows whose logits are wanted."""
+    def forward(self, inputs: list[StageInput], block_copies: list[tuple[int, int]] = ()) -> torch.Tensor:
+        """Do ``block_copies``, run the stages; returns fp32 logits ``[sum(num_logits), V]`` in input
+        order (on every rank of a tensor-parallel group at once)."""
+        return self._call("run", self.step_input(inputs, list(block_copies)))
+
+    def step_input(self, inputs: list[StageInput], block_copies: list[tuple[int, int]]) -> StepInput:
+        """The stages' token table as plain lists."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -145,30 +183,82 @@ class ModelRunner:
             rows.extend(range(starts[-1] - inp.num_logits, starts[-1]))
         max_blocks = max(len(inp.seq.block_table) for inp in inputs)
         tables = [inp.seq.block_table + [0] * (max_blocks - len(inp.seq.block_table)) for inp in inputs]
+        seq_ids = [inp.seq.seq_id for inp in inputs]
+        return StepInput(ids, positions, slots, starts, seq_lens, tables, seq_ids, rows, block_copies)
+
+    def metadata(self, step: StepInput) -> tuple[torch.Tensor, AttnMetadata, torch.Tensor]:
+        """Token ids, the token table and the logit rows as tensors on the device."""
         dev = self.backend.device
+        starts = step.query_start_loc
         meta = AttnMetadata(
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            query_lens_cpu=[len(inp.token_ids) for inp in inputs],
-            seq_lens_cpu=seq_lens,
-            seq_ids=[inp.seq.seq_id for inp in inputs],
+            seq_lens=torch.tensor(step.seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(step.block_tables, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(step.slots, dtype=torch.long, device=dev),
+            positions=torch.tensor(step.positions, dtype=torch.long, device=dev),
+            query_lens_cpu=[b - a for a, b in zip(starts, starts[1:])],
+            seq_lens_cpu=step.seq_lens,
+            seq_ids=step.seq_ids,
         )
-        row_idx = torch.tensor(rows, dtype=torch.long, device=dev)
-        return torch.tensor(ids, dtype=torch.long, device=dev), meta, row_idx
+        row_idx = torch.tensor(step.logit_rows, dtype=torch.long, device=dev)
+        return torch.tensor(step.token_ids, dtype=torch.long, device=dev), meta, row_idx
 
     @torch.inference_mode()
-    def forward(self, inputs: list[StageInput]) -> torch.Tensor:
-        """Run the stages; returns fp32 logits ``[sum(num_logits), V]`` in input order."""
-        input_ids, meta, rows = self.build_metadata(inputs)
+    def run(self, step: StepInput) -> torch.Tensor | None:
+        """One forward pass on this rank; the logits (``None`` on tensor-parallel workers)."""
+        self.copy_blocks(step.block_copies)
+        input_ids, meta, rows = self.metadata(step)
         c = self.model.config
         if self.graphs is not None and self.graphs.can_run(meta):  # decode-only: padded to a graph bucket
             hidden = self.graphs.forward(input_ids, meta)
         else:
-            self.backend.prepare(meta, c.num_heads, c.num_kv_heads, c.head_dim)
+            self.backend.prepare(meta, self.num_heads, self.num_kv_heads, c.head_dim)
             hidden = self._hidden(input_ids, meta)
         if rows.numel() == 0:
             return hidden.new_empty((0, c.vocab_size), dtype=torch.float32)
         return self.model.logits(hidden[rows])
+
+    # ---- tensor parallelism -----------------------------------------------------------------
+    def _call(self, method: str | Callable, *args: Any, gather: bool = False) -> Any:
+        """Run ``method`` (a name, or a function taking the runner first) on this runner and, under
+        tensor parallelism, on every worker's at the same time; with ``gather`` the list of every
+        rank's result, else rank 0's. A failure after the message went out stops the group
+        (:class:`~portable_xy.distributed.TensorParallelError`)."""
+        fn = getattr(self, method) if isinstance(method, str) else functools.partial(method, self)
+        if self.group is None:
+            out = fn(*args)
+            return [out] if gather else out
+        self.group.check()
+        try:
+            self.group.broadcast_object((method, args, gather))
+            out = fn(*args)
+            return self.group.gather_object(out) if gather else out
+        except BaseException as e:
+            err = self.group.fail(e)
+            if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: the group is stopped
+                raise
+            raise err from e
+
+    def collective_rpc(self, method: str | Callable, args: tuple = ()) -> list[Any]:
+        """``method(*args)`` on every rank's runner (a name, or a picklable function taking the
+        runner first); the results in rank order."""
+        return self._call(method, *args, gather=True)
+
+    def serve(self) -> None:
+        """A tensor-parallel worker's loop: run rank 0's calls until it sends ``None``."""
+        while True:
+            method, args, gather = self.group.broadcast_object()
+            if method is None:
+                return
+            fn = getattr(self, method) if isinstance(method, str) else functools.partial(method, self)
+            out = fn(*args)
+            if gather:
+                self.group.gather_object(out)
+
+    def shutdown(self) -> None:
+        """Tell the workers to leave (rank 0 of a working group; otherwise nothing to do)."""
+        if self.group is not None and self.group.rank == 0 and self.group.broken is None:
+            try:
+                self.group.broadcast_object((None, (), False))
+            except RuntimeError as e:
+                self.group.fail(e)

