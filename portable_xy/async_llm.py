@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from .config import EngineConfig
+from .distributed import TensorParallelError
 from .engine.input_processor import PromptType
 from .engine.llm_engine import EngineStepError, LLMEngine
 from .outputs import RequestOutput
@@ -204,6 +205,7 @@ class AsyncLLM:
         self._wake.set()
         if self._loop_thread is None:  # the loop never ran: nothing is in flight
             self._fail_all()
+            self.engine.shutdown()
         elif self._loop_thread is not threading.current_thread():
             self._done.wait(timeout)
 
@@ -240,6 +242,9 @@ class AsyncLLM:
                     for rid in e.request_ids:
                         self._deliver(rid, e)
                     self._flush()
+                    if isinstance(e.cause, TensorParallelError):  # no further step can run
+                        self.dead_error = e.cause
+                        break
                     continue
                 self._log(stepped=True)  # before the outputs: a caller they wake sees this step's counts
                 for out in outputs:
@@ -249,6 +254,7 @@ class AsyncLLM:
             self.dead_error = e
         finally:
             self._fail_all()
+            self.engine.shutdown()
             self._done.set()
 
     def _fail_all(self) -> None:

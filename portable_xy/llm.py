@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -29,6 +30,16 @@ class LLM:
         self.config = EngineConfig.from_kwargs("LLM", model=model, **kwargs)
         self.engine = LLMEngine.from_config(self.config)
         self._request_counter = 0
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes (no-op without them); also done when the
+        ``LLM`` is garbage-collected and at interpreter exit. The ``LLM`` cannot generate after it."""
+        self.engine.shutdown()
+
+    def collective_rpc(self, method: str | Callable, args: tuple = ()) -> list[Any]:
+        """Call ``method`` on the model runner of every tensor-parallel rank: a method name, or a
+        picklable function called as ``method(runner, *args)``. Returns the results in rank order."""
+        return self.engine.collective_rpc(method, args)
 
     @property
     def backend(self) -> Backend:

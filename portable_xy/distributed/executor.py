@@ -118,6 +118,11 @@ class TPExecutor:
         self.stopped = False
         self._threads = torch.get_num_threads() if config.backend in ("cpu", "interpret") else None
         backend = DIST_BACKENDS[config.backend]
+        if dist.is_initialized():
+            raise RuntimeError(
+                "a torch.distributed process group is already initialised in this process (another "
+                "tensor-parallel engine?): shut it down first (LLM.shutdown())"
+            )
         if external_launch():
             rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
             if world != self.size:
