@@ -53,6 +53,35 @@ def test_device_spec_reads_profiles():
         device_spec("cpu")
 
 
+def test_tensor_parallel_step_time_by_hand():
+    """TP=2 Llama-2-70B decode of 2 tokens on a memory-bound device: per-rank weights read once
+    per step, plus 2 x 80 + 1 all-reduces of 2 x 8192 x 2 bytes and the logits gather."""
+    bw, link, lat = 1e12, 1e11, 5e-6
+    dev = DeviceSpec("test", 1e18, bw, 1.0, 1.0, 0.0, link_bw=link, link_latency=lat, link_eff=1.0)
+    stages = [StageShape(1, 0, True), StageShape(1, 0, True)]
+    T, H, I, L, V, tp = 2, 8192, 28672, 80, 32000, 2  # noqa: E741
+    qkv = (32 + 2 * 4) * 128  # 32 query heads, 4 KV heads per rank
+    layer = sum(2 * (N * K + T * K + T * N) / bw for N, K in ((qkv, H), (H, 32 * 128), (I, H), (H, I // 2)))
+    layer += 2 * (2 * 4 * 128 * 2 + 2 * 32 * 128 * 2) / bw  # K/V of 1 position per stage, Q in, O out
+    head = 2 * (V // 2 * H + T * H + T * V // 2) / bw
+    comm = (2 * L + 1) * (lat + T * H * 2 / link) + lat + (T * V * 4) / 2 / link
+    assert step_time("llama2-70b", dev, stages, tp) == pytest.approx(L * layer + head + comm, rel=1e-9)
+    with pytest.raises(ValueError, match="interconnect"):
+        step_time("llama2-70b", DeviceSpec("bare", 1e15, 1e12), stages, 2)
+
+
+def test_simulate_tp_labels_and_auto_kv_cache():
+    from portable_xy.tools.bench.sim_report import SweepSpec, kv_cache_gib, split_model
+
+    assert split_model("qwen2.5-72b@tp8") == ("qwen2.5-72b", 8) and split_model("llama2-7b") == ("llama2-7b", 1)
+    spec = SweepSpec(["cuda/sm90"], ["llama2-70b@tp4"], ["chat"], ["tokenwise"], kv_cache_gib=None)
+    h100 = device_spec("cuda/sm90")
+    assert kv_cache_gib(spec, h100, "llama2-70b", 8) > kv_cache_gib(spec, h100, "llama2-70b", 4) > 30
+    with pytest.raises(ValueError, match="does not fit"):
+        kv_cache_gib(spec, h100, "llama2-70b", 1)
+    assert SimConfig("llama2-70b", h100, tp=8).num_blocks == 8 * SimConfig("llama2-70b", h100).num_blocks
+
+
 def _mixed_requests() -> list[Request]:
     lens = [(40, 30), (300, 5), (7, 60), (120, 1), (500, 20), (33, 33), (64, 90), (250, 12), (90, 45), (16, 2)]
     return [Request(0.013 * i + (5.0 if i >= 7 else 0.0), p, o) for i, (p, o) in enumerate(lens)]

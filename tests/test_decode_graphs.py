@@ -26,7 +26,7 @@ from portable_xy import LLM, SamplingParams
 from portable_xy.backends import AttnMetadata, Backend, get_backend
 from portable_xy.backends.graphs import DecodeGraphRunner, graph_module, make_decode_graph_runner
 from portable_xy.models.llama import LlamaForCausalLM
-from portable_xy.models.loader import load_model_files
+from portable_xy.models.loader import open_weights
 
 pytest.importorskip("triton")
 
@@ -69,8 +69,8 @@ def write_tiny_llama(path: Path, vocab, hidden, inter, heads, kv_heads, head_dim
 
 
 def load_model(be: Backend, path: str, dtype: torch.dtype, max_len: int) -> LlamaForCausalLM:
-    config, state = load_model_files(Path(path))
-    return LlamaForCausalLM(config, state, be, dtype, max_len)
+    weights = open_weights(Path(path))
+    return LlamaForCausalLM(weights.config, weights, be, dtype, max_len)
 
 
 @pytest.fixture(scope="module")

@@ -265,3 +265,27 @@ def test_full_waiting_queue_is_a_503(tiny_llama):
         assert r.status_code == 200
     finally:
         stop_server(proc)
+
+
+def test_tensor_parallel_server_streams_a_chat(tiny_llama):
+    """``--tensor-parallel-size 2``: a streamed chat equals the offline TP=1 greedy text; stopping
+    the server stops its worker."""
+    import psutil
+
+    proc, url = start_server(tiny_llama, "--tensor-parallel-size", "2")
+    try:
+        workers = psutil.Process(proc.pid).children()
+        assert any("spawn" in " ".join(w.cmdline()) and "resource_tracker" not in " ".join(w.cmdline())
+                   for w in workers)  # fmt: skip
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        msgs = [{"role": "user", "content": "Tell me about tiles."}]
+        chunks = list(client.chat.completions.create(model=NAME, messages=msgs, max_tokens=12, temperature=0,
+                                                     stream=True, extra_body={"ignore_eos": True}))  # fmt: skip
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        offline = LLM(tiny_llama, backend="cpu", dtype="float32", max_model_len=256)
+        want = offline.chat(msgs, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+        assert text == want[0].outputs[0].text
+    finally:
+        stop_server(proc)
+    gone, alive = psutil.wait_procs(workers, timeout=15)
+    assert alive == []

@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..envs import cache_root
 from .config import GGUF_ARCHITECTURES, ModelConfig, UnsupportedModelError
@@ -137,12 +136,6 @@ def load_model_config(path: Path) -> ModelConfig:
     if path.is_dir():
         return _hf_config(path)
     return _gguf_config(_open_gguf(path))
-
-
-def load_model_files(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Config and fp32/bf16/fp16 state dict (HF names) for an HF directory or a GGUF file."""
-    source = open_weights(path)
-    return source.config, source.state_dict()
 
 
 def open_weights(path: Path) -> WeightSource:

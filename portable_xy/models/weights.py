@@ -31,10 +31,6 @@ class WeightSource:
     def get(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every tensor, whole."""
-        return {name: self.get(name) for name in sorted(self.names())}
-
 
 class SafetensorsSource(WeightSource):
     def __init__(self, config: ModelConfig, files: list[Path]) -> None:

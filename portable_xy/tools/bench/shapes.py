@@ -30,6 +30,7 @@ class ModelDims:
 MODELS: dict[str, ModelDims] = {
     "llama2-7b": ModelDims(hidden=4096, heads=32, kv_heads=32, head_dim=128, intermediate=11008),
     "qwen2-7b": ModelDims(hidden=3584, heads=28, kv_heads=4, head_dim=128, intermediate=18944),
+    "llama2-70b": ModelDims(hidden=8192, heads=64, kv_heads=8, head_dim=128, intermediate=28672),
     "qwen2.5-72b": ModelDims(hidden=8192, heads=64, kv_heads=8, head_dim=128, intermediate=29568),
 }
 OPS = ("qkv", "o", "gate_up", "down")

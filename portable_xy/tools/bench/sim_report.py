@@ -22,7 +22,17 @@ from ...engine.scheduler import POLICIES
 from .shapes import LENGTH_MIXES, MODELS, model_names
 from .sim_metrics import Slo, completion_rate, summarize, tbt_gaps
 from .simulate import SimConfig, simulate
-from .step_model import BW_EFF, FLOPS_EFF, STEP_OVERHEAD_S, device_spec, load_shipped
+from .step_model import (
+    BW_EFF,
+    FLOPS_EFF,
+    STEP_OVERHEAD_S,
+    DeviceSpec,
+    StageShape,
+    device_spec,
+    load_shipped,
+    step_time_parts,
+    weight_bytes,
+)
 from .trace import Request, load_trace, rescale, synthetic_trace
 
 DEFAULT_PROFILES = ("cuda/sm90", "ascend/910b")
@@ -52,8 +62,8 @@ NOTES = """## Reading the results
 
 Roofline only: constant efficiency factors (no small-M inefficiency or tile padding, see
 [padding.md](padding.md)), no elementwise ops, no launch gaps inside a forward, one constant host
-overhead per step; TP = 1 and no communication; the 910B peaks are approximate (see the profile);
-the same KV-cache size on every device; no prefix caching and no speculative decoding in the traces;
+overhead per step; communication as ring all-reduces that never overlap compute; the 910B peaks
+and HCCS figures are approximate (see the profiles); no prefix caching and no speculative decoding in the traces;
 synthetic lengths with one seed.
 """
 
@@ -70,7 +80,7 @@ class SweepSpec:
     slo: Slo = Slo(ttft=2.0, tbt=0.1)
     budget: int = 2048
     max_num_seqs: int = 256
-    kv_cache_gib: float = 40.0
+    kv_cache_gib: float | None = 40.0  # per device; None: 90% of its memory minus its weights
     step_overhead: float = STEP_OVERHEAD_S
     flops_eff: float = FLOPS_EFF
     bw_eff: float = BW_EFF
@@ -89,6 +99,27 @@ def _kv_layout(profile: str) -> tuple[int, int]:
     return prof.kv_block_size, prof.chunk_align
 
 
+def split_model(label: str) -> tuple[str, int]:
+    """``qwen2.5-72b@tp8`` -> (``qwen2.5-72b``, 8); a bare name is TP = 1."""
+    name, _, tp = label.partition("@tp")
+    if tp and not tp.isdigit() or tp == "0":
+        raise ValueError(f"bad model label {label!r}: expected NAME or NAME@tpN")
+    return name, int(tp or 1)
+
+
+def kv_cache_gib(spec: SweepSpec, dev: DeviceSpec, model: str, tp: int) -> float:
+    """``spec.kv_cache_gib``, or 90% of the device's memory less one rank's fp16 weights."""
+    if spec.kv_cache_gib is not None:
+        return spec.kv_cache_gib
+    if dev.memory is None:
+        raise ValueError(f"profile {dev.name!r} states no device.memory_gib: pass --kv-cache-gib")
+    free = 0.9 * dev.memory - weight_bytes(model, tp)
+    if free <= 0:
+        raise ValueError(f"{model} at TP={tp} does not fit {dev.name} ({weight_bytes(model, tp) / 2**30:.0f} GiB of "
+                         f"weights per device)")  # fmt: skip
+    return free / 2**30
+
+
 def _sig2(x: float) -> float:
     """``x`` rounded to two significant digits (readable rate labels)."""
     return float(f"{x:.2g}")
@@ -101,20 +132,22 @@ def sweep(spec: SweepSpec) -> dict:
         dev = device_spec(profile, spec.flops_eff, spec.bw_eff, spec.step_overhead)
         block_size, chunk_align = _kv_layout(profile)
         for model in spec.models:
-            base = SimConfig(
-                model, dev, "tokenwise", spec.budget, spec.max_num_seqs, spec.kv_cache_gib, block_size, chunk_align
-            )
+            name, tp = split_model(model)
+            kv = kv_cache_gib(spec, dev, name, tp)
+            base = SimConfig(name, dev, "tokenwise", spec.budget, spec.max_num_seqs, kv, block_size, chunk_align, tp)
             for workload in spec.workloads:
                 burst = [Request(0.0, r.prompt_len, r.output_len) for r in _requests(spec, workload, 1.0)]
                 cap = completion_rate(simulate(burst, base))
-                capacity.append({"profile": profile, "model": model, "workload": workload, "capacity_rps": cap})
+                capacity.append({"profile": profile, "model": model, "workload": workload, "capacity_rps": cap,
+                                 "kv_cache_gib": round(kv, 1)})  # fmt: skip
                 rates = spec.rates or [_sig2(f * cap) for f in LOAD_FRACTIONS]
                 mid = rates[(len(rates) - 1) // 2]
                 for rate in rates:
                     reqs = _requests(spec, workload, rate)
                     for policy in spec.policies:
                         res = simulate(reqs, replace(base, policy=policy))
-                        rows.append({"profile": profile, "workload": workload, **summarize(res, rate, spec.slo)})
+                        rows.append({"profile": profile, "workload": workload, **summarize(res, rate, spec.slo),
+                                     "model": model})  # fmt: skip
                         if rate == mid:
                             q = np.quantile(tbt_gaps(res), np.linspace(0, 1, CDF_POINTS)) * 1e3
                             key = {k: rows[-1][k] for k in ("profile", "model", "workload", "policy", "rate")}
@@ -207,14 +240,15 @@ def markdown(report: dict, spec: SweepSpec, command: str) -> str:
         "",
         "Request traces are replayed through the real `Scheduler` / `BlockManager` "
         "(`portable_xy/tools/bench/simulate.py`); each step's token table is timed by a roofline model "
-        "(`portable_xy/tools/bench/step_model.py`): the whole model on one device (TP = 1, fp16), every linear op "
-        "and the step's one attention kernel take max(FLOPs / (peak FLOP/s x "
+        "(`portable_xy/tools/bench/step_model.py`): fp16, on one device or, for `MODEL@tpN`, on N devices with "
+        "tensor parallelism (per-rank shapes plus ring all-reduces over the profile's `device.interconnect`); "
+        "every linear op and the step's one attention kernel take max(FLOPs / (peak FLOP/s x "
         f"{spec.flops_eff:g}), bytes / (peak bandwidth x {spec.bw_eff:g})), weights read once per step, "
         f"attention FLOPs over the causal area and K/V read per stage, LM head for sampled rows, plus "
         f"{spec.step_overhead * 1e3:g} ms of host overhead per step. Peaks: the profile's "
         "`device.peak_tflops.fp16` / `device.peak_gbps`; KV block size and chunk alignment: the profile's. "
         f"Budget B = {spec.budget} tokens, at most {spec.max_num_seqs} sequences, "
-        f"{spec.kv_cache_gib:g} GiB of KV cache (running out preempts and recomputes), no prefix caching, "
+        f"{_kv_text(spec)} of KV cache per device (running out preempts and recomputes), no prefix caching, "
         "no speculation.",
         "",
         f"Workloads: {_workload_text(spec)}. Rates: {_rates_text(spec)}.",
@@ -237,6 +271,7 @@ def markdown(report: dict, spec: SweepSpec, command: str) -> str:
             ok = [r["rate"] for r in sel if r["slo_attainment"] >= 0.9]
             cells.append(f"{_peak(sel)['goodput_rps']:.2f} (90%: {max(ok) if ok else '-'})")
         lines.append(f"| {' | '.join(key)} | {cap['capacity_rps']:.2f} | " + " | ".join(cells) + " |")
+    lines += _tp_split(spec)
     stuck = [r for r in rows if r["livelock"]]
     if stuck:
         runs = ", ".join(f"{r['profile']} {r['model']} {r['workload']} {r['policy']} @ {r['rate']:g}" for r in stuck)
@@ -254,6 +289,35 @@ def markdown(report: dict, spec: SweepSpec, command: str) -> str:
                 if (r["profile"], r["model"], r["workload"]) == (profile, cap["model"], cap["workload"]):
                     lines.append("| " + " | ".join("-" if r[c] is None else str(r[c]) for c in cols) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _kv_text(spec: SweepSpec) -> str:
+    if spec.kv_cache_gib is not None:
+        return f"{spec.kv_cache_gib:g} GiB"
+    return "90% of the device's memory (`device.memory_gib`) less its fp16 weights (capacity table)"
+
+
+def _tp_split(spec: SweepSpec) -> list[str]:
+    """Lines of a table: modelled decode and prefill step times split into compute and communication."""
+    labels = [m for m in spec.models if split_model(m)[1] > 1]
+    if not labels:
+        return []
+    decode = [StageShape(1, 1024, True)] * 64
+    prefill = [StageShape(spec.budget, 0, True)]
+    out = ["", "## Tensor parallelism: modelled step time (ms), compute + communication", "",
+           f"Decode: 64 sequences at 1024 tokens of history; prefill: one {spec.budget}-token chunk. Host overhead "
+           f"({spec.step_overhead * 1e3:g} ms) not included.", "",
+           "| profile | model | TP=1 decode | decode compute | decode comm | prefill compute | prefill comm |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for profile in spec.profiles:
+        dev = device_spec(profile, spec.flops_eff, spec.bw_eff, spec.step_overhead)
+        for label in labels:
+            name, tp = split_model(label)
+            one = step_time_parts(name, dev, decode, 1)["compute"]
+            d, p = step_time_parts(name, dev, decode, tp), step_time_parts(name, dev, prefill, tp)
+            cells = [one, d["compute"], d["comm"], p["compute"], p["comm"]]
+            out.append(f"| {profile} | {label} | " + " | ".join(f"{c * 1e3:.2f}" for c in cells) + " |")
+    return out
 
 
 def _rates_text(spec: SweepSpec) -> str:
@@ -301,6 +365,18 @@ def _floats(text: str) -> list[float]:
     return vals
 
 
+def _model_labels(text: str) -> list[str]:
+    """``all`` or a comma list of model names, each optionally ``@tpN``."""
+    if text == "all":
+        return list(MODELS)
+    labels = [x.strip() for x in text.split(",") if x.strip()]
+    try:
+        model_names(",".join(split_model(label)[0] for label in labels))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return labels
+
+
 def _names(text: str, known) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
     bad = [n for n in names if n not in known]
@@ -314,20 +390,21 @@ def _command(args: argparse.Namespace) -> str:
     argv = ["portable-xy", "bench", "simulate"]
     for p in args.profile or DEFAULT_PROFILES:
         argv += ["--profile", p]
-    argv += ["--models", args.models, "--policies", ",".join(args.policies)]
+    argv += ["--models", ",".join(args.models), "--policies", ",".join(args.policies)]
     argv += ["--trace", args.trace] if args.trace else ["--workloads", ",".join(args.workloads)]
     if args.rates:
         argv += ["--rates", ",".join(f"{r:g}" for r in args.rates)]
     for opt in ("num_requests", "seed", "ttft_target_s", "tbt_target_ms", "budget", "max_num_seqs", "kv_cache_gib",
                 "step_overhead_ms", "flops_eff", "bw_eff", "out"):  # fmt: skip
-        argv += ["--" + opt.replace("_", "-"), f"{getattr(args, opt):g}" if opt != "out" else args.out]
+        val = getattr(args, opt)
+        argv += ["--" + opt.replace("_", "-"), args.out if opt == "out" else "auto" if val is None else f"{val:g}"]
     return shlex.join(argv)
 
 
 def _run_cli(args: argparse.Namespace) -> int:
     spec = SweepSpec(
         profiles=list(args.profile or DEFAULT_PROFILES),
-        models=model_names(args.models),
+        models=args.models,
         workloads=[Path(args.trace).stem] if args.trace else args.workloads,
         policies=args.policies,
         num_requests=args.num_requests,
@@ -350,7 +427,8 @@ def _run_cli(args: argparse.Namespace) -> int:
 def add_simulate_command(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("simulate", help="roofline step simulator: goodput of scheduling policies (no device)")
     p.add_argument("--profile", action="append", help=f"vendor/arch, repeatable (default: {list(DEFAULT_PROFILES)})")
-    p.add_argument("--models", default="llama2-7b,qwen2-7b", help=f"'all' or a comma list of {list(MODELS)}")
+    p.add_argument("--models", type=_model_labels, default="llama2-7b,qwen2-7b",
+                   help=f"'all' or a comma list of {list(MODELS)}, each optionally @tpN (tensor parallelism)")  # fmt: skip
     p.add_argument("--workloads", type=lambda s: _names(s, LENGTH_MIXES), default=list(LENGTH_MIXES),
                    help=f"comma list of synthetic mixes {list(LENGTH_MIXES)}")  # fmt: skip
     p.add_argument("--policies", type=lambda s: _names(s, POLICIES), default=list(POLICIES), help="comma list")
@@ -362,7 +440,8 @@ def add_simulate_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tbt-target-ms", type=float, default=100.0)
     p.add_argument("--budget", type=int, default=2048, help="token budget per step (max_num_batched_tokens)")
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--kv-cache-gib", type=float, default=40.0, help="KV-cache memory per device")
+    p.add_argument("--kv-cache-gib", type=lambda v: None if v == "auto" else float(v), default=40.0,
+                   help="KV-cache memory per device, or 'auto': 90%% of the profile's memory_gib less the weights")  # fmt: skip
     p.add_argument("--step-overhead-ms", type=float, default=STEP_OVERHEAD_S * 1e3, help="host cost per step")
     p.add_argument("--flops-eff", type=float, default=FLOPS_EFF, help="achieved fraction of peak FLOP/s")
     p.add_argument("--bw-eff", type=float, default=BW_EFF, help="achieved fraction of peak bandwidth")

@@ -19,7 +19,7 @@ from ...engine.scheduler import Scheduler, SchedulerConfig
 from ...engine.sequence import Sequence
 from ...outputs import RequestMetrics
 from ...sampling_params import SamplingParams
-from .shapes import MODELS
+from .shapes import MODELS, rank_heads
 from .step_model import DTYPE_BYTES, LAYERS, DeviceSpec, StageShape, step_time
 from .trace import Request
 
@@ -34,11 +34,12 @@ class SimConfig:
     kv_cache_gib: float = 40.0  # KV-cache memory (the device memory left after weights)
     block_size: int = 16
     chunk_align: int = 1
+    tp: int = 1  # tensor-parallel devices (kv_cache_gib is per device; each holds its KV heads)
 
     @property
     def num_blocks(self) -> int:
         d = MODELS[self.model]
-        per_token = 2 * LAYERS[self.model] * d.kv_heads * d.head_dim * DTYPE_BYTES
+        per_token = 2 * LAYERS[self.model] * rank_heads(d, self.tp)[1] * d.head_dim * DTYPE_BYTES
         return int(self.kv_cache_gib * 2**30 // (per_token * self.block_size))
 
 
@@ -98,7 +99,7 @@ def simulate(reqs: list[Request], config: SimConfig, keep_steps: bool = False) -
             nxt += 1
         batch = sched.schedule()  # raises when requests are pending but none can be scheduled
         shapes = [StageShape(s.num_tokens, s.start, s.start + s.num_tokens == s.seq.num_tokens) for s in batch.stages]
-        dt = step_time(config.model, config.device, shapes)
+        dt = step_time(config.model, config.device, shapes, config.tp)
         if keep_steps:
             table = tuple((s.seq.seq_id, s.kind, s.start, s.num_tokens) for s in batch.stages)
             res.records.append(StepRecord(clock, dt, table))
