@@ -105,7 +105,10 @@ class ModelRunner:
         self.num_heads, self.num_kv_heads = shard.num_heads, shard.num_kv_heads
         self.block_size = config.block_size
         n = num_kv_blocks or self._num_kv_blocks()
-        self.num_kv_blocks = group.all_reduce_min(n) if group else n  # one block layout on every rank
+        self.num_kv_blocks = n
+        if group is not None:
+            self.num_kv_blocks = group.all_reduce_min(n)  # one block layout on every rank
+            group.warm_up(self.backend.device)
         c = model_config
         shape = (self.num_kv_blocks, self.block_size, self.num_kv_heads, c.head_dim)
         dev = self.backend.device
