@@ -169,7 +169,11 @@ class TPExecutor:
     def diagnose(self, cause: BaseException) -> TensorParallelError:
         """The error for a failed step: which worker died (exit code / signal) or raised (its
         traceback), or, with every worker alive, rank 0's own ``cause``. Stops the group."""
-        lines = self.worker_failures() or [f"rank 0 raised {type(cause).__name__}: {cause}"]
+        lines = self.worker_failures()
+        if not lines and not self.procs:  # launched by torchrun: the other ranks are not ours to watch
+            lines = [f"a collective failed ({type(cause).__name__}: {cause}); a peer rank may have died, see its log"]
+        elif not lines:
+            lines = [f"rank 0 raised {type(cause).__name__}: {cause}"]
         self.shutdown(wait_s=0.0)
         return TensorParallelError(
             "tensor-parallel group stopped: " + "; ".join(lines) + "; build a new engine to continue"
