@@ -146,15 +146,39 @@ def test_virtual_padding_never_touches_rows_past_m():
 
 
 # ---- rows never influence each other ------------------------------------------------------------
+def _numpy_dot_row_invariant(tiles: list[dict], dtype: torch.dtype) -> bool:
+    """Whether numpy's matmul (the interpreter's ``tl.dot``) gives a row the same bits whatever
+    the tile height: it depends on the host's BLAS kernel (OpenBLAS picks one per CPU)."""
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    bk = max(t["BLOCK_K"] for t in tiles)
+    bn = max(t["BLOCK_N"] for t in tiles)
+    heights = sorted({t["BLOCK_M"] for t in tiles} | {1})
+    a = g.standard_normal((heights[-1], bk)).astype(np.float32)
+    b = g.standard_normal((bk, bn)).astype(np.float32)
+    if dtype == torch.float16:  # the interpreter's fp16 dot multiplies the fp16 values in fp32
+        a, b = a.astype(np.float16).astype(np.float32), b.astype(np.float16).astype(np.float32)
+    full = a @ b
+    return all(np.array_equal(a[:m] @ b, full[:m]) for m in heights)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rows_bit_exact_across_batch_sizes(dtype):
     prof = _prof()
     N, K = 70, 96
     x, w, b = _inputs(300, N, K, dtype)
+    # garbage in other rows of the batch cannot leak into a row
+    full = sg.smooth_gemm(x, w, b, prof)
+    x2 = x.clone()
+    x2[1:] = torch.randn(299, K).to(dtype) * 1e4
+    assert torch.equal(sg.smooth_gemm(x2, w, b, prof)[0], full[0])
+    if not _numpy_dot_row_invariant(prof.gemm["tiles"], dtype):
+        pytest.skip("this host's numpy BLAS rounds a row differently by matrix height: under the "
+                    "interpreter, invariance across tile heights cannot be checked here")  # fmt: skip
     plans = {m: gp.plan_gemm(m, N, K, prof, x.element_size()) for m in MS}
     # the batch sizes really use different tiles / segmentations
     assert len({tuple(s.tile.name for s in p.segments) for p in plans.values()}) >= 2
-    full = sg.smooth_gemm(x, w, b, prof)
     tiles = prof.gemm["tiles"]
     two_seg = sg.smooth_gemm(x, w, b, prof, plan=gp.plan_from_tiles(300, N, K, [tiles[2], tiles[0]], prof))
     assert torch.equal(full, two_seg)
@@ -162,10 +186,6 @@ def test_rows_bit_exact_across_batch_sizes(dtype):
         assert torch.equal(sg.smooth_gemm(x[:m], w, b, prof), full[:m]), m
     for i in (0, 5, 150, 299):
         assert torch.equal(sg.smooth_gemm(x[i : i + 1], w, b, prof)[0], full[i]), i
-    # garbage in other rows of the batch cannot leak into a row
-    x2 = x.clone()
-    x2[1:] = torch.randn(299, K).to(dtype) * 1e4
-    assert torch.equal(sg.smooth_gemm(x2, w, b, prof)[0], full[0])
 
 
 # ---- planner properties (pure Python, fast) -----------------------------------------------------
