@@ -74,6 +74,9 @@ def test_simulate_tp_labels_and_auto_kv_cache():
     from portable_xy.tools.bench.sim_report import SweepSpec, kv_cache_gib, split_model
 
     assert split_model("qwen2.5-72b@tp8") == ("qwen2.5-72b", 8) and split_model("llama2-7b") == ("llama2-7b", 1)
+    for bad in ("llama2-7b@tp3", "llama2-7b@tp", "qwen2-7b@tp8"):  # 32 heads / 3; no degree; 28 heads / 8
+        with pytest.raises(ValueError):
+            split_model(bad)
     spec = SweepSpec(["cuda/sm90"], ["llama2-70b@tp4"], ["chat"], ["tokenwise"], kv_cache_gib=None)
     h100 = device_spec("cuda/sm90")
     assert kv_cache_gib(spec, h100, "llama2-70b", 8) > kv_cache_gib(spec, h100, "llama2-70b", 4) > 30

@@ -54,9 +54,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def rank_threads(size: int) -> int:
-    """CPU threads each of ``size`` ranks sharing this machine gets."""
-    return max(1, len(os.sched_getaffinity(0)) // size)
+def rank_threads(ranks_here: int) -> int:
+    """CPU threads each of ``ranks_here`` ranks sharing this machine gets: an equal share of this
+    process's threads (``torch.get_num_threads``, i.e. ``OMP_NUM_THREADS`` or the cores it may use)."""
+    return max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0))) // ranks_here)
 
 
 def setup_rank(config: EngineConfig, local_rank: int) -> None:
@@ -68,7 +69,8 @@ def setup_rank(config: EngineConfig, local_rank: int) -> None:
     elif config.backend in ("cpu", "interpret"):
         from ..backends import cpu_native
 
-        cpu_native.set_num_threads(rank_threads(config.tensor_parallel_size))
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", config.tensor_parallel_size))  # torchrun: ranks on this node
+        cpu_native.set_num_threads(rank_threads(here))
 
 
 def _watch_parent(parent: int) -> None:
@@ -81,6 +83,7 @@ def _watch_parent(parent: int) -> None:
 def _worker_main(config: EngineConfig, rank: int, size: int, port: int, errors) -> None:
     """Entry point of a spawned worker: rendezvous, build the runner, serve steps."""
     code = 0
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it stops the workers
     try:
         threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
         setup_rank(config, rank)
@@ -139,7 +142,11 @@ class TPExecutor:
                 raise SystemExit(0)
         else:
             self._spawn(config, backend)
-        self.group = TPGroup.create(0, self.size, self.diagnose)
+        try:
+            self.group = TPGroup.create(0, self.size, self.diagnose)
+        except BaseException:
+            self.shutdown(wait_s=0.0)
+            raise
 
     def _spawn(self, config: EngineConfig, backend: str) -> None:
         port = _free_port()
@@ -158,8 +165,11 @@ class TPExecutor:
             for rank, p in enumerate(self.procs, 1):
                 while not store.check([READY_KEY.format(rank)]):
                     if not p.is_alive() or time.monotonic() > deadline:
-                        cause = RuntimeError("did not reach the rendezvous")
-                        raise self.diagnose(cause) from None
+                        err = self.diagnose(RuntimeError("did not reach the rendezvous"))
+                        raise TensorParallelError(
+                            f"{err} (workers re-import the main script: one that starts an LLM must do so "
+                            f"under `if __name__ == '__main__':`)"
+                        ) from None
                     time.sleep(0.02)
             dist.init_process_group(backend, store=store, rank=0, world_size=self.size, timeout=DEVICE_TIMEOUT)
         except BaseException:

@@ -87,6 +87,10 @@ class TPGroup:
         """``x [N, C]`` of every rank concatenated along dim 1 on rank 0 (``[N, size * C]``);
         ``None`` on the other ranks."""
         x = x.contiguous()
+        if dist.get_backend() == "hccl":  # not every torch_npu has HCCL gather: all-gather instead
+            parts = x.new_empty((self.size * x.shape[0], x.shape[1]))
+            _all_gather_single(parts, x)
+            return torch.cat(parts.chunk(self.size), dim=1) if self.rank == 0 else None
         parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
         dist.gather(x, parts, dst=0)
         return torch.cat(parts, dim=1) if parts is not None else None
@@ -102,14 +106,19 @@ class TPGroup:
         return int(t)
 
     # ---- control messages --------------------------------------------------------------------
-    def broadcast_object(self, obj: Any = None) -> Any:
-        """Rank 0 sends ``obj``; every rank returns it. One broadcast of a fixed
-        :data:`MESSAGE_BYTES` buffer (8-byte length, then the pickle) for a typical step; a larger
-        pickle sends its remainder in a second one."""
+    @staticmethod
+    def encode(obj: Any) -> bytes:
+        """The pickle :meth:`broadcast_object` sends (raises here, before anything is sent, for an
+        object that does not pickle)."""
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def broadcast_object(self, data: bytes | None = None) -> Any:
+        """Rank 0 sends ``data`` (from :meth:`encode`); every rank returns the object. One
+        broadcast of a fixed :data:`MESSAGE_BYTES` buffer (8-byte length, then the pickle) for a
+        typical step; a larger pickle sends its remainder in a second one."""
         t0 = time.perf_counter()
         buf, head = self._message, MESSAGE_BYTES - 8
         if self.rank == 0:
-            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
             n = len(data)
             buf[:8] = torch.tensor([n], dtype=torch.int64).view(torch.uint8)
             buf[8 : 8 + min(n, head)] = torch.frombuffer(bytearray(data[:head]), dtype=torch.uint8)
@@ -123,9 +132,9 @@ class TPGroup:
         if self.rank == 0:
             self.num_broadcasts += 1
             self.broadcast_s += time.perf_counter() - t0
-            return obj
-        data = buf[8 : 8 + min(n, head)].numpy().tobytes()
-        return pickle.loads(data + rest.numpy().tobytes() if n > head else data)
+            return None
+        body = buf[8 : 8 + min(n, head)].numpy().tobytes()
+        return pickle.loads(body + rest.numpy().tobytes() if n > head else body)
 
     def gather_object(self, obj: Any) -> list[Any] | None:
         """Every rank's ``obj`` on rank 0 (in rank order), ``None`` elsewhere."""

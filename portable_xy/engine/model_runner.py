@@ -232,8 +232,9 @@ class ModelRunner:
             out = fn(*args)
             return [out] if gather else out
         self.group.check()
+        message = self.group.encode((method, args, gather))  # an unpicklable call fails here, harmlessly
         try:
-            self.group.broadcast_object((method, args, gather))
+            self.group.broadcast_object(message)
             out = fn(*args)
             return self.group.gather_object(out) if gather else out
         except BaseException as e:
@@ -262,6 +263,6 @@ class ModelRunner:
         """Tell the workers to leave (rank 0 of a working group; otherwise nothing to do)."""
         if self.group is not None and self.group.rank == 0 and self.group.broken is None:
             try:
-                self.group.broadcast_object((None, (), False))
+                self.group.broadcast_object(self.group.encode((None, (), False)))
             except RuntimeError as e:
                 self.group.fail(e)

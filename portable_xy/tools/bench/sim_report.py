@@ -101,10 +101,14 @@ def _kv_layout(profile: str) -> tuple[int, int]:
 
 def split_model(label: str) -> tuple[str, int]:
     """``qwen2.5-72b@tp8`` -> (``qwen2.5-72b``, 8); a bare name is TP = 1."""
-    name, _, tp = label.partition("@tp")
-    if tp and not tp.isdigit() or tp == "0":
+    name, at, tp = label.partition("@tp")
+    if at and (not tp.isdigit() or int(tp) < 1):
         raise ValueError(f"bad model label {label!r}: expected NAME or NAME@tpN")
-    return name, int(tp or 1)
+    n, d = int(tp or 1), MODELS.get(name)
+    if d is not None and n > 1 and (d.heads % n or (d.kv_heads % n if d.kv_heads >= n else n % d.kv_heads)):
+        raise ValueError(f"{label}: TP={n} splits neither {d.heads} query heads nor {d.kv_heads} KV heads evenly "
+                         "(the engine refuses it too)")  # fmt: skip
+    return name, n
 
 
 def kv_cache_gib(spec: SweepSpec, dev: DeviceSpec, model: str, tp: int) -> float:
