@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -178,6 +179,9 @@ def test_killed_worker_raises_in_parent_and_a_new_engine_works(tiny_llama):
 
 def test_worker_exception_names_rank_and_traceback(tiny_llama):
     llm = LLM(tiny_llama, tensor_parallel_size=2, **ENGINE)
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        llm.collective_rpc(lambda runner: 0)  # does not pickle: refused before anything is sent
+    assert len(set(llm.collective_rpc(_pid))) == 2  # the group still works
     t0 = time.monotonic()
     with pytest.raises(TensorParallelError, match="rank 1") as info:
         llm.collective_rpc(_raise_on_workers)
