@@ -48,7 +48,8 @@ def external_launch() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -149,7 +150,7 @@ class TPExecutor:
             raise
 
     def _spawn(self, config: EngineConfig, backend: str) -> None:
-        port = _free_port()
+        port = free_port()
         store = dist.TCPStore("127.0.0.1", port, self.size, is_master=True, wait_for_workers=False,
                               timeout=DEVICE_TIMEOUT)  # fmt: skip
         ctx = mp.get_context("spawn")
@@ -173,7 +174,7 @@ class TPExecutor:
                     time.sleep(0.02)
             dist.init_process_group(backend, store=store, rank=0, world_size=self.size, timeout=DEVICE_TIMEOUT)
         except BaseException:
-            self.shutdown()
+            self.shutdown(wait_s=0.0)
             raise
 
     def diagnose(self, cause: BaseException) -> TensorParallelError:

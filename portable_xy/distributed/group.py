@@ -43,7 +43,7 @@ class TPGroup:
         self.cpu_group = cpu_group
         self.on_failure = on_failure
         self.broken: BaseException | None = None
-        self.gloo = dist.get_backend() == "gloo"  # the activations' backend
+        self.backend = dist.get_backend()  # the activations' backend: gloo, nccl or hccl
         self._message = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8)
         # counters for benchmarks (eager steps; graph replays do not pass through Python)
         self.all_reduce_bytes = 0
@@ -74,7 +74,7 @@ class TPGroup:
         rank."""
         self.all_reduce_bytes += x.numel() * x.element_size()
         t0 = time.perf_counter()
-        if not self.gloo:
+        if self.backend != "gloo":
             dist.all_reduce(x)
         else:
             parts = x.new_empty((self.size * x.shape[0], *x.shape[1:]))
@@ -87,7 +87,7 @@ class TPGroup:
         """``x [N, C]`` of every rank concatenated along dim 1 on rank 0 (``[N, size * C]``);
         ``None`` on the other ranks."""
         x = x.contiguous()
-        if dist.get_backend() == "hccl":  # not every torch_npu has HCCL gather: all-gather instead
+        if self.backend == "hccl":  # not every torch_npu has HCCL gather: all-gather instead
             parts = x.new_empty((self.size * x.shape[0], x.shape[1]))
             _all_gather_single(parts, x)
             return torch.cat(parts.chunk(self.size), dim=1) if self.rank == 0 else None

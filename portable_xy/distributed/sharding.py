@@ -16,21 +16,24 @@ from ..models.config import ModelConfig
 
 def check_tensor_parallel(config: ModelConfig, size: int) -> None:
     """Raise ``ValueError`` naming both numbers when ``config`` cannot be split over ``size`` ranks."""
+    check_split(config.num_heads, config.num_kv_heads, config.intermediate_size, size)
+
+
+def check_split(num_heads: int, num_kv_heads: int, intermediate_size: int, size: int) -> None:
+    """:func:`check_tensor_parallel` on the bare dimensions."""
     if size == 1:
         return
-    if config.num_heads % size:
-        raise ValueError(
-            f"tensor_parallel_size={size} does not divide the model's num_attention_heads={config.num_heads}"
-        )
-    kv = config.num_kv_heads
+    if num_heads % size:
+        raise ValueError(f"tensor_parallel_size={size} does not divide the model's num_attention_heads={num_heads}")
+    kv = num_kv_heads
     if (kv >= size and kv % size) or (kv < size and size % kv):
         raise ValueError(
             f"tensor_parallel_size={size} and num_key_value_heads={kv}: one must divide the other "
             f"(KV heads are split over ranks, or replicated when there are fewer than ranks)"
         )
-    if config.intermediate_size % size:
+    if intermediate_size % size:
         raise ValueError(
-            f"tensor_parallel_size={size} does not divide the model's intermediate_size={config.intermediate_size}"
+            f"tensor_parallel_size={size} does not divide the model's intermediate_size={intermediate_size}"
         )
 
 

@@ -33,10 +33,14 @@ if TYPE_CHECKING:
 DEFAULT_KV_CACHE_BYTES = 2**30  # on CPU, when neither num_kv_blocks nor kv_cache_memory_gb is set
 
 
-def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of K and V for ``block_size`` tokens over all layers."""
+def kv_bytes_per_block(
+    config: ModelConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None
+) -> int:
+    """Bytes of K and V for ``block_size`` tokens over all layers, for ``num_kv_heads`` KV heads
+    (default: all of the model's; a tensor-parallel rank holds fewer)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
+    heads = config.num_kv_heads if num_kv_heads is None else num_kv_heads
+    return 2 * config.num_layers * block_size * heads * config.head_dim * elem
 
 
 @dataclass
@@ -126,8 +130,7 @@ class ModelRunner:
         ``gpu_memory_utilization`` of its memory minus what is in use, else 1 GiB; at least one
         ``max_model_len`` sequence must fit. Per rank: a shard's blocks hold its KV heads only."""
         cfg = self.config
-        per_block = kv_bytes_per_block(self.model.config, cfg.block_size, cfg.dtype) // self.model.config.num_kv_heads
-        per_block *= self.num_kv_heads
+        per_block = kv_bytes_per_block(self.model.config, cfg.block_size, cfg.dtype, self.num_kv_heads)
         mem = self.backend.mem_get_info()
         if cfg.num_kv_blocks is not None:
             n = cfg.num_kv_blocks
@@ -227,7 +230,7 @@ class ModelRunner:
         tensor parallelism, on every worker's at the same time; with ``gather`` the list of every
         rank's result, else rank 0's. A failure after the message went out stops the group
         (:class:`~portable_xy.distributed.TensorParallelError`)."""
-        fn = getattr(self, method) if isinstance(method, str) else functools.partial(method, self)
+        fn = self._method(method)
         if self.group is None:
             out = fn(*args)
             return [out] if gather else out
@@ -243,6 +246,10 @@ class ModelRunner:
                 raise
             raise err from e
 
+    def _method(self, method: str | Callable) -> Callable:
+        """This runner's method ``method``, or the function ``method`` bound to this runner."""
+        return getattr(self, method) if isinstance(method, str) else functools.partial(method, self)
+
     def collective_rpc(self, method: str | Callable, args: tuple = ()) -> list[Any]:
         """``method(*args)`` on every rank's runner (a name, or a picklable function taking the
         runner first); the results in rank order."""
@@ -254,8 +261,7 @@ class ModelRunner:
             method, args, gather = self.group.broadcast_object()
             if method is None:
                 return
-            fn = getattr(self, method) if isinstance(method, str) else functools.partial(method, self)
-            out = fn(*args)
+            out = self._method(method)(*args)
             if gather:
                 self.group.gather_object(out)
 

@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ...distributed.executor import free_port
 
 SCHEMA = "portable_xy.bench.serve"
 TOPICS = ["the printing press", "transistors", "the sky's colour", "chess", "photosynthesis", "the water cycle",
@@ -59,13 +60,6 @@ class Result:
     output_tokens: int = 0
     prompt_tokens: int = 0
     error: str | None = None
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(

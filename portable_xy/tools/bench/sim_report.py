@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...distributed.sharding import check_split
 from ...engine.scheduler import POLICIES
 from .shapes import LENGTH_MIXES, MODELS, model_names
 from .sim_metrics import Slo, completion_rate, summarize, tbt_gaps
@@ -105,9 +106,11 @@ def split_model(label: str) -> tuple[str, int]:
     if at and (not tp.isdigit() or int(tp) < 1):
         raise ValueError(f"bad model label {label!r}: expected NAME or NAME@tpN")
     n, d = int(tp or 1), MODELS.get(name)
-    if d is not None and n > 1 and (d.heads % n or (d.kv_heads % n if d.kv_heads >= n else n % d.kv_heads)):
-        raise ValueError(f"{label}: TP={n} splits neither {d.heads} query heads nor {d.kv_heads} KV heads evenly "
-                         "(the engine refuses it too)")  # fmt: skip
+    if d is not None:
+        try:
+            check_split(d.heads, d.kv_heads, d.intermediate, n)  # the engine's own rule
+        except ValueError as e:
+            raise ValueError(f"{label}: {e}") from None
     return name, n
 
 
