@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .profile import Profile
+from .quant import QuantWeight
 
 
 @dataclass
@@ -83,6 +84,16 @@ class Backend:
         """Convert a ``[N, K]`` GEMM weight once, at load time, into the form :meth:`linear` takes
         (e.g. a pre-packed layout). Default: unchanged."""
         return weight
+
+    def quantized_dtypes(self) -> tuple[torch.dtype, ...]:
+        """Activation dtypes for which :meth:`linear` takes weights kept quantized
+        (:meth:`prepare_quant_weight`); none by default, so quantized checkpoints are dequantized."""
+        return ()
+
+    def prepare_quant_weight(self, weight: QuantWeight, int8_activations: bool) -> object:
+        """A :class:`~.quant.QuantWeight` in the form :meth:`linear` takes; ``int8_activations``:
+        the GEMM may quantize its activations to int8 (per 32 values), else it keeps them."""
+        raise NotImplementedError(f"backend {self.name!r} does not run quantized weights")
 
     # ---- ops ---------------------------------------------------------------------------------
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

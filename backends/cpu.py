@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from . import cpu_native
 from .base import AttnMetadata, Backend
+from .quant import QuantWeight
 from .reference import gather_kv, sample_ref, silu_and_mul_ref, stage_mask, store_kv_ref, tree_mask
 
 
@@ -147,6 +148,14 @@ class _Bf16Weight:
     plain: torch.Tensor
 
 
+@dataclass(frozen=True)
+class _QuantCpuWeight:
+    """A quantized GEMM weight (:class:`QuantWeight`) for the C kernels, with the activation mode."""
+
+    weight: QuantWeight
+    int8: bool
+
+
 KV_COPY_BUDGET = 32 << 20  # bytes of K+V copies kept per layer; larger decode batches gather each step
 KV_COPY_MIN = 256 << 10  # below this many bytes of K per layer, gathering costs less than appending
 KV_COPY_SLACK = 64  # tokens of headroom per sequence, so a copy is re-gathered every ~64 steps
@@ -191,6 +200,28 @@ class CpuBackend(Backend):
             return packed if self._native is None else _Bf16Weight(packed, weight.contiguous())
         return weight
 
+    def quantized_dtypes(self) -> tuple[torch.dtype, ...]:
+        return () if self._native is None else (torch.bfloat16,)
+
+    def prepare_quant_weight(self, weight: QuantWeight, int8_activations: bool) -> _QuantCpuWeight:
+        if self._native is None:
+            raise NotImplementedError("cpu backend: quantized weights need the C kernels (cpu_native)")
+        return _QuantCpuWeight(weight, int8_activations)
+
+    def _linear_quant(self, x: torch.Tensor, weight: _QuantCpuWeight, bias: torch.Tensor | None) -> torch.Tensor:
+        w = weight.weight
+        if x.dtype != torch.bfloat16:
+            raise TypeError(f"cpu backend: a quantized weight needs bf16 activations, got {x.dtype}")
+        if x.shape[-1] != w.k:
+            raise ValueError(f"cpu backend: activations {tuple(x.shape)} do not fit a [{w.n}, {w.k}] weight")
+        if bias is not None and (bias.dtype != torch.bfloat16 or bias.shape != (w.n,)):
+            raise ValueError(f"cpu backend: bias {bias.dtype} {tuple(bias.shape)} for a [{w.n}, {w.k}] weight")
+        rows = x.reshape(-1, w.k).contiguous()
+        if rows.shape[0] == 0:
+            return x.new_empty(*x.shape[:-1], w.n)
+        out = cpu_native.qgemm(self._native, rows, w, None if bias is None else bias.contiguous(), weight.int8)
+        return out.view(*x.shape[:-1], w.n)
+
     def _linear_amx(self, x: torch.Tensor, weight: _AmxWeight, bias: torch.Tensor | None) -> torch.Tensor:
         if x.dtype != torch.bfloat16:
             raise TypeError(f"cpu backend: a bf16 weight needs bf16 activations, got {x.dtype}")
@@ -207,6 +238,8 @@ class CpuBackend(Backend):
         return cpu_native.gemm_amx(self._native, rows, weight.tiles, weight.n, bias).view(*x.shape[:-1], weight.n)
 
     def linear(self, x, weight, bias=None):
+        if isinstance(weight, _QuantCpuWeight):
+            return self._linear_quant(x, weight, bias)
         if isinstance(weight, _AmxWeight):
             return self._linear_amx(x, weight, bias)
         if isinstance(weight, _Bf16Weight):

@@ -514,3 +514,301 @@ int px_gemm_amx_bf16(const uint16_t *x, const uint16_t *wp, const uint16_t *bias
 #else
 int px_amx_available(void) { return 0; }
 #endif
+
+/* ---- weight-only quantized GEMMs (backends/quant.py) -----------------------------------------------
+ * Weights: unsigned quants q (4 bits packed two per byte in GGUF's order, or 8 bits) with fp16
+ * scale d and min m per 32 values: w = d q + m. Two ways to multiply them by bf16 activations x:
+ *
+ *   int8 activations (px_qgemm_q8): each row of x is quantized once per call, as llama.cpp's Q8_1:
+ *     per 32 values a = round(x / e) with e = max|x| / 127, and s = e * sum(a). Then
+ *     x . w ~= sum_b (d_b e_b) (q_b . a_b) + m_b s_b, the integer dots q_b . a_b exact in int32
+ *     (AVX512-VNNI vpdpbusd, AVX2 vpmaddubsw / vpmaddwd, or plain C).
+ *   bf16 activations (px_qgemm_f32): x . w = sum_b d_b (q_b . x_b) + m_b sum(x_b) in fp32, the
+ *     weight dequantized in registers: no activation rounding.
+ *
+ * Threads split the weight rows, so each thread streams its rows of the weight once; every row of
+ * x is applied to a weight row while it sits in L1 (the multi-row kernel), in chunks of QROWS
+ * rows. A row's result is computed in the same order whatever M is. */
+#define QROWS 4
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+    if (exp == 0x1f) u = sign | 0x7f800000u | (man << 13);
+    else if (exp) u = sign | ((exp + 112u) << 23) | (man << 13);
+    else if (!man) u = sign;
+    else { /* subnormal: renormalise */
+        exp = 113;
+        while (!(man & 0x400u)) { man <<= 1; exp--; }
+        u = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define QKERNEL "avx512-vnni"
+#define Q_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define QKERNEL "avx2"
+#define Q_AVX2 1
+#include <immintrin.h>
+#else
+#define QKERNEL "plain-c"
+#endif
+
+const char *px_quant_kernel(void) { return QKERNEL; }
+
+/* x bf16 [m, k] (k % 32 == 0) -> a int8 [m, k], e and s fp32 [m, k / 32] */
+static void quantize_q8(const uint16_t *x, int64_t m, int64_t k, int8_t *a, float *e, float *s) {
+    int64_t nb = k / 32;
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t b = 0; b < nb; b++) {
+            const uint16_t *xb = x + i * k + b * 32;
+            int8_t *ab = a + i * k + b * 32;
+            float v[32], amax = 0.0f;
+            for (int j = 0; j < 32; j++) {
+                v[j] = bf16_to_f32(xb[j]);
+                float t = fabsf(v[j]);
+                amax = t > amax ? t : amax;
+            }
+            float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+            int sum = 0;
+            for (int j = 0; j < 32; j++) {
+                int q = (int)nearbyintf(v[j] * id);
+                q = q > 127 ? 127 : (q < -127 ? -127 : q);
+                ab[j] = (int8_t)q;
+                sum += q;
+            }
+            e[i * nb + b] = d;
+            s[i * nb + b] = d * (float)sum;
+        }
+}
+
+/* y[i, n] for rows i0 .. i0 + nr - 1 of x and one weight row (quants qr, scales dr, mins mr) */
+#if defined(Q_AVX512)
+/* lane l of a two-block vector takes the scale of block 2p + l / 8 */
+static const int32_t pair_index[8][16] = {
+#define PX_PAIR(p) {2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, \
+                    2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1}
+    PX_PAIR(0), PX_PAIR(1), PX_PAIR(2), PX_PAIR(3), PX_PAIR(4), PX_PAIR(5), PX_PAIR(6), PX_PAIR(7),
+#undef PX_PAIR
+};
+
+/* nr is a constant at each call site, so the per-row accumulators stay in registers */
+static inline __attribute__((always_inline)) void qdot_avx512(const int8_t *a, const float *e, const float *s,
+                                                              int64_t i0, const int nr, const uint8_t *qr,
+                                                              const uint16_t *dr, const uint16_t *mr, int bits,
+                                                              int64_t k, float *out) {
+    int64_t nb = k / 32, bb = bits * 4;
+    __m512 acc[QROWS], macc[QROWS];
+    for (int r = 0; r < nr; r++) acc[r] = macc[r] = _mm512_setzero_ps();
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    for (int64_t c = 0; c < nb; c += 16) { /* 16 blocks: one vector of scales */
+        int64_t nc = nb - c < 16 ? nb - c : 16;
+        __mmask16 bm = (__mmask16)((1u << nc) - 1u);
+        __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(bm, dr + c));
+        __m512 mw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(bm, mr + c));
+        __m512 dd[QROWS];
+        for (int r = 0; r < nr; r++) {
+            const float *er = e + (i0 + r) * nb + c, *sr = s + (i0 + r) * nb + c;
+            dd[r] = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(bm, er));
+            macc[r] = _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(bm, sr), macc[r]);
+        }
+        for (int64_t p = 0; 2 * p < nc; p++) { /* two blocks per 64-byte vector */
+            int two = 2 * p + 1 < nc;
+            const uint8_t *qp = qr + (c + 2 * p) * bb;
+            __m512i w;
+            if (bits == 4) {
+                __m256i raw = two ? _mm256_loadu_si256((const __m256i *)qp) : _mm256_maskz_loadu_epi8(0xffffu, qp);
+                __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
+                z = _mm512_and_si512(z, low4); /* [b0 lo, b1 lo, b0 hi, b1 hi] */
+                w = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));
+            } else {
+                w = two ? _mm512_loadu_si512(qp) : _mm512_maskz_loadu_epi8(0xffffffffull, qp);
+            }
+            __m512i idx = _mm512_loadu_si512(pair_index[p]);
+            for (int r = 0; r < nr; r++) {
+                const int8_t *ap = a + (i0 + r) * k + (c + 2 * p) * 32;
+                __m512i av = two ? _mm512_loadu_si512(ap) : _mm512_maskz_loadu_epi8(0xffffffffull, ap);
+                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, av);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, dd[r]), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < nr; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], macc[r]));
+}
+#endif
+
+static void qdot_rows(const int8_t *a, const float *e, const float *s, int64_t i0, int nr, const uint8_t *qr,
+                      const uint16_t *dr, const uint16_t *mr, int bits, int64_t k, float *out) {
+#if defined(Q_AVX512)
+    switch (nr) {
+    case 1: qdot_avx512(a, e, s, i0, 1, qr, dr, mr, bits, k, out); break;
+    case 2: qdot_avx512(a, e, s, i0, 2, qr, dr, mr, bits, k, out); break;
+    case 3: qdot_avx512(a, e, s, i0, 3, qr, dr, mr, bits, k, out); break;
+    default: qdot_avx512(a, e, s, i0, 4, qr, dr, mr, bits, k, out); break;
+    }
+#elif defined(Q_AVX2)
+    int64_t nb = k / 32, bb = bits * 4;
+    __m256 acc[QROWS];
+    float msum[QROWS];
+    for (int r = 0; r < QROWS; r++) {
+        acc[r] = _mm256_setzero_ps();
+        msum[r] = 0.0f;
+    }
+    const __m128i low4 = _mm_set1_epi8(0x0f);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < nb; b++) {
+        float dw = _cvtsh_ss(dr[b]), mw = _cvtsh_ss(mr[b]);
+        const uint8_t *qp = qr + b * bb;
+        __m256i wlo, whi; /* 4 bits: one 32-byte vector (wlo); 8 bits: widened to int16 halves */
+        if (bits == 4) {
+            __m128i raw = _mm_loadu_si128((const __m128i *)qp);
+            wlo = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low4), _mm_and_si128(raw, low4));
+            whi = wlo;
+        } else {
+            wlo = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)qp));
+            whi = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qp + 16)));
+        }
+        for (int r = 0; r < nr; r++) {
+            const int8_t *ap = a + (i0 + r) * k + b * 32;
+            __m256i dot;
+            if (bits == 4) {
+                dot = _mm256_madd_epi16(_mm256_maddubs_epi16(wlo, _mm256_loadu_si256((const __m256i *)ap)), ones);
+            } else {
+                __m256i a0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)ap));
+                __m256i a1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(ap + 16)));
+                dot = _mm256_add_epi32(_mm256_madd_epi16(wlo, a0), _mm256_madd_epi16(whi, a1));
+            }
+            float sc = dw * e[(i0 + r) * nb + b];
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(sc), acc[r]);
+            msum[r] += mw * s[(i0 + r) * nb + b];
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        out[r] = _mm_cvtss_f32(h) + msum[r];
+    }
+#else
+    int64_t nb = k / 32, bb = bits * 4;
+    for (int r = 0; r < nr; r++) {
+        const int8_t *ar = a + (i0 + r) * k;
+        float sum = 0.0f, msum = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *qp = qr + b * bb;
+            const int8_t *ap = ar + b * 32;
+            int32_t dot = 0;
+            if (bits == 4)
+                for (int j = 0; j < 16; j++) dot += (qp[j] & 0x0f) * ap[j] + (qp[j] >> 4) * ap[j + 16];
+            else
+                for (int j = 0; j < 32; j++) dot += qp[j] * ap[j];
+            sum += f16_to_f32(dr[b]) * e[(i0 + r) * nb + b] * (float)dot;
+            msum += f16_to_f32(mr[b]) * s[(i0 + r) * nb + b];
+        }
+        out[r] = sum + msum;
+    }
+#endif
+}
+
+/* Same, bf16 activations kept: xf fp32 [m, k], xs fp32 [m, k / 32] (block sums of xf) */
+static void fdot_rows(const float *xf, const float *xs, int64_t i0, int nr, const uint8_t *qr, const uint16_t *dr,
+                      const uint16_t *mr, int bits, int64_t k, float *out) {
+    int64_t nb = k / 32, bb = bits * 4;
+#if defined(Q_AVX512)
+    __m512 acc[QROWS];
+    float msum[QROWS];
+    for (int r = 0; r < QROWS; r++) {
+        acc[r] = _mm512_setzero_ps();
+        msum[r] = 0.0f;
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *qp = qr + b * bb;
+        __m512 w0, w1; /* elements 0-15 and 16-31 of the block */
+        if (bits == 4) {
+            __m128i raw = _mm_loadu_si128((const __m128i *)qp);
+            __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0f));
+            __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0f));
+            w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
+            w1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
+        } else {
+            w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)qp)));
+            w1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qp + 16))));
+        }
+        __m512 dw = _mm512_set1_ps(f16_to_f32(dr[b]));
+        float mw = f16_to_f32(mr[b]);
+        for (int r = 0; r < nr; r++) {
+            const float *xp = xf + (i0 + r) * k + b * 32;
+            __m512 t = _mm512_mul_ps(w0, _mm512_loadu_ps(xp));
+            t = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp + 16), t);
+            acc[r] = _mm512_fmadd_ps(t, dw, acc[r]);
+            msum[r] += mw * xs[(i0 + r) * nb + b];
+        }
+    }
+    for (int r = 0; r < nr; r++) out[r] = _mm512_reduce_add_ps(acc[r]) + msum[r];
+#else
+    for (int r = 0; r < nr; r++) {
+        const float *xr = xf + (i0 + r) * k;
+        float sum = 0.0f, msum = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *qp = qr + b * bb;
+            const float *xp = xr + b * 32;
+            float t[16] = {0};
+            if (bits == 4)
+                for (int j = 0; j < 16; j++) t[j] = (float)(qp[j] & 0x0f) * xp[j] + (float)(qp[j] >> 4) * xp[j + 16];
+            else
+                for (int j = 0; j < 16; j++) t[j] = (float)qp[j] * xp[j] + (float)qp[j + 16] * xp[j + 16];
+            float tb = 0.0f;
+            for (int j = 0; j < 16; j++) tb += t[j];
+            sum += f16_to_f32(dr[b]) * tb;
+            msum += f16_to_f32(mr[b]) * xs[(i0 + r) * nb + b];
+        }
+        out[r] = sum + msum;
+    }
+#endif
+}
+
+/* y[i, n] = bf16(x[i] . w[n] (+ bias[n])) for bf16 x [m, k] and a quantized [n, k] weight (qs, d, m
+ * of `bits` bits, k % 32 == 0). int8 != 0: int8 activations, else bf16 activations kept.
+ * Returns -1 when the activation buffers cannot be allocated. */
+int px_qgemm_bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const uint16_t *mins, const uint16_t *bias,
+                  uint16_t *y, int64_t m, int64_t n, int64_t k, int64_t bits, int64_t int8) {
+    int64_t nb = k / 32, row_bytes = k * bits / 8;
+    void *abuf = malloc((size_t)(m * k) * (int8 ? 1 : 4));
+    float *eb = malloc((size_t)(m * nb) * sizeof(float) * 2);
+    if (!abuf || !eb) {
+        free(abuf);
+        free(eb);
+        return -1;
+    }
+    float *sb = eb + m * nb;
+    if (int8) quantize_q8(x, m, k, abuf, eb, sb);
+    else {
+        float *xf = abuf;
+        for (int64_t i = 0; i < m * nb; i++) {
+            float t = 0.0f;
+            for (int j = 0; j < 32; j++) {
+                xf[i * 32 + j] = bf16_to_f32(x[i * 32 + j]);
+                t += xf[i * 32 + j];
+            }
+            eb[i] = t;
+        }
+    }
+#pragma omp parallel for schedule(static) num_threads(px_nthreads())
+    for (int64_t j = 0; j < n; j++) {
+        const uint8_t *qr = qs + j * row_bytes;
+        float b = bias ? bf16_to_f32(bias[j]) : 0.0f;
+        for (int64_t i0 = 0; i0 < m; i0 += QROWS) {
+            int nr = m - i0 < QROWS ? (int)(m - i0) : QROWS;
+            float out[QROWS];
+            if (int8) qdot_rows(abuf, eb, sb, i0, nr, qr, d + j * nb, mins + j * nb, (int)bits, k, out);
+            else fdot_rows(abuf, eb, i0, nr, qr, d + j * nb, mins + j * nb, (int)bits, k, out);
+            for (int r = 0; r < nr; r++) y[(i0 + r) * n + j] = f32_to_bf16(out[r] + b);
+        }
+    }
+    free(abuf);
+    free(eb);
+    return 0;
+}

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import envs
+from .quant import QuantWeight
 
 SOURCE = Path(__file__).with_name("cpu_native.c")
 FLAGS = ["-O3", "-ffp-contract=off", "-std=c11", "-shared", "-fPIC"]
@@ -35,6 +36,7 @@ _SIGNATURES = {
     "px_store_kv_bf16": [_P, _I, _P, _I, _P, _P, _P, _I, _I, _I],
     "px_paged_attention_bf16": [_P, _I, _P, _P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, _F],
     "px_set_num_threads": [_I],
+    "px_qgemm_bf16": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I],
 }
 
 
@@ -85,9 +87,10 @@ def open_library(path: Path) -> ctypes.CDLL:
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
-    for name in ("px_paged_attention_bf16", "px_rope_bf16", "px_store_kv_bf16"):
+    for name in ("px_paged_attention_bf16", "px_rope_bf16", "px_store_kv_bf16", "px_qgemm_bf16"):
         getattr(lib, name).restype = ctypes.c_int
     lib.px_amx_available.argtypes, lib.px_amx_available.restype = [], ctypes.c_int
+    lib.px_quant_kernel.argtypes, lib.px_quant_kernel.restype = [], ctypes.c_char_p
     if hasattr(lib, "px_gemm_amx_bf16"):  # only in builds for a CPU with AMX
         lib.px_gemm_amx_bf16.argtypes, lib.px_gemm_amx_bf16.restype = [_P, _P, _P, _P, _I, _I, _I], ctypes.c_int
     return lib
@@ -189,6 +192,30 @@ def gemm_amx(
     b = None if bias is None else bias.data_ptr()
     if lib.px_gemm_amx_bf16(x.data_ptr(), tiles.data_ptr(), b, y.data_ptr(), m, n, k):
         raise MemoryError("cpu backend: out of memory for the AMX GEMM's staging buffer")
+    return y
+
+
+def quant_kernel(lib: ctypes.CDLL) -> str:
+    """Which quantized GEMM this build of the library runs: ``avx512-vnni``, ``avx2`` or ``plain-c``
+    (chosen by the instruction sets of the ``-march`` it was compiled for)."""
+    return lib.px_quant_kernel().decode()
+
+
+def qgemm(
+    lib: ctypes.CDLL, x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None, int8: bool
+) -> torch.Tensor:
+    """``x @ dequantize(weight).T (+ bias)`` for contiguous bf16 ``x`` ``[M, K]`` and a
+    :class:`~portable_xy.backends.quant.QuantWeight` (bias bf16 ``[N]``), fp32 sums rounded once
+    to bf16. ``int8``: activations quantized per 32 values to int8 (llama.cpp's Q8_1), else kept
+    as they are. Each row's result does not depend on ``M``."""
+    m, k = x.shape
+    y = x.new_empty(m, weight.n)
+    status = lib.px_qgemm_bf16(
+        x.data_ptr(), weight.qs.data_ptr(), weight.d.data_ptr(), weight.m.data_ptr(),
+        None if bias is None else bias.data_ptr(), y.data_ptr(), m, weight.n, k, weight.bits, int(int8),
+    )  # fmt: skip
+    if status:
+        raise MemoryError("cpu backend: out of memory for the quantized GEMM's activation buffers")
     return y
 
 

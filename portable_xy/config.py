@@ -28,7 +28,9 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }  # fmt: skip
-QUANTIZATIONS = (None,)  # weight quantization methods accepted so far
+# weight quantization: "gguf" keeps GGUF's Q4_0 / Q4_1 / Q8_0 blocks and quantizes GEMM activations to
+# int8 per 32 values (llama.cpp's scheme); "gguf_a16" keeps the blocks and the activations as they are
+QUANTIZATIONS = ("auto", "gguf", "gguf_a16", None)
 
 
 def resolve_dtype(dtype: str | torch.dtype, backend: str) -> torch.dtype:
@@ -76,7 +78,12 @@ class EngineConfig:
     Backend:
         backend: ``auto`` (cuda, then npu, then cpu), ``cpu``, ``interpret``, ``cuda``, ``npu``.
         dtype: ``auto``, ``float32``, ``float16`` or ``bfloat16`` (or a torch dtype).
-        quantization: weight quantization method (only ``None`` so far).
+        quantization: ``auto`` (default): ``gguf`` for a ``.gguf`` model in bf16 / fp16, else None.
+            ``gguf``: GEMM weights stored as Q4_0 / Q4_1 / Q8_0 stay in their blocks (repacked
+            once, ``backends/quant.py``) and each GEMM quantizes its activations to int8 per 32
+            values; ``gguf_a16``: blocks kept, activations not quantized (the weight-only mode);
+            ``None``: every weight dequantized to ``dtype`` at load. A backend that cannot run
+            a block type in ``dtype`` dequantizes it; fp32 always does (the exact path).
         seed: seeds the random stream of requests that carry no seed of their own.
         enforce_eager: ``None``: decode-only steps replay CUDA / NPU graphs on ``cuda`` / ``npu``,
             eager elsewhere; ``True``: always eager; ``False``: graphs, or on ``interpret`` the
@@ -114,7 +121,7 @@ class EngineConfig:
     max_model_len: int | None = None
     backend: str = "auto"
     dtype: str | torch.dtype = "auto"
-    quantization: str | None = None
+    quantization: str | None = "auto"
     seed: int = 0
     enforce_eager: bool | None = None
     max_num_seqs: int = 256
@@ -158,6 +165,7 @@ class EngineConfig:
             raise ValueError("dtype=bfloat16 is not supported by the Triton interpreter; use float32 or float16")
         self.model_path = resolve_model_path(self.model)
         self.model_config = load_model_config(self.model_path)
+        self.quantization = self._resolve_quantization()
         check_tensor_parallel(self.model_config, self.tensor_parallel_size)
         limit = self.model_config.max_position_embeddings
         if self.max_model_len is None:
@@ -175,6 +183,14 @@ class EngineConfig:
             raise ValueError(f"block_size must be a multiple of 16, got {self.block_size}")
         self.chunk_align = profile.chunk_align
         _ = self.scheduler_config  # building it checks the scheduler's settings
+
+    def _resolve_quantization(self) -> str | None:
+        gguf = self.model_path.suffix == ".gguf"
+        if self.quantization == "auto":
+            return "gguf" if gguf and self.dtype != torch.float32 else None
+        if self.quantization is not None and not gguf:
+            raise ValueError(f"quantization={self.quantization!r} needs a .gguf model, got {str(self.model_path)!r}")
+        return self.quantization
 
     def _check_fields(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):

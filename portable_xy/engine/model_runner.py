@@ -10,6 +10,7 @@ rebuild the same one from a pickled config.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +105,11 @@ class ModelRunner:
         model_config = weights.config
         shard = ShardPlan.make(model_config, *((group.rank, group.size) if group else (0, 1)))
         self.model = LlamaForCausalLM(model_config, weights, self.backend, config.dtype, config.max_model_len,
-                                      shard, group)  # fmt: skip
+                                      shard, group, config.quantization)  # fmt: skip
+        for kind, names in self.model.dequantized.items():
+            print(f"portable_xy: {len(names)} GEMM weight(s) stored as {kind} dequantized to "
+                  f"{str(config.dtype).removeprefix('torch.')} (kept quantized: Q4_0, Q4_1, Q8_0): "
+                  f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}", file=sys.stderr)  # fmt: skip
         del weights
         self.num_heads, self.num_kv_heads = shard.num_heads, shard.num_kv_heads
         self.block_size = config.block_size

@@ -13,7 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..backends.quant import QBLOCK, QuantWeight
 from .config import ModelConfig
+
+# GGUF block types kept quantized: bytes per 32-block and where the scale / min / quants sit in it
+_GGUF_QUANT = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
 
 
 class WeightSource:
@@ -30,6 +34,20 @@ class WeightSource:
 
     def get(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def quant_type(self, name: str) -> str | None:
+        """The block type (``q4_0``, ``q4_1``, ``q8_0``) ``name`` is stored in and
+        :meth:`get_quant` reads, or None (a float or another type)."""
+        return None
+
+    def get_quant(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> QuantWeight:
+        """``get`` for a tensor :meth:`quant_type` names, without dequantizing: its blocks repacked
+        as a :class:`QuantWeight` (a column range must fall on 32-blocks)."""
+        raise NotImplementedError(f"tensor {name!r} is not stored quantized")
+
+    def storage_type(self, name: str) -> str:
+        """How ``name`` is stored, for notices (e.g. ``Q6_K``, ``F32``, ``torch.bfloat16``)."""
+        return "?"
 
 
 class SafetensorsSource(WeightSource):
@@ -78,6 +96,39 @@ class GGUFSource(WeightSource):
     def names(self) -> set[str]:
         return set(self._names)
 
+    def storage_type(self, name: str) -> str:
+        return self._names[name][0].ggml_type.name
+
+    def quant_type(self, name: str) -> str | None:
+        t = self._names[name][0]
+        return _GGUF_QUANT.get(t.ggml_type.name) if len(t.shape) == 2 else None
+
+    def get_quant(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> QuantWeight:
+        from .loader import ModelLoadError, _unpermute
+
+        qtype = self.quant_type(name)
+        if qtype is None:
+            raise NotImplementedError(f"tensor {name!r} is stored as {self.storage_type(name)}, not Q4_0/Q4_1/Q8_0")
+        t, heads = self._names[name]
+        rows, k = t.shape
+        raw = np.asarray(t.data).reshape(rows, -1)
+        full = t.shape[dim] if dim is not None else 0
+        stop = full if stop is None else stop
+        if dim == 0:
+            raw = raw[start:stop]
+            if heads is not None:
+                heads = heads * (stop - start) // full
+        try:
+            w = _repack_gguf(raw, qtype, k)
+        except ValueError as e:
+            raise ModelLoadError(f"GGUF file {str(self._path)!r} is corrupt or truncated: {e}") from None
+        if dim == 1:
+            w = w.cols(start, stop)
+        if heads is not None:  # the row permutation as an index: un-permute the row numbers
+            order = torch.from_numpy(_unpermute(np.arange(w.n), heads).copy())
+            w = QuantWeight(w.qtype, w.qs[order], w.d[order], w.m[order], w.n, w.k)
+        return w
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._names[name][0].shape)
 
@@ -121,3 +172,28 @@ class GGUFSource(WeightSource):
         if heads is not None:
             w = _unpermute(w, heads)
         return torch.from_numpy(np.array(w, dtype=np.float32))  # owned, writable copy
+
+
+def _repack_gguf(raw: np.ndarray, qtype: str, k: int) -> QuantWeight:
+    """GGUF blocks (``raw``: uint8 ``[N, K / 32 * block bytes]``) as a :class:`QuantWeight`:
+    Q4_0 ``(d, qs[16])``, Q4_1 ``(d, m, qs[16])``, Q8_0 ``(d, qs[32] int8)``, d and m fp16."""
+    n = raw.shape[0]
+    nb = k // QBLOCK
+    per = {"q4_0": 18, "q4_1": 20, "q8_0": 34}[qtype]
+    if raw.shape[1] != nb * per:
+        raise ValueError(f"{qtype} rows of {raw.shape[1]} bytes for {k} values (expected {nb * per})")
+    blocks = np.ascontiguousarray(raw).reshape(n, nb, per)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    if qtype == "q4_1":
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0]
+        qs = blocks[..., 4:]
+    elif qtype == "q4_0":
+        m = (d.astype(np.float32) * -8).astype(np.float16)
+        qs = blocks[..., 2:]
+    else:
+        m = (d.astype(np.float32) * -128).astype(np.float16)
+        qs = blocks[..., 2:] ^ np.uint8(0x80)  # int8 w as uint8 w + 128
+    if not np.isfinite(m).all() and np.isfinite(d).all():
+        raise ValueError(f"{qtype} scales too large for an fp16 min")
+    as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    return QuantWeight(qtype, as_t(qs.reshape(n, -1)), as_t(d), as_t(m), n, k)
