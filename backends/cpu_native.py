@@ -202,14 +202,20 @@ def quant_kernel(lib: ctypes.CDLL) -> str:
 
 
 def qgemm(
-    lib: ctypes.CDLL, x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None, int8: bool
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    weight: QuantWeight,
+    bias: torch.Tensor | None,
+    int8: bool,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ dequantize(weight).T (+ bias)`` for contiguous bf16 ``x`` ``[M, K]`` and a
     :class:`~portable_xy.backends.quant.QuantWeight` (bias bf16 ``[N]``), fp32 sums rounded once
-    to bf16. ``int8``: activations quantized per 32 values to int8 (llama.cpp's Q8_1), else kept
-    as they are. Each row's result does not depend on ``M``."""
+    to bf16, into ``out`` (contiguous ``[M, N]``) or a new tensor. ``int8``: activations quantized
+    per 32 values to int8 (llama.cpp's Q8_1), else kept as they are. Each row's result does not
+    depend on ``M``."""
     m, k = x.shape
-    y = x.new_empty(m, weight.n)
+    y = x.new_empty(m, weight.n) if out is None else out
     status = lib.px_qgemm_bf16(
         x.data_ptr(), weight.qs.data_ptr(), weight.d.data_ptr(), weight.m.data_ptr(),
         None if bias is None else bias.data_ptr(), y.data_ptr(), m, weight.n, k, weight.bits, int(int8),
