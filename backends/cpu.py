@@ -206,7 +206,7 @@ class CpuBackend(Backend):
     def prepare_quant_weight(self, weight: QuantWeight, int8_activations: bool) -> _QuantCpuWeight:
         if self._native is None:
             raise NotImplementedError("cpu backend: quantized weights need the C kernels (cpu_native)")
-        return _QuantCpuWeight(weight, int8_activations)
+        return _QuantCpuWeight(cpu_native.pack_quant(self._native, weight, int8_activations), int8_activations)
 
     def _linear_quant(self, x: torch.Tensor, weight: _QuantCpuWeight, bias: torch.Tensor | None) -> torch.Tensor:
         w = weight.weight

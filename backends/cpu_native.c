@@ -587,6 +587,12 @@ static void quantize_q8(const uint16_t *x, int64_t m, int64_t k, int8_t *a, floa
 
 /* y[i, n] for rows i0 .. i0 + nr - 1 of x and one weight row (quants qr, scales dr, mins mr) */
 #if defined(Q_AVX512)
+/* The AVX512-VNNI build takes 4-bit rows in its own order (cpu_native.pack_quant): each group of
+ * 4 blocks is 64 bytes whose low nibbles are blocks 0, 1 and high nibbles blocks 2, 3 (byte i:
+ * element i of block 0 | element i of block 2 << 4; byte 32 + i: blocks 1 and 3), so one mask and
+ * one shift give two 64-value vectors in element order. A row's last 2 or 3 blocks start with a
+ * 32-byte pair (low nibbles block 0, high block 1); a last single block keeps GGUF's order. */
+
 /* lane l of a two-block vector takes the scale of block 2p + l / 8 */
 static const int32_t pair_index[8][16] = {
 #define PX_PAIR(p) {2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, \
@@ -595,60 +601,93 @@ static const int32_t pair_index[8][16] = {
 #undef PX_PAIR
 };
 
-/* nr is a constant at each call site, so the per-row accumulators stay in registers */
+/* the two-block vectors of blocks [c + 2p, c + 2p + 1] of one weight row; `left` blocks remain in
+ * the row from c + 2p on (the pair / single tail when < 4) */
+static inline __attribute__((always_inline)) __m512i qload_pair(const uint8_t *qr, int64_t blk, int bits,
+                                                                 int64_t left, int hi_half) {
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    if (bits == 8) return left >= 2 ? _mm512_loadu_si512(qr + blk * 32) : _mm512_maskz_loadu_epi8(0xffffffffull, qr + blk * 32);
+    if (left >= 4 || hi_half) { /* inside a group of 4: blk is its block 0 (low) or block 2 (high) */
+        int64_t g = hi_half ? blk - 2 : blk;
+        __m512i raw = _mm512_loadu_si512(qr + g * 16);
+        return hi_half ? _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4) : _mm512_and_si512(raw, low4);
+    }
+    if (left >= 2) { /* a pair: 32 bytes, low nibbles block 0, high nibbles block 1 */
+        __m256i raw = _mm256_loadu_si256((const __m256i *)(qr + blk * 16));
+        __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
+        return _mm512_and_si512(z, low4);
+    }
+    __m128i raw = _mm_loadu_si128((const __m128i *)(qr + blk * 16)); /* a single block, GGUF order */
+    __m256i z = _mm256_inserti128_si256(_mm256_castsi128_si256(raw), _mm_srli_epi16(raw, 4), 1);
+    return _mm512_and_si512(_mm512_castsi256_si512(z), low4);
+}
+
+/* nw weight rows (row stride ws bytes / scales stride nb) against nr rows of x; nw and nr are
+ * constants at each call site, so the accumulators stay in registers */
 static inline __attribute__((always_inline)) void qdot_avx512(const int8_t *a, const float *e, const float *s,
                                                               int64_t i0, const int nr, const uint8_t *qr,
                                                               const uint16_t *dr, const uint16_t *mr, int bits,
-                                                              int64_t k, float *out) {
-    int64_t nb = k / 32, bb = bits * 4;
-    __m512 acc[QROWS], macc[QROWS];
-    for (int r = 0; r < nr; r++) acc[r] = macc[r] = _mm512_setzero_ps();
-    const __m512i low4 = _mm512_set1_epi8(0x0f);
+                                                              int64_t k, const int nw, float *out) {
+    int64_t nb = k / 32, ws = k * bits / 8;
+    __m512 acc[2][QROWS], macc[2][QROWS];
+    for (int v = 0; v < nw; v++)
+        for (int r = 0; r < nr; r++) acc[v][r] = macc[v][r] = _mm512_setzero_ps();
     for (int64_t c = 0; c < nb; c += 16) { /* 16 blocks: one vector of scales */
         int64_t nc = nb - c < 16 ? nb - c : 16;
         __mmask16 bm = (__mmask16)((1u << nc) - 1u);
-        __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(bm, dr + c));
-        __m512 mw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(bm, mr + c));
-        __m512 dd[QROWS];
-        for (int r = 0; r < nr; r++) {
-            const float *er = e + (i0 + r) * nb + c, *sr = s + (i0 + r) * nb + c;
-            dd[r] = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(bm, er));
-            macc[r] = _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(bm, sr), macc[r]);
-        }
-        for (int64_t p = 0; 2 * p < nc; p++) { /* two blocks per 64-byte vector */
-            int two = 2 * p + 1 < nc;
-            const uint8_t *qp = qr + (c + 2 * p) * bb;
-            __m512i w;
-            if (bits == 4) {
-                __m256i raw = two ? _mm256_loadu_si256((const __m256i *)qp) : _mm256_maskz_loadu_epi8(0xffffu, qp);
-                __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
-                z = _mm512_and_si512(z, low4); /* [b0 lo, b1 lo, b0 hi, b1 hi] */
-                w = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));
-            } else {
-                w = two ? _mm512_loadu_si512(qp) : _mm512_maskz_loadu_epi8(0xffffffffull, qp);
-            }
-            __m512i idx = _mm512_loadu_si512(pair_index[p]);
+        __m512 dd[2][QROWS];
+        for (int v = 0; v < nw; v++) {
+            __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(bm, dr + v * nb + c));
+            __m512 mw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(bm, mr + v * nb + c));
             for (int r = 0; r < nr; r++) {
-                const int8_t *ap = a + (i0 + r) * k + (c + 2 * p) * 32;
-                __m512i av = two ? _mm512_loadu_si512(ap) : _mm512_maskz_loadu_epi8(0xffffffffull, ap);
-                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, av);
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, dd[r]), acc[r]);
+                dd[v][r] = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(bm, e + (i0 + r) * nb + c));
+                macc[v][r] = _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(bm, s + (i0 + r) * nb + c), macc[v][r]);
+            }
+        }
+        for (int64_t p = 0; 2 * p < nc; p++) { /* two blocks per 64-value vector */
+            int64_t blk = c + 2 * p, left = nb - blk;
+            int hi_half = bits == 4 && (p & 1) && nb - (blk - 2) >= 4; /* the upper pair of a group of 4 */
+            __m512i idx = _mm512_loadu_si512(pair_index[p]);
+            __m512i w[2];
+            for (int v = 0; v < nw; v++) w[v] = qload_pair(qr + v * ws, blk, bits, left, hi_half);
+            __mmask64 am = left >= 2 ? ~0ull : 0xffffffffull;
+            for (int r = 0; r < nr; r++) {
+                __m512i av = _mm512_maskz_loadu_epi8(am, a + (i0 + r) * k + blk * 32);
+                for (int v = 0; v < nw; v++) {
+                    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[v], av);
+                    acc[v][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, dd[v][r]), acc[v][r]);
+                }
             }
         }
     }
-    for (int r = 0; r < nr; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], macc[r]));
+    for (int v = 0; v < nw; v++)
+        for (int r = 0; r < nr; r++) out[v * QROWS + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[v][r], macc[v][r]));
 }
 #endif
 
+/* out[v * QROWS + r]: weight rows j .. j + nw - 1 (nw <= 2) against rows i0 .. i0 + nr - 1 of x */
 static void qdot_rows(const int8_t *a, const float *e, const float *s, int64_t i0, int nr, const uint8_t *qr,
-                      const uint16_t *dr, const uint16_t *mr, int bits, int64_t k, float *out) {
+                      const uint16_t *dr, const uint16_t *mr, int bits, int64_t k, int nw, float *out) {
 #if defined(Q_AVX512)
-    switch (nr) {
-    case 1: qdot_avx512(a, e, s, i0, 1, qr, dr, mr, bits, k, out); break;
-    case 2: qdot_avx512(a, e, s, i0, 2, qr, dr, mr, bits, k, out); break;
-    case 3: qdot_avx512(a, e, s, i0, 3, qr, dr, mr, bits, k, out); break;
-    default: qdot_avx512(a, e, s, i0, 4, qr, dr, mr, bits, k, out); break;
+    if (nw == 2 && nr == 1) qdot_avx512(a, e, s, i0, 1, qr, dr, mr, bits, k, 2, out);
+    else if (nw == 2 && nr == 2) qdot_avx512(a, e, s, i0, 2, qr, dr, mr, bits, k, 2, out);
+    else if (nw == 2) {
+        qdot_rows(a, e, s, i0, nr, qr, dr, mr, bits, k, 1, out);
+        qdot_rows(a, e, s, i0, nr, qr + k * bits / 8, dr + k / 32, mr + k / 32, bits, k, 1, out + QROWS);
+    } else switch (nr) {
+    case 1: qdot_avx512(a, e, s, i0, 1, qr, dr, mr, bits, k, 1, out); break;
+    case 2: qdot_avx512(a, e, s, i0, 2, qr, dr, mr, bits, k, 1, out); break;
+    case 3: qdot_avx512(a, e, s, i0, 3, qr, dr, mr, bits, k, 1, out); break;
+    default: qdot_avx512(a, e, s, i0, 4, qr, dr, mr, bits, k, 1, out); break;
     }
+#else
+    if (nw == 2) {
+        qdot_rows(a, e, s, i0, nr, qr, dr, mr, bits, k, 1, out);
+        qdot_rows(a, e, s, i0, nr, qr + k * bits / 8, dr + k / 32, mr + k / 32, bits, k, 1, out + QROWS);
+        return;
+    }
+#endif
+#if defined(Q_AVX512)
 #elif defined(Q_AVX2)
     int64_t nb = k / 32, bb = bits * 4;
     __m256 acc[QROWS];
@@ -797,15 +836,21 @@ int px_qgemm_bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const
         }
     }
 #pragma omp parallel for schedule(static) num_threads(px_nthreads())
-    for (int64_t j = 0; j < n; j++) {
+    for (int64_t j = 0; j < n; j += 2) { /* two weight rows at a time (the int8 kernel shares x's loads) */
+        int nw = n - j < 2 ? 1 : 2;
         const uint8_t *qr = qs + j * row_bytes;
-        float b = bias ? bf16_to_f32(bias[j]) : 0.0f;
         for (int64_t i0 = 0; i0 < m; i0 += QROWS) {
             int nr = m - i0 < QROWS ? (int)(m - i0) : QROWS;
-            float out[QROWS];
-            if (int8) qdot_rows(abuf, eb, sb, i0, nr, qr, d + j * nb, mins + j * nb, (int)bits, k, out);
-            else fdot_rows(abuf, eb, i0, nr, qr, d + j * nb, mins + j * nb, (int)bits, k, out);
-            for (int r = 0; r < nr; r++) y[(i0 + r) * n + j] = f32_to_bf16(out[r] + b);
+            float out[2 * QROWS];
+            if (int8) qdot_rows(abuf, eb, sb, i0, nr, qr, d + j * nb, mins + j * nb, (int)bits, k, nw, out);
+            else
+                for (int v = 0; v < nw; v++)
+                    fdot_rows(abuf, eb, i0, nr, qr + v * row_bytes, d + (j + v) * nb, mins + (j + v) * nb, (int)bits,
+                              k, out + v * QROWS);
+            for (int v = 0; v < nw; v++) {
+                float b = bias ? bf16_to_f32(bias[j + v]) : 0.0f;
+                for (int r = 0; r < nr; r++) y[(i0 + r) * n + j + v] = f32_to_bf16(out[v * QROWS + r] + b);
+            }
         }
     }
     free(abuf);

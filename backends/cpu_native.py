@@ -201,6 +201,29 @@ def quant_kernel(lib: ctypes.CDLL) -> str:
     return lib.px_quant_kernel().decode()
 
 
+def pack_quant(lib: ctypes.CDLL, weight: QuantWeight, int8: bool) -> QuantWeight:
+    """``weight`` in the order :func:`qgemm` of this build reads (``int8``: for int8 activations):
+    the AVX512-VNNI int8 kernel takes 4-bit rows regrouped per 4 blocks (``cpu_native.c`` says
+    how); every other kernel takes ``backends/quant.py``'s order, returned as it is."""
+    if not (int8 and weight.bits == 4 and quant_kernel(lib) == "avx512-vnni"):
+        return weight
+    n, nb = weight.n, weight.k // 32
+    halves = weight.qs.view(n, nb, 16)
+    q = torch.cat([halves & 0x0F, halves >> 4], dim=-1)  # [n, nb, 32] in element order
+    parts = []
+    full = nb // 4 * 4
+    if full:
+        g = q[:, :full].reshape(n, full // 4, 4, 32)
+        parts.append(torch.cat([g[:, :, 0] | (g[:, :, 2] << 4), g[:, :, 1] | (g[:, :, 3] << 4)], -1).reshape(n, -1))
+    rest = nb - full
+    if rest >= 2:
+        parts.append((q[:, full] | (q[:, full + 1] << 4)).reshape(n, -1))
+    if rest % 2:
+        parts.append(halves[:, -1])
+    qs = torch.cat(parts, dim=1).contiguous()
+    return QuantWeight(weight.qtype, qs, weight.d, weight.m, weight.n, weight.k)
+
+
 def qgemm(
     lib: ctypes.CDLL,
     x: torch.Tensor,
@@ -210,7 +233,8 @@ def qgemm(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ dequantize(weight).T (+ bias)`` for contiguous bf16 ``x`` ``[M, K]`` and a
-    :class:`~portable_xy.backends.quant.QuantWeight` (bias bf16 ``[N]``), fp32 sums rounded once
+    :class:`~portable_xy.backends.quant.QuantWeight` packed by :func:`pack_quant` for the same
+    ``int8`` (bias bf16 ``[N]``), fp32 sums rounded once
     to bf16, into ``out`` (contiguous ``[M, N]``) or a new tensor. ``int8``: activations quantized
     per 32 values to int8 (llama.cpp's Q8_1), else kept as they are. Each row's result does not
     depend on ``M``."""

@@ -99,7 +99,8 @@ class EngineConfig:
     KV cache (``engine/block_manager.py``, ``engine/model_runner.py``):
         block_size: tokens per KV block (default: the backend profile's; a multiple of 16).
         num_kv_blocks: KV cache size in blocks (default: from ``kv_cache_memory_gb``).
-        kv_cache_memory_gb: KV cache budget (default 1 GiB on CPU; on GPUs and NPUs
+        kv_cache_memory_gb: KV cache budget (default on CPU: ``max_num_seqs`` x ``max_model_len``
+            tokens, at most 1 GiB, its pages committed as they are first written; on GPUs and NPUs
             ``gpu_memory_utilization`` of the device memory minus what is already in use).
         gpu_memory_utilization: fraction of the accelerator's memory the engine may fill.
         enable_prefix_caching: reuse cached KV blocks of identical prompt prefixes.

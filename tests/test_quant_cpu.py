@@ -17,7 +17,9 @@ from portable_xy.backends.quant import QTYPES, QuantWeight, dequantize_ref, quan
 
 BF16 = torch.bfloat16
 ARCHES = ["native"] + (["x86-64-v3", "x86-64"] if platform.machine() == "x86_64" else [])
-SIZES = [(1, 1, 32), (3, 33, 96), (5, 129, 544), (17, 70, 1056)]  # (M, N, K): 1, 3, 17 and 33 blocks
+# (M, N, K): K of 1, 3, 17, 18, 19, 33 and 48 blocks (the int8 AVX-512 kernel splits rows into groups
+# of 4 blocks, a pair and a single block, and its scales into chunks of 16 blocks)
+SIZES = [(1, 1, 32), (3, 33, 96), (5, 129, 544), (2, 7, 576), (4, 9, 608), (17, 70, 1056), (1, 64, 1536)]
 
 
 def _host_flags() -> set[str]:
@@ -84,7 +86,7 @@ def test_bf16_activation_gemm_matches_the_dequantized_reference(lib, qtype, m, n
     deq = dequantize_ref(w)
     ref = x.double() @ deq.double().T + (0 if b is None else b.double())
     out = torch.full((m, n), float("nan"), dtype=BF16)
-    y = cpu_native.qgemm(handle, x, w, b, int8=False, out=out)
+    y = cpu_native.qgemm(handle, x, cpu_native.pack_quant(handle, w, False), b, int8=False, out=out)
     assert y.data_ptr() == out.data_ptr()
     _within_bf16(y, ref, x.float().abs() @ deq.abs().T)
 
@@ -97,7 +99,7 @@ def test_int8_activation_gemm_matches_its_scheme_and_the_dequantized_reference(l
     w, x, b = _case(qtype, m, n, k, seed=m * 7 + n * 3 + k, bias=bias)
     ref = int8_scheme_ref(x, w) + (0 if b is None else b.double())
     out = torch.full((m, n), float("nan"), dtype=BF16)
-    y = cpu_native.qgemm(handle, x, w, b, int8=True, out=out)
+    y = cpu_native.qgemm(handle, x, cpu_native.pack_quant(handle, w, True), b, int8=True, out=out)
     deq = dequantize_ref(w)
     scale = x.float().abs() @ deq.abs().T
     _within_bf16(y, ref, scale)
@@ -110,6 +112,7 @@ def test_int8_activation_gemm_matches_its_scheme_and_the_dequantized_reference(l
 def test_a_rows_result_does_not_depend_on_the_batch(lib, int8):
     _, handle = lib
     w, x, _ = _case("q4_1", 17, 65, 544, seed=3, bias=False)
+    w = cpu_native.pack_quant(handle, w, int8)
     whole = cpu_native.qgemm(handle, x, w, None, int8)
     for i in (0, 5, 16):
         assert torch.equal(cpu_native.qgemm(handle, x[i : i + 1].contiguous(), w, None, int8)[0], whole[i])
@@ -120,7 +123,7 @@ def test_zero_and_constant_blocks_quantize_without_nan(lib):
     w, _, _ = _case("q8_0", 1, 8, 96, seed=1, bias=False)
     x = torch.zeros(2, 96, dtype=BF16)
     x[1, 32:64] = 3.0  # one zero block, one constant block
-    y = cpu_native.qgemm(handle, x, w, None, True)
+    y = cpu_native.qgemm(handle, x, cpu_native.pack_quant(handle, w, True), None, True)
     ref = x.float() @ dequantize_ref(w).T
     assert torch.isfinite(y).all() and torch.equal(y[0], torch.zeros_like(y[0]))
     assert torch.allclose(y[1].float(), ref[1], rtol=1e-2, atol=1e-2)

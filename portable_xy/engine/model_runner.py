@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from ..backends import AttnMetadata, Backend, get_backend
@@ -31,7 +32,19 @@ if TYPE_CHECKING:
     from ..config import EngineConfig
     from ..distributed.group import TPGroup
 
-DEFAULT_KV_CACHE_BYTES = 2**30  # on CPU, when neither num_kv_blocks nor kv_cache_memory_gb is set
+# on CPU, when neither num_kv_blocks nor kv_cache_memory_gb is set: room for max_num_seqs sequences of
+# max_model_len tokens, up to this many bytes
+DEFAULT_KV_CACHE_BYTES = 2**30
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor; on CPU from calloc'd memory, so the OS commits its pages (and the process's
+    RSS grows) only as KV blocks are first written."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    size = torch.empty((), dtype=dtype).element_size()
+    nbytes = size * int(np.prod(shape))
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 def kv_bytes_per_block(
@@ -122,8 +135,7 @@ class ModelRunner:
         shape = (self.num_kv_blocks, self.block_size, self.num_kv_heads, c.head_dim)
         dev = self.backend.device
         self.kv_caches = [
-            (torch.zeros(shape, dtype=config.dtype, device=dev), torch.zeros(shape, dtype=config.dtype, device=dev))
-            for _ in range(c.num_layers)
+            (_zeros(shape, config.dtype, dev), _zeros(shape, config.dtype, dev)) for _ in range(c.num_layers)
         ]
         self.graphs = make_decode_graph_runner(
             self.backend, self._hidden, self.num_heads, self.num_kv_heads, self.block_size, config.max_model_len,
@@ -132,7 +144,8 @@ class ModelRunner:
 
     def _num_kv_blocks(self) -> int:
         """``num_kv_blocks``, else ``kv_cache_memory_gb``, else on a GPU / NPU
-        ``gpu_memory_utilization`` of its memory minus what is in use, else 1 GiB; at least one
+        ``gpu_memory_utilization`` of its memory minus what is in use, else (CPU) room for
+        ``max_num_seqs`` sequences of ``max_model_len`` tokens, at most 1 GiB; at least one
         ``max_model_len`` sequence must fit. Per rank: a shard's blocks hold its KV heads only."""
         cfg = self.config
         per_block = kv_bytes_per_block(self.model.config, cfg.block_size, cfg.dtype, self.num_kv_heads)
@@ -145,7 +158,8 @@ class ModelRunner:
             free, total = mem
             n = max(1, int((free - (1 - cfg.gpu_memory_utilization) * total) // per_block))
         else:
-            n = max(1, DEFAULT_KV_CACHE_BYTES // per_block)
+            want = cfg.max_num_seqs * -(-cfg.max_model_len // cfg.block_size)
+            n = max(1, min(want, DEFAULT_KV_CACHE_BYTES // per_block))
         need = -(-cfg.max_model_len // cfg.block_size)
         if n < need:
             raise ValueError(
