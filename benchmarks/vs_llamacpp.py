@@ -183,13 +183,13 @@ def main() -> None:
         return f"{statistics.median(rs):.2f}x ({min(rs):.2f}-{max(rs):.2f})"
 
     print("\nratios (median over rounds of the ratio within a round; min-max):")
+    pairs = [("single", "portable_xy", "portable_xy bf16")]
     if llama_py is not None:
-        print(f"  single stream, portable_xy / llama.cpp:        {ratio('portable_xy', 'llama.cpp', 'single')}")
-    print(f"  single stream, portable_xy / portable_xy bf16: {ratio('portable_xy', 'portable_xy bf16', 'single')}")
+        pairs.insert(0, ("single", "portable_xy", "llama.cpp"))
     if args.batch:
-        print(
-            f"  batch {args.batch}, portable_xy / portable_xy bf16:     {ratio('portable_xy', 'portable_xy bf16', 'batch')}"
-        )
+        pairs.append(("batch", "portable_xy", "portable_xy bf16"))
+    for kind, a, b in pairs:
+        print(f"  {kind + ',':<8}{a} / {b}: {ratio(a, b, kind)}")
 
 
 if __name__ == "__main__":
