@@ -269,7 +269,9 @@ def test_bf16_engine_with_c_ops_agrees_with_torch_ops(smollm2_path, monkeypatch,
     for name in ("gemm_amx", "gemv", "rms_norm", "rope_", "silu_and_mul", "store_kv", "paged_attention"):
         fn = getattr(cpu_native, name)
         monkeypatch.setattr(cpu_native, name, lambda *a, _fn=fn, _name=name: (calls.update([_name]), _fn(*a))[1])
-    make = lambda: LLM(str(smollm2_path), dtype="bfloat16", max_model_len=512, max_num_batched_tokens=64)  # noqa: E731
+    make = lambda: LLM(  # noqa: E731
+        str(smollm2_path), dtype="bfloat16", quantization=None, max_model_len=512, max_num_batched_tokens=64
+    )
     run = lambda llm: llm.chat(convs, params, use_tqdm=False) + llm.chat(convs[:1], params, use_tqdm=False)  # noqa: E731
     with_c = run(make())  # the 4 chats batched, then one alone (single-row steps)
     assert set(calls) == ops

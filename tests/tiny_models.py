@@ -4,6 +4,7 @@ it does not clash with ``tests/kernels/conftest.py``)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 TINY = dict(
@@ -89,3 +90,63 @@ def hf_greedy(model_dir: str, prompts: list[list[int]], new_tokens: int) -> list
 def random_prompts(n: int, lengths: list[int], vocab: int = 49152, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]
+
+
+# GGUF tensor types of make_tiny_gguf's weights, by llama.cpp tensor name (per layer: blk.N.<name>)
+TINY_GGUF_TYPES = {
+    "token_embd.weight": "Q8_0",
+    "attn_q.weight": "Q4_0",
+    "attn_k.weight": "Q4_0",
+    "attn_v.weight": "Q4_0",
+    "attn_output.weight": "Q8_0",
+    "ffn_gate.weight": "Q4_1",
+    "ffn_up.weight": "Q4_1",
+    "ffn_down.weight": "Q4_1",
+}
+
+
+def make_tiny_gguf(path, types: dict[str, str] | None = None, layers: int = 2, seed: int = 0) -> str:
+    """A random Llama GGUF (no tokenizer: use ``skip_tokenizer_init=True``): hidden 64, 4 heads of
+    16 (2 KV heads), MLP 96 (3 quantization blocks), vocabulary 256, tied embeddings; weights in
+    ``types`` (default :data:`TINY_GGUF_TYPES`; ``F16`` / ``F32`` allowed), norms in F32."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize
+
+    types = {**TINY_GGUF_TYPES, **(types or {})}
+    g = np.random.default_rng(seed)
+    hidden, inter, vocab, heads, kv, hd = 64, 96, 256, 4, 2, 16
+    w = GGUFWriter(str(path), "llama")
+    for key, val in [("block_count", layers), ("embedding_length", hidden), ("feed_forward_length", inter),
+                     ("attention.head_count", heads), ("attention.head_count_kv", kv), ("vocab_size", vocab),
+                     ("context_length", 512)]:  # fmt: skip
+        w.add_uint32(f"llama.{key}", val)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_float32("llama.rope.freq_base", 10000.0)
+    w.add_uint32("tokenizer.ggml.bos_token_id", 1)
+    w.add_uint32("tokenizer.ggml.eos_token_id", 2)
+
+    def tensor(name: str, shape: tuple[int, int], kind: str, scale: float) -> None:
+        x = (g.standard_normal(shape) * scale).astype(np.float32)
+        if kind in ("F32", "F16"):
+            w.add_tensor(name, x.astype(np.float32 if kind == "F32" else np.float16))
+        else:
+            qt = getattr(GGMLQuantizationType, kind)
+            w.add_tensor(name, quantize(x, qt), raw_dtype=qt)
+
+    tensor("token_embd.weight", (vocab, hidden), types["token_embd.weight"], 1.0)
+    w.add_tensor("output_norm.weight", (1 + 0.1 * g.standard_normal(hidden)).astype(np.float32))
+    shapes = {"attn_q.weight": (heads * hd, hidden), "attn_k.weight": (kv * hd, hidden),
+              "attn_v.weight": (kv * hd, hidden), "attn_output.weight": (hidden, heads * hd),
+              "ffn_gate.weight": (inter, hidden), "ffn_up.weight": (inter, hidden),
+              "ffn_down.weight": (hidden, inter)}  # fmt: skip
+    for i in range(layers):
+        for norm in ("attn_norm.weight", "ffn_norm.weight"):
+            w.add_tensor(f"blk.{i}.{norm}", (1 + 0.1 * g.standard_normal(hidden)).astype(np.float32))
+        for name, shape in shapes.items():
+            kind = types.get(f"blk.{i}.{name}", types[name])
+            tensor(f"blk.{i}.{name}", shape, kind, shape[1] ** -0.5)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
