@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import make_tiny_gguf, random_prompts
 
 from portable_xy import LLM, SamplingParams
 from portable_xy.backends import cpu_native
 from portable_xy.backends.cpu import _QuantCpuWeight
 from portable_xy.backends.quant import QuantWeight
 from portable_xy.config import EngineConfig
-from tiny_models import make_tiny_gguf, random_prompts
 
 pytestmark = pytest.mark.skipif(cpu_native.load() is None, reason="the quantized GEMMs need the C kernels")
 ENGINE = dict(skip_tokenizer_init=True, backend="cpu", max_model_len=256, max_num_batched_tokens=64)
