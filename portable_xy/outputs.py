@@ -76,5 +76,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
-    prompt_logprobs: None = None
+    # SamplingParams.prompt_logprobs: per prompt token, None for the first, then {token id: Logprob}
+    # of the prompt token and the top-k at that position (None when not asked for)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     num_cached_tokens: int = 0

@@ -22,7 +22,11 @@ class SamplingParams:
 
     ``temperature=0`` is greedy; ``top_k=-1`` (or 0) and ``top_p=1`` disable those filters;
     ``min_p=0`` disables min-p; ``logprobs=k`` returns the sampled token's log-probability plus
-    the top-k alternatives per generated token (from the raw model distribution).
+    the top-k alternatives per generated token (from the raw model distribution);
+    ``prompt_logprobs=k`` (``-1``: the whole vocabulary) returns, in ``RequestOutput.prompt_logprobs``,
+    each prompt token's log-probability and rank plus the top-k alternatives at its position (the
+    first token's entry is None). Such a request computes its whole prompt: it takes no prefix-cache
+    hits.
     """
 
     n: int = 1
@@ -40,6 +44,7 @@ class SamplingParams:
     max_tokens: int | None = 16
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
@@ -97,7 +102,7 @@ class SamplingParams:
             check_type(name, (int,))
         for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "min_p"):
             check_type(name, (int, float))
-        for name in ("seed", "max_tokens", "logprobs"):
+        for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):
             check_type(name, (int,), optional=True)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             check_type(name, (bool,))
@@ -127,6 +132,8 @@ class SamplingParams:
             raise bad("min_tokens", f"must be at most max_tokens={self.max_tokens}")
         if self.logprobs is not None and self.logprobs < 0:
             raise bad("logprobs", "must be non-negative")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < -1:
+            raise bad("prompt_logprobs", "must be non-negative or -1 (the whole vocabulary)")
         stop = self.stop
         if stop is not None and not isinstance(stop, str):
             if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):

@@ -116,8 +116,12 @@ def test_sse_framing_is_openai_s(server):
 def test_concurrent_greedy_streams_match_offline(server, tiny_llama):
     prompts = [f"Item {i}: a short story about the number {i * 7}" for i in range(16)]
     offline = LLM(tiny_llama, backend="cpu", dtype="float32", max_model_len=256)
-    want = [o.outputs[0].text for o in offline.generate(prompts, SamplingParams(temperature=0, max_tokens=16,
-                                                                                ignore_eos=True), use_tqdm=False)]
+    want = [
+        o.outputs[0].text
+        for o in offline.generate(
+            prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False
+        )
+    ]
     aclient = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
 
     async def one(p):
@@ -156,6 +160,26 @@ def test_n_seed_stop_and_logprobs(client):
     assert stopped.finish_reason == "stop" and stopped.text == full[: full.index(stop)]
     echoed = client.completions.create(model=NAME, prompt="Echo me", max_tokens=2, temperature=0, echo=True)
     assert echoed.choices[0].text.startswith("Echo me")
+
+
+def test_echo_with_logprobs_scores_the_prompt(client, tiny_llama):
+    ids = [5, 6, 7, 8, 9]
+    kw = dict(model=NAME, prompt=ids, max_tokens=3, temperature=0, echo=True, logprobs=2)
+    lp = client.completions.create(**kw).choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids) + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing scores the first token
+    assert all(2 <= len(t) <= 3 for t in lp.top_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    # the prompt's logprobs are the engine's prompt_logprobs
+    llm = LLM(tiny_llama, backend="cpu", dtype="float32", max_model_len=256)
+    ref = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=2), use_tqdm=False)[0]
+    for i in range(1, len(ids)):
+        assert abs(lp.token_logprobs[i] - ref.prompt_logprobs[i][ids[i]].logprob) < 1e-4
+    # streamed: the echo chunk carries the prompt's logprobs, then the tokens' come
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert chunks[0].choices[0].logprobs.token_logprobs[1:] == lp.token_logprobs[1 : len(ids)]
+    lps = [ch.choices[0].logprobs for ch in chunks[1:] if ch.choices and ch.choices[0].logprobs]
+    assert [v for x in lps for v in x.token_logprobs] == lp.token_logprobs[len(ids) :]
 
 
 BAD = [
@@ -236,11 +260,21 @@ def test_tokenize_detokenize_and_metrics(server, client):
     step_tokens = after["vllm:iteration_tokens_total_sum"] - before["vllm:iteration_tokens_total_sum"]
     assert steps == 5 and 5 <= step_tokens <= out.usage.prompt_tokens + 4  # a prefill step, then 4 decodes
     text = httpx.get(server + "/metrics").text
-    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:time_to_first_token_seconds",
-                 "vllm:inter_token_latency_seconds", "vllm:e2e_request_latency_seconds", "vllm:prefix_cache_hits",
-                 "vllm:prefix_cache_queries", "vllm:spec_decode_num_accepted_tokens",
-                 "vllm:spec_decode_num_draft_tokens", 'vllm:request_success_total{engine="0",finished_reason="length"'):
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:time_to_first_token_seconds",
+        "vllm:inter_token_latency_seconds",
+        "vllm:e2e_request_latency_seconds",
+        "vllm:prefix_cache_hits",
+        "vllm:prefix_cache_queries",
+        "vllm:spec_decode_num_accepted_tokens",
+        "vllm:spec_decode_num_draft_tokens",
+        'vllm:request_success_total{engine="0",finished_reason="length"',
+    ):
         assert name in text, name  # fmt: skip
 
 

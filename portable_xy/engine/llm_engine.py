@@ -188,7 +188,9 @@ class LLMEngine:
             self.propose(batch)
             logits = self.runner.execute(batch)
             new_tokens = self.sampler(batch, logits)
-            return self.postprocess(batch, new_tokens)
+            prompt_lps = self.sampler.prompt_logprobs(batch, logits)
+            del logits  # a prompt-logprob chunk's [rows, V] logits go now, reduced to top-k
+            return self.postprocess(batch, new_tokens, prompt_lps)
         except Exception as e:
             raise self._fail(batch, e) from e
 
@@ -210,9 +212,15 @@ class LLMEngine:
             if st.num_tokens == 1:
                 st.kind = "D"
 
-    def postprocess(self, batch: ScheduledBatch, new_tokens: dict[int, list[SampleResult]]) -> list[RequestOutput]:
+    def postprocess(
+        self,
+        batch: ScheduledBatch,
+        new_tokens: dict[int, list[SampleResult]],
+        prompt_logprobs: dict[int, tuple[int, list]] | None = None,
+    ) -> list[RequestOutput]:
         """Advance the scheduler past the step (a verify stage keeps only its accepted drafts),
-        append the new tokens, finish sequences that stopped; the step's outputs (see :meth:`step`)."""
+        append the new tokens and prompt logprobs (:meth:`Sampler.prompt_logprobs`), finish
+        sequences that stopped; the step's outputs (see :meth:`step`)."""
         stats = self.last_step = StepStats(num_scheduled_tokens=batch.total_tokens)
         verify = batch.verify_stages
         rejected = {st.seq.seq_id: st.num_tokens - len(new_tokens[st.seq.seq_id]) for st in verify}
@@ -234,6 +242,8 @@ class LLMEngine:
             seq = st.seq
             seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)
             seq.draft_token_ids, seq.draft_probs = [], None
+            if prompt_logprobs and seq.seq_id in prompt_logprobs:
+                self.output.append_prompt_logprobs(seq, *prompt_logprobs[seq.seq_id])
             results = new_tokens.get(seq.seq_id, [])
             if not results:
                 continue

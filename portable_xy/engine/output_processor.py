@@ -21,6 +21,7 @@ class OutputProcessor:
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
         self.lock = lock or contextlib.nullcontext()
+        self._token_text: dict[int, str] = {}  # decode([id]) of the tokens logprobs returned so far
 
     def append(self, seq: Sequence, results: list[SampleResult], now: float) -> int:
         """Append ``results`` to ``seq`` until one finishes it; returns how many were appended."""
@@ -41,11 +42,28 @@ class OutputProcessor:
                 break
         return n
 
+    def append_prompt_logprobs(self, seq: Sequence, first: int, rows: list[list[tuple[int, float, int]]]) -> None:
+        """Add a prefill chunk's prompt logprobs, for prompt positions ``first...`` (rows as
+        :func:`~portable_xy.engine.sampler.prompt_logprobs` gives them)."""
+        assert first == len(seq.prompt_logprobs), f"prompt logprobs for {first}, have {len(seq.prompt_logprobs)}"
+        for top in rows:
+            texts = self._decode_each([t for t, _, _ in top])
+            seq.prompt_logprobs.append({t: Logprob(lp, rank, s) for (t, lp, rank), s in zip(top, texts)})
+
     def _decode_one(self, token_id: int) -> str | None:
+        return self._decode_each([token_id])[0]
+
+    def _decode_each(self, token_ids: list[int]) -> list[str | None]:
+        """Each token decoded on its own (as logprobs' ``decoded_token``), cached by id."""
         if self.tokenizer is None:
-            return None
-        with self.lock:
-            return self.tokenizer.decode([token_id])
+            return [None] * len(token_ids)
+        cache = self._token_text
+        missing = [t for t in dict.fromkeys(token_ids) if t not in cache]
+        if missing:
+            with self.lock:
+                for t in missing:
+                    cache[t] = self.tokenizer.decode([t])
+        return [cache[t] for t in token_ids]
 
     def _decode(self, seq: Sequence, token_ids: list[int]) -> str:
         if self.tokenizer is None:
@@ -125,6 +143,10 @@ class OutputProcessor:
             seq.num_sent_tokens, seq.sent_text, seq.finish_sent = seq.num_output_tokens, text, done
         if not outs:
             return None
+        prompt_lps = req.seqs[0].prompt_logprobs
+        if prompt_lps is not None:  # DELTA: all of them in the first output, then [] (as vLLM)
+            prompt_lps = [] if delta and req.prompt_logprobs_sent else list(prompt_lps)
+            req.prompt_logprobs_sent = True
         return RequestOutput(
             request_id=req.request_id,
             prompt=req.prompt,
@@ -132,5 +154,6 @@ class OutputProcessor:
             outputs=outs,
             finished=req.finished,
             metrics=req.metrics,
+            prompt_logprobs=prompt_lps,
             num_cached_tokens=req.metrics.num_cached_tokens,
         )

@@ -1,6 +1,8 @@
 """Turns the step's logits into tokens: penalties, min_tokens, logprobs, then the backend's
 sampling op (greedy / temperature with top-k, top-p, min-p) fed with per-sequence random numbers;
-verify stages keep the drafts the target model accepts (``spec_decode/rejection.py``)."""
+verify stages keep the drafts the target model accepts (``spec_decode/rejection.py``). Prefill
+chunks of ``prompt_logprobs`` requests also get their prompt tokens' logprobs, reduced to the top-k
+per position."""
 
 from __future__ import annotations
 
@@ -31,6 +33,32 @@ def _apply_penalties(logits: torch.Tensor, seq: Sequence) -> None:
         out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
         counts = torch.bincount(out, minlength=logits.shape[-1]).to(logits.dtype)
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+# rows per log_softmax in prompt_logprobs: bounds the fp32 temporaries of a long prefill chunk
+PROMPT_LOGPROB_ROWS = 256
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[list[tuple[int, float, int]]]:
+    """Per row ``i`` of the raw logits ``[N, V]``: ``(targets[i], its logprob, its rank)`` then the
+    top-``k`` ``(token id, logprob, rank)`` other than ``targets[i]`` (``k=-1``: the whole
+    vocabulary), from the fp32 log_softmax; ranks as :func:`sample`'s (1 + the tokens more likely)."""
+    vocab = logits.shape[-1]
+    k = vocab if k < 0 else min(k, vocab)
+    out: list[list[tuple[int, float, int]]] = []
+    for a in range(0, len(targets), PROMPT_LOGPROB_ROWS):
+        tgt = targets[a : a + PROMPT_LOGPROB_ROWS]
+        lp = torch.log_softmax(logits[a : a + len(tgt)].float(), dim=-1)
+        tok_lp = lp.gather(1, torch.tensor(tgt, dtype=torch.long, device=lp.device)[:, None])
+        ranks = ((lp > tok_lp).sum(-1) + 1).tolist()
+        tok_lps = tok_lp[:, 0].tolist()
+        vals, idx = torch.topk(lp, k, dim=-1) if k else (None, None)
+        del lp
+        vals = vals.tolist() if k else [[]] * len(tgt)
+        idx = idx.tolist() if k else [[]] * len(tgt)
+        for t, tl, rank, vs, ids in zip(tgt, tok_lps, ranks, vals, idx):
+            out.append([(t, tl, rank)] + [(i, v, r) for r, (v, i) in enumerate(zip(vs, ids), 1) if i != t])
+    return out
 
 
 def sample(backend: Backend, logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]) -> list[SampleResult]:
@@ -93,13 +121,30 @@ class Sampler:
             if st.kind == "V":
                 toks = verify_drafts(self.backend, logits[row : row + n], st.seq)
                 out[st.seq.seq_id] = [SampleResult(t, 0.0, None) for t in toks]
-            elif n:
+            elif st.samples:
                 plain.append(st.seq)
-                plain_rows.append(row)
+                plain_rows.append(row + n - 1)  # the stage's last row (before it: prompt-logprob rows)
             row += n
         if plain:
             # every row sampled in order (a decode batch): skip a copy of the [N, vocab] logits
             rows = logits if plain_rows == list(range(logits.shape[0])) else logits[plain_rows]
             for seq, res in zip(plain, sample(self.backend, rows, plain, self.eos_ids)):
                 out[seq.seq_id] = [res]
+        return out
+
+    def prompt_logprobs(
+        self, batch: ScheduledBatch, logits: torch.Tensor
+    ) -> dict[int, tuple[int, list[list[tuple[int, float, int]]]]]:
+        """``{seq_id: (first prompt position scored, per position (token id, logprob, rank) of the
+        prompt token then the top-k)}`` for the step's prefill chunks that score prompt tokens."""
+        out = {}
+        row = 0
+        for st in batch.stages:
+            pos = st.prompt_logprob_positions
+            if pos:
+                seq = st.seq
+                targets = seq.token_ids[pos.start + 1 : pos.stop + 1]
+                out[seq.seq_id] = (pos.start + 1, prompt_logprobs(logits[row : row + len(pos)], targets,
+                                                                  seq.params.prompt_logprobs))  # fmt: skip
+            row += st.num_logits
         return out

@@ -76,12 +76,34 @@ class Stage:
     num_tokens: int
 
     @property
+    def samples(self) -> bool:
+        """The stage reaches its sequence's last token, so its last logit row samples (a verify
+        stage verifies and samples)."""
+        return self.kind == "V" or self.start + self.num_tokens >= self.seq.num_tokens
+
+    @property
+    def prompt_logprob_positions(self) -> range:
+        """Positions of this prefill chunk whose logits give prompt logprobs: position ``i`` scores
+        prompt token ``i + 1``. Empty unless the sequence still misses some (``prompt_logprobs``);
+        those already collected (before a preemption) are not asked for again."""
+        seq = self.seq
+        if self.kind != "P" or not seq.prompt_logprobs_pending:
+            return range(0)
+        first = max(self.start, len(seq.prompt_logprobs) - 1)
+        return range(first, max(first, min(self.start + self.num_tokens, seq.num_prompt_tokens - 1)))
+
+    @property
     def num_logits(self) -> int:
-        """Logit rows the step returns for this stage: every row of a verify stage, else one when
-        the stage reaches its sequence's last token (it samples), else none."""
+        """Logit rows the step returns for this stage, the stage's last ones: every row of a
+        verify stage; for a chunk with prompt-logprob positions, those and the rows after them to
+        the chunk's end (the last one samples if the chunk ends the prompt); else one when the
+        stage samples, else none."""
         if self.kind == "V":
             return self.num_tokens
-        return int(self.start + self.num_tokens >= self.seq.num_tokens)
+        plp = self.prompt_logprob_positions
+        if plp:
+            return self.start + self.num_tokens - plp.start
+        return int(self.samples)
 
 
 @dataclass
@@ -246,14 +268,17 @@ class Scheduler:
             if cap is not None and count >= cap:
                 break
             seq = self.waiting[0]
-            hits, partial = self.bm.lookup_prefix(seq)
-            copied = self.bm.take_cached(seq, hits, partial)
+            # vLLM: a sequence still collecting prompt logprobs computes its whole prompt, so it
+            # skips the prefix-cache lookup (its computed blocks are still published for others)
+            lookup = not seq.prompt_logprobs_pending
+            copied = self.bm.take_cached(seq, *self.bm.lookup_prefix(seq)) if lookup else 0
             n = self._chunk(seq.num_uncomputed_tokens, room)
             if not self.bm.can_allocate(seq, n):
                 self.bm.free_seq(seq)  # give the cached blocks back; retry next step
                 break
             self.waiting.pop(0)
-            self.bm.record_lookup(seq.num_tokens, seq.num_computed_tokens, copied)
+            if lookup:
+                self.bm.record_lookup(seq.num_tokens, seq.num_computed_tokens, copied)
             self.bm.allocate(seq, n)
             seq.status = SeqStatus.RUNNING
             seq.metrics.num_cached_tokens = max(seq.metrics.num_cached_tokens, seq.num_computed_tokens)

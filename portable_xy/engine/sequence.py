@@ -49,6 +49,10 @@ class Sequence:
         self.block_table: list[int] = []
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict[int, Logprob]] = []
+        # SamplingParams.prompt_logprobs, collected by the request's first sequence only: entry i for
+        # prompt token i (None for the first), filled chunk by chunk as the prompt is computed
+        wants_plp = params.prompt_logprobs is not None and index == 0
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = [None] if wants_plp else None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.text = ""  # detokenized output (kept current only when stop strings need it)
@@ -90,6 +94,13 @@ class Sequence:
         return left
 
     @property
+    def prompt_logprobs_pending(self) -> bool:
+        """Prompt logprobs were asked for and some are still missing: the prompt positions from
+        ``len(prompt_logprobs) - 1`` on must be computed (not taken from the prefix cache) and
+        return their logits."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+
+    @property
     def in_decode(self) -> bool:
         """Only the last sampled token is missing from the KV cache (the prompt is done)."""
         return self.num_uncomputed_tokens == 1 and self.num_computed_tokens >= self.num_prompt_tokens
@@ -115,6 +126,7 @@ class Request:
     params: SamplingParams
     metrics: RequestMetrics
     seqs: list[Sequence] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False  # RequestOutputKind.DELTA: returned once, in the first output
 
     @property
     def finished(self) -> bool:

@@ -134,10 +134,10 @@ class OpenAIServing:
     async def completion(self, req: CompletionRequest) -> tuple[dict[str, Any] | None, AsyncIterator[str] | None]:
         """``(response body, None)``, or ``(None, SSE lines)`` for ``stream=true``."""
         req.check_supported()
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo with logprobs needs prompt logprobs, which this server does not return", "echo")
         try:
             params = req.sampling_params(req.max_tokens, req.logprobs)
+            if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get logprobs too
+                params = params.clone(prompt_logprobs=req.logprobs)
         except (ValueError, TypeError) as e:
             raise bad_request(e) from None
         items = self._prepare(self._completion_prompts(req), params)
@@ -151,10 +151,14 @@ class OpenAIServing:
             finals[i] = out
         choices = []
         for i, (text, _) in enumerate(items):
-            for c in sorted(finals[i].outputs, key=lambda c: c.index):
+            out = finals[i]
+            for c in sorted(out.outputs, key=lambda c: c.index):
                 body = (text or "") + c.text if req.echo else c.text
+                lps, ids = c.logprobs, c.token_ids
+                if out.prompt_logprobs is not None and lps is not None:  # echo: the prompt's tokens first
+                    lps, ids = out.prompt_logprobs + lps, out.prompt_token_ids + ids
                 choices.append({"index": i * params.n + c.index, "text": body,
-                                "logprobs": self._completion_logprobs(c.logprobs, c.token_ids, 0),
+                                "logprobs": self._completion_logprobs(lps, ids, 0),
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})  # fmt: skip
         choices.sort(key=lambda c: c["index"])
         usage = self._usage(items, [c.token_ids for out in finals.values() for c in out.outputs])
@@ -167,13 +171,20 @@ class OpenAIServing:
         generated = 0
         offsets: dict[int, int] = {}
         try:
-            if req.echo:
+            if req.echo and params.prompt_logprobs is None:
                 for i, (text, _) in enumerate(items):
                     for j in range(params.n):
                         choice = {"index": i * params.n + j, "text": text or "", "logprobs": None,
                                   "finish_reason": None}  # fmt: skip
                         yield _sse({**head, "choices": [choice]})
             async for i, out in _merge(streams):
+                if out.prompt_logprobs:  # echo with logprobs: a prompt's chunk comes with its first output
+                    lp = self._completion_logprobs(out.prompt_logprobs, out.prompt_token_ids, 0)
+                    for j in range(params.n):
+                        offsets[i * params.n + j] = sum(len(t) for t in lp["tokens"])
+                        choice = {"index": i * params.n + j, "text": items[i][0] or "", "logprobs": lp,
+                                  "finish_reason": None}  # fmt: skip
+                        yield _sse({**head, "choices": [choice]})
                 for c in out.outputs:
                     index = i * params.n + c.index
                     generated += len(c.token_ids)
@@ -196,6 +207,14 @@ class OpenAIServing:
             return None
         tokens, token_lps, tops, offsets = [], [], [], []
         for tok, entry in zip(token_ids, logprobs):
+            if entry is None:  # an echoed prompt's first token: nothing scores it
+                text = self._token_text(tok)
+                tokens.append(text)
+                token_lps.append(None)
+                tops.append(None)
+                offsets.append(offset)
+                offset += len(text)
+                continue
             chosen = entry[tok]
             text = chosen.decoded_token or ""
             tokens.append(text)
@@ -204,6 +223,10 @@ class OpenAIServing:
             offsets.append(offset)
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def _token_text(self, token_id: int) -> str:
+        inputs = self.engine.engine.inputs
+        return "" if inputs.tokenizer is None else inputs.decode([token_id], skip_special_tokens=False)
 
     # ---- chat --------------------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest) -> tuple[dict[str, Any] | None, AsyncIterator[str] | None]:
@@ -255,8 +278,12 @@ class OpenAIServing:
                 for c in out.outputs:
                     generated += len(c.token_ids)
                     if c.text or c.token_ids:
-                        choice = {"index": c.index, "delta": {"content": c.text} if c.text else {},
-                                  "logprobs": self._chat_logprobs(c, req.top_logprobs or 0), "finish_reason": None}
+                        choice = {
+                            "index": c.index,
+                            "delta": {"content": c.text} if c.text else {},
+                            "logprobs": self._chat_logprobs(c, req.top_logprobs or 0),
+                            "finish_reason": None,
+                        }
                         yield _sse({**head, "choices": [choice]})  # fmt: skip
                     if c.finish_reason is not None:
                         choice = {"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason,
@@ -289,7 +316,7 @@ class OpenAIServing:
 
 
 def _by_rank(entry: dict[int, Logprob]) -> list[tuple[int, Logprob]]:
-    return sorted(entry.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30))
+    return sorted(entry.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
 
 
 def _sse(obj: dict[str, Any]) -> str:
