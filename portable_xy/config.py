@@ -82,7 +82,7 @@ class EngineConfig:
             ``gguf``: GEMM weights stored as Q4_0 / Q4_1 / Q8_0 stay in their blocks (repacked
             once, ``backends/quant.py``) and each GEMM quantizes its activations to int8 per 32
             values; ``gguf_a16``: blocks kept, activations not quantized (the weight-only mode);
-            ``None``: every weight dequantized to ``dtype`` at load. A backend that cannot run
+            ``None`` (``"none"``): every weight dequantized to ``dtype`` at load. A backend that cannot run
             a block type in ``dtype`` dequantizes it; fp32 always does (the exact path).
         seed: seeds the random stream of requests that carry no seed of their own.
         enforce_eager: ``None``: decode-only steps replay CUDA / NPU graphs on ``cuda`` / ``npu``,
@@ -211,6 +211,8 @@ class EngineConfig:
         util = self.gpu_memory_utilization
         if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 < util <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
+        if self.quantization == "none":  # as a command-line value
+            self.quantization = None
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization={self.quantization!r} is not supported (supported: {list(QUANTIZATIONS)})")
 
