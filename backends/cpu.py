@@ -156,6 +156,12 @@ class _QuantCpuWeight:
     int8: bool
 
 
+# Steps of at least this many rows multiply quantized weights on AMX hosts by dequantizing each weight
+# to bf16 tiles first (cpu_native.dequant_amx) and running the AMX GEMM: from about 16 rows that beats
+# the VNNI kernel, whose per-block scaling makes it compute-bound (benchmarks/decode_split.py).
+AMX_QUANT_ROWS = 16
+
+
 KV_COPY_BUDGET = 32 << 20  # bytes of K+V copies kept per layer; larger decode batches gather each step
 KV_COPY_MIN = 256 << 10  # below this many bytes of K per layer, gathering costs less than appending
 KV_COPY_SLACK = 64  # tokens of headroom per sequence, so a copy is re-gathered every ~64 steps
@@ -186,6 +192,7 @@ class CpuBackend(Backend):
         self._kv_copies: dict[int, _KVCopy] = {}  # by the layer's k_cache data_ptr
         self._native = cpu_native.load()  # the bf16 ops in C (cpu_native.c); None without a compiler
         self._amx = self._native is not None and cpu_native.has_amx(self._native)
+        self._tiles: torch.Tensor | None = None  # bf16 AMX tiles of the quantized weight being multiplied
 
     def prepare_weight(self, weight):
         # bf16 on a host with AMX: our AMX kernel (cpu_native.c) for every GEMM. Otherwise oneDNN,
@@ -219,7 +226,14 @@ class CpuBackend(Backend):
         rows = x.reshape(-1, w.k).contiguous()
         if rows.shape[0] == 0:
             return x.new_empty(*x.shape[:-1], w.n)
-        out = cpu_native.qgemm(self._native, rows, w, None if bias is None else bias.contiguous(), weight.int8)
+        bias = None if bias is None else bias.contiguous()
+        if self._amx and rows.shape[0] >= AMX_QUANT_ROWS:  # dequantized to bf16 tiles, then the AMX GEMM
+            size = -(-w.n // 16) * 16 * w.k
+            if self._tiles is None or self._tiles.numel() < size:
+                self._tiles = torch.empty(size, dtype=torch.bfloat16)
+            tiles = cpu_native.dequant_amx(self._native, w, self._tiles, int8_packed=weight.int8)
+            return cpu_native.gemm_amx(self._native, rows, tiles, w.n, bias).view(*x.shape[:-1], w.n)
+        out = cpu_native.qgemm(self._native, rows, w, bias, weight.int8)
         return out.view(*x.shape[:-1], w.n)
 
     def _linear_amx(self, x: torch.Tensor, weight: _AmxWeight, bias: torch.Tensor | None) -> torch.Tensor:

@@ -857,3 +857,94 @@ int px_qgemm_bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const
     free(eb);
     return 0;
 }
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+/* out[c * 16 + j] = in[j][c]: a 16 x 16 transpose of 32-bit words */
+static inline void transpose16(uint32_t in[16][16], uint32_t *out) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        __m512i a = _mm512_loadu_si512(in[2 * i]), b = _mm512_loadu_si512(in[2 * i + 1]);
+        t[2 * i] = _mm512_unpacklo_epi32(a, b);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(a, b);
+    }
+    for (int i = 0; i < 4; i++) { /* u[4i + c], 128-bit lane L: rows 4i..4i+3 of column 4L + c */
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        __m512i x = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), y = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+        __m512i x2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44), y2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+        _mm512_storeu_si512(out + c * 16, _mm512_shuffle_i32x4(x, x2, 0x88));
+        _mm512_storeu_si512(out + (4 + c) * 16, _mm512_shuffle_i32x4(x, x2, 0xDD));
+        _mm512_storeu_si512(out + (8 + c) * 16, _mm512_shuffle_i32x4(y, y2, 0x88));
+        _mm512_storeu_si512(out + (12 + c) * 16, _mm512_shuffle_i32x4(y, y2, 0xDD));
+    }
+}
+#endif
+
+/* A quantized [n, k] weight (backends/quant.py order, k % 32 == 0) dequantized to bf16
+ * (bf16(d q + m), as dequantize_ref) straight into cpu_native.pack_amx's tile layout, zero rows
+ * past n: steps of many rows then run the AMX bf16 GEMM on it. grouped: 4-bit rows in the int8
+ * AVX-512 kernel's order (groups of 4 blocks, then a pair, then a single block). Threads split the
+ * 16-row strips. */
+void px_dequant_amx_tiles(const uint8_t *qs, const uint16_t *d, const uint16_t *mins, int64_t n, int64_t k,
+                          int64_t bits, int64_t grouped, uint16_t *tiles) {
+    int64_t kb = k / 32, nb = (n + 15) / 16, row_bytes = k * bits / 8;
+#pragma omp parallel for schedule(static) num_threads(px_nthreads())
+    for (int64_t s = 0; s < nb; s++) {
+        for (int64_t b = 0; b < kb; b++) {
+            uint32_t *tile = (uint32_t *)(tiles + (s * kb + b) * 512); /* [16 pairs r][16 rows j] */
+            uint32_t rows[16][16]; /* row j: its 32 bf16 values as 16 pairs */
+            for (int j = 0; j < 16; j++) {
+                int64_t row = s * 16 + j;
+                uint16_t *v = (uint16_t *)rows[j];
+                if (row >= n) {
+                    memset(v, 0, 64);
+                    continue;
+                }
+                const uint8_t *qp = qs + row * row_bytes + b * bits * 4;
+                float dd = f16_to_f32(d[row * kb + b]), mm = f16_to_f32(mins[row * kb + b]);
+                uint8_t qv[32];
+                if (bits == 4 && grouped && kb - b / 4 * 4 >= 2 && (kb - b / 4 * 4 >= 4 || b % 4 < 2)) {
+                    /* inside a group of 4 (bytes 64 g..; blocks 0, 1 low nibbles, 2, 3 high) or the pair */
+                    int64_t g0 = b / 4 * 4, t = b - g0;
+                    int full = kb - g0 >= 4;
+                    const uint8_t *base = qs + row * row_bytes + g0 * 16 + (full ? (t & 1) * 32 : 0);
+                    int shift = full ? (t >= 2) * 4 : t * 4;
+                    for (int e = 0; e < 32; e++) qv[e] = (uint8_t)((base[e] >> shift) & 0x0f);
+                    qp = qv;
+                }
+                int expanded = qp == qv; /* qv: 32 quants, one per byte */
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+                __m128i lo, hi;
+                if (bits == 8 || expanded) {
+                    lo = _mm_loadu_si128((const __m128i *)qp);
+                    hi = _mm_loadu_si128((const __m128i *)(qp + 16));
+                } else {
+                    __m128i raw = _mm_loadu_si128((const __m128i *)qp);
+                    lo = _mm_and_si128(raw, _mm_set1_epi8(0x0f));
+                    hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0f));
+                }
+                __m512 vd = _mm512_set1_ps(dd), vm = _mm512_set1_ps(mm);
+                /* d q + m as two roundings (a product, then a sum), as dequantize_ref computes it */
+                __m512 w0 = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), vd), vm);
+                __m512 w1 = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), vd), vm);
+                _mm512_storeu_si512(v, (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
+#else
+                for (int e = 0; e < 32; e++) {
+                    int q = bits == 8 || expanded ? qp[e] : (e < 16 ? qp[e] & 0x0f : qp[e - 16] >> 4);
+                    v[e] = f32_to_bf16(dd * (float)q + mm);
+                }
+#endif
+            }
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+            transpose16(rows, tile);
+#else
+            for (int r = 0; r < 16; r++)
+                for (int j = 0; j < 16; j++) tile[r * 16 + j] = rows[j][r];
+#endif
+        }
+    }
+}

@@ -37,6 +37,7 @@ _SIGNATURES = {
     "px_paged_attention_bf16": [_P, _I, _P, _P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, _F],
     "px_set_num_threads": [_I],
     "px_qgemm_bf16": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I],
+    "px_dequant_amx_tiles": [_P, _P, _P, _I, _I, _I, _I, _P],
 }
 
 
@@ -222,6 +223,22 @@ def pack_quant(lib: ctypes.CDLL, weight: QuantWeight, int8: bool) -> QuantWeight
         parts.append(halves[:, -1])
     qs = torch.cat(parts, dim=1).contiguous()
     return QuantWeight(weight.qtype, qs, weight.d, weight.m, weight.n, weight.k)
+
+
+def dequant_amx(
+    lib: ctypes.CDLL, weight: QuantWeight, out: torch.Tensor | None = None, int8_packed: bool = False
+) -> torch.Tensor:
+    """A :class:`QuantWeight` in ``backends/quant.py``'s order (``int8_packed``: as
+    :func:`pack_quant` returns it for int8 activations), dequantized to bf16 (as
+    ``dequantize_ref(weight, torch.bfloat16)``) into :func:`pack_amx`'s tile layout, written into
+    ``out`` (bf16, at least ``ceil(N/16) * K/32 * 512`` elements) or a new tensor."""
+    size = -(-weight.n // 16) * (weight.k // 32) * 512
+    tiles = torch.empty(size, dtype=torch.bfloat16) if out is None else out[:size]
+    lib.px_dequant_amx_tiles(
+        weight.qs.data_ptr(), weight.d.data_ptr(), weight.m.data_ptr(), weight.n, weight.k, weight.bits,
+        int(int8_packed and quant_kernel(lib) == "avx512-vnni"), tiles.data_ptr(),
+    )  # fmt: skip
+    return tiles
 
 
 def qgemm(

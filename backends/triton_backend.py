@@ -35,8 +35,9 @@ from .. import envs
 from .base import AttnMetadata, Backend
 from .device import detect, require
 from .profile import Profile
+from .quant import QuantWeight
 
-_KERNELS = ("smooth_gemm", "rms_norm", "rope", "activation", "kv_cache", "sampling")
+_KERNELS = ("smooth_gemm", "quant_gemm", "rms_norm", "rope", "activation", "kv_cache", "sampling")
 _PKG = "portable_xy.triton_kernels"
 
 
@@ -123,6 +124,14 @@ class TritonBackend(Backend):
         self.check_dtype(weight.dtype)
         return weight
 
+    def quantized_dtypes(self) -> tuple[torch.dtype, ...]:
+        return tuple(d for d in (torch.float16, torch.bfloat16, torch.float32) if self.supports_dtype(d))
+
+    def prepare_quant_weight(self, weight: QuantWeight, int8_activations: bool) -> QuantWeight:
+        """Kept as it is: ``quant_gemm`` dequantizes in registers and its activations stay in their
+        dtype (weight-only W4A16 / W8A16, whatever ``int8_activations`` says)."""
+        return weight.to(self.device)
+
     # ---- planning ----------------------------------------------------------------------------
     def prepare(self, meta: AttnMetadata, num_heads: int, num_kv_heads: int, head_dim: int | None = None) -> None:
         from portable_xy.triton_kernels.meta_attention import plan_attention
@@ -137,6 +146,8 @@ class TritonBackend(Backend):
     # ---- ops ---------------------------------------------------------------------------------
     def linear(self, x, weight, bias=None):
         self.check_dtype(x.dtype)
+        if isinstance(weight, QuantWeight):
+            return self.k.quant_gemm.quant_linear(x, weight, bias, self.profile)
         return self.k.smooth_gemm.smooth_gemm(x, weight, bias, self.profile)
 
     def rms_norm(self, x, weight, eps, residual=None):

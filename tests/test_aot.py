@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -165,9 +166,16 @@ def test_cli_table_and_exit_codes(tmp_path):
     assert "FAIL" in bad.stdout
 
 
-def test_real_kernels_ci_verdict(tmp_path):
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """The ``--json`` report run of every kernel module's specs under the shipped CUDA profiles
+    (one compile subprocess, shared by the tests below)."""
+    return _cli(tmp_path_factory.mktemp("aot_real"), "--json")
+
+
+def test_real_kernels_ci_verdict(real):
     """Every kernel module's aot_specs under the shipped CUDA profiles: green for sm_80 and sm_90."""
-    r = _cli(tmp_path, "--json")
+    r = real
     if r.returncode != 0 and "no kernel exports aot_specs" in r.stderr:
         pytest.skip("no kernel module exports aot_specs yet")
     assert r.stdout, r.stderr[-3000:]
@@ -182,6 +190,36 @@ def test_real_kernels_ci_verdict(tmp_path):
         assert x["smem_bytes"] <= x["smem_limit"]
         if x["expect_tensor_cores"]:
             assert x["tensor_core_insns"] > 0
+
+
+def test_quant_gemm_compiles_clean_with_tensor_cores(real):
+    """The weight-only quantized GEMM (tiled menu, split-K small-M tile, 4 and 8 bits, fp16 and
+    bf16): no spills, and tensor cores -- HGMMA on sm_90 for tiles with BLOCK_M >= 64, HMMA for
+    16-row tiles and on sm_80."""
+    from portable_xy.backends.profile import load_profile
+
+    assert real.stdout, real.stderr[-3000:]
+    rows = [x for x in json.loads(real.stdout)["reports"] if x["module"] == "quant_gemm"]
+    for arch in ("sm_80", "sm_90"):
+        q = load_profile("cuda", arch.replace("_", ""), tuned=False).data["quant_gemm"]
+        tiles = [f"{t['BLOCK_M']}x{t['BLOCK_N']}x{t['BLOCK_K']}" for t in q["tiles"]]
+        st = q["small_m"]["tile"]
+        want = {f"quant_gemm_w{b}_{ty}_{t}" for b in (4, 8) for ty in ("fp16", "bf16") for t in tiles}
+        want |= {f"quant_gemm_w{b}_{ty}_{st['BLOCK_M']}x{st['BLOCK_N']}x{st['BLOCK_K']}_splitk"
+                 for b in (4, 8) for ty in ("fp16", "bf16")}  # fmt: skip
+        want |= {"split_k_reduce_fp16", "split_k_reduce_bf16"}
+        assert {x["kernel"] for x in rows if x["arch"] == arch} == want, q
+    for x in rows:
+        assert x["verdict"] == "OK", (x["arch"], x["kernel"], x["problems"], x["warnings"])
+        assert x["spill_stores"] == 0 and x["spill_loads"] == 0 and x["smem_bytes"] <= x["smem_limit"]
+        if x["kernel"].startswith("split_k_reduce"):
+            continue
+        bm = int(re.search(r"BLOCK_M=(\d+)", x["config"]).group(1))
+        tc = x["sass_counts"]
+        if x["arch"] == "sm_90" and bm >= 64:
+            assert tc["HGMMA"] > 0, x["kernel"]
+        else:
+            assert tc["HMMA"] > 0, (x["arch"], x["kernel"])
 
 
 def test_interpret_mode_process_is_refused(tmp_path):

@@ -114,6 +114,49 @@ def test_interpret_tiny_run_uses_the_triton_kernels():
     assert report["peaks"]["tflops"] == 0.001  # from the interpreter profile
 
 
+def _check_quant_rows(report: dict, backend: str, cases: set[str]) -> dict:
+    assert bk.validate_report(report) == [] and report["errors"] == []
+    assert report["env"]["backend"] == backend
+    by = {(r["case"], r["impl"]): r for r in report["results"]}
+    assert {r["kernel"] for r in report["results"]} == {"quant_gemm"}
+    assert {c for c, _ in by} == cases
+    for case in cases:
+        rows = {impl: by[case, impl] for impl in ("quant_gemm", "smooth_gemm", "vendor")}
+        assert len({c for c, _ in by if c == case}) == 1 and len([k for k in by if k[0] == case]) == 3
+        p = rows["quant_gemm"]["params"]
+        for r in rows.values():
+            assert r["flops"] == 2 * p["M"] * p["N"] * p["K"] and math.isfinite(r["latency_s"]) and r["latency_s"] > 0
+            assert r["shape"] == case.rsplit("/", 1)[0] and r["params"]["qtype"] in case
+        # per-impl traffic: the quantized weight is smaller than its 16/32-bit dequantized form
+        assert rows["quant_gemm"]["bytes"] < rows["smooth_gemm"]["bytes"] == rows["vendor"]["bytes"]
+        assert p["qtype"] in rows["quant_gemm"]["detail"]
+    return by
+
+
+def test_interpret_tiny_quant_gemm_runs_the_triton_kernel():
+    report = bk.run_kernel_bench(
+        "interpret", ["llama2-7b"], reps=1, warmup=0, kernels=("quant_gemm",), qtypes=("q4_0", "q8_0"),
+        case_filter=r"qkv/q(4|8)_0/M=(1|33)$", log=lambda *_: None,
+    )  # fmt: skip
+    cases = {f"llama2-7b/qkv/{q}/M={m}" for q in ("q4_0", "q8_0") for m in (1, 33)}
+    by = _check_quant_rows(report, "interpret", cases)
+    assert "split-K" in by["llama2-7b/qkv/q4_0/M=1", "quant_gemm"]["detail"]  # decode: the split-K plan
+    assert "r@" in by["llama2-7b/qkv/q8_0/M=33", "quant_gemm"]["detail"]  # the tiled plan
+    assert "r@" in by["llama2-7b/qkv/q8_0/M=33", "smooth_gemm"]["detail"]
+
+
+def test_cpu_quant_gemm_via_cli_and_bad_qtypes(tmp_path, capsys):
+    out = tmp_path / "q.json"
+    args = ["bench", "kernels", "--backend", "cpu", "--model-shapes", "llama2-7b", "--kernels", "quant_gemm",
+            "--qtypes", "q4_1", "--m-values", "7", "--filter", "qkv|/o/", "--out", str(out), "--reps", "1",
+            "--warmup", "0"]  # fmt: skip
+    assert main(args) == 0
+    # tiny llama2-7b O has K = 512 / 32 = 16, not a multiple of the quantization block: skipped
+    _check_quant_rows(json.loads(out.read_text()), "cpu", {"llama2-7b/qkv/q4_1/M=7"})
+    assert main(args[:-6] + ["--qtypes", "q5_k"]) == 2
+    assert "--qtypes takes" in capsys.readouterr().err
+
+
 def test_a_failing_call_is_recorded_and_the_run_goes_on(monkeypatch):
     from portable_xy.tools.bench import impls
 

@@ -166,6 +166,22 @@ def test_precedence_on_shipped_files():
     assert not any(s.endswith("sm75.yaml") for s in p.sources)
 
 
+def test_quant_gemm_section_precedence():
+    """``quant_gemm`` (the weight-only quantized GEMM's menu) layers like ``gemm``: the tile list is
+    replaced by the most specific file, ``small_m`` merges key by key."""
+    base = yaml.safe_load((PROFILE_DIR / "default.yaml").read_text())["quant_gemm"]
+    vend = yaml.safe_load((PROFILE_DIR / "cuda" / "default.yaml").read_text())["quant_gemm"]
+    arch = yaml.safe_load((PROFILE_DIR / "cuda" / "sm90.yaml").read_text())["quant_gemm"]
+    q = load_profile("cuda", "sm90").data["quant_gemm"]
+    assert q["tiles"] == arch["tiles"] != vend["tiles"]
+    assert q["small_m"]["tile"] == arch["small_m"]["tile"] and q["small_m"]["waves"] == vend["small_m"]["waves"]
+    assert load_profile("cuda", "sm75").data["quant_gemm"]["tiles"] == vend["tiles"]
+    assert load_profile("cpu").data["quant_gemm"] == base
+    for vendor, arch_name in SHIPPED:
+        tiles = load_profile(vendor, arch_name).data["quant_gemm"]["tiles"]
+        assert tiles and len({t["BLOCK_K"] for t in tiles}) == 1 and all(t["BLOCK_K"] % 32 == 0 for t in tiles)
+
+
 @pytest.fixture
 def fake_tree(tmp_path, monkeypatch):
     root = tmp_path / "profiles"

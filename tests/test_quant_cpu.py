@@ -158,3 +158,18 @@ def test_smollm2_tensors_load_quantized_equal_to_dequantized_reads(smollm2_path)
         assert torch.equal(dequantize_ref(src.get_quant(name, 0, 64, 128)), src.get(name, 0, 64, 128))
         assert torch.equal(dequantize_ref(src.get_quant(name, 1, 64, 160)), src.get(name, 1, 64, 160))
     assert src.quant_type("model.norm.weight") is None
+
+
+@pytest.mark.parametrize("qtype", sorted(QTYPES))
+@pytest.mark.parametrize("n,k", [(1, 32), (33, 544), (17, 576), (5, 608)])
+def test_dequantized_amx_tiles_equal_the_packed_bf16_reference(lib, qtype, n, k):
+    """The tiles of the many-row AMX path: bf16(d q + m) in pack_amx's layout, bit for bit, from
+    both weight orders (as given, and as packed for the int8 kernel)."""
+    _, handle = lib
+    w, _, _ = _case(qtype, 1, n, k, seed=n + k, bias=False)
+    ref = cpu_native.pack_amx(dequantize_ref(w, BF16)).reshape(-1).view(torch.int16)
+    poison = torch.full((ref.numel(),), float("nan"), dtype=BF16)
+    assert torch.equal(cpu_native.dequant_amx(handle, w, poison.clone()).view(torch.int16), ref)
+    packed = cpu_native.pack_quant(handle, w, True)
+    got = cpu_native.dequant_amx(handle, packed, poison.clone(), int8_packed=True)
+    assert torch.equal(got.view(torch.int16), ref)

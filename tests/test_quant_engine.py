@@ -96,3 +96,24 @@ def test_smollm2_default_engine_is_quantized_and_greedy_follows_bf16(smollm2_pat
     )
     assert _agree_until_near_tie(ours, ref, 0.6) >= 0.5 * len(chats) * params.max_tokens
     assert torch.isfinite(torch.tensor([o.outputs[0].cumulative_logprob for o in ours])).all()
+
+
+def test_triton_backend_runs_the_blocks_in_quant_gemm_and_follows_the_dequantized_engine(tiny_gguf, monkeypatch):
+    """backend="interpret" (the Triton kernels under the interpreter, fp32): GEMM weights stay
+    QuantWeight and go through triton_kernels.quant_gemm; greedy tokens and log-probabilities
+    match the same engine on dequantized weights."""
+    from portable_xy.triton_kernels import quant_gemm
+
+    calls = []
+    real = quant_gemm.quant_linear
+    monkeypatch.setattr(quant_gemm, "quant_linear", lambda *a, **k: (calls.append(a[1].qtype), real(*a, **k))[1])
+    kw = dict(ENGINE, backend="interpret", dtype="float32", max_num_batched_tokens=32)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(3, [5, 21, 9], vocab=256)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2)
+    ours = LLM(tiny_gguf, quantization="gguf_a16", **kw).generate(prompts, params, use_tqdm=False)
+    assert {"q4_0", "q4_1", "q8_0"} <= set(calls)
+    ref = LLM(tiny_gguf, quantization=None, **kw).generate(prompts, params, use_tqdm=False)
+    assert _agree_until_near_tie(ours, ref, 1e-3) == len(prompts) * params.max_tokens
+    for a, b in zip(ours, ref):
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert all(abs(x[t].logprob - y[t].logprob) < 1e-4 for t in x if t in y)

@@ -61,6 +61,56 @@ def smooth_gemm(profile) -> list[dict]:
     return specs
 
 
+def quant_gemm(profile) -> list[dict]:
+    """The weight-only quantized GEMM: one spec per (``quant_gemm.tiles`` menu tile, 4 / 8 bits,
+    half-precision dtype) for the tiled variant (all of K, like a SmoothGEMM tile); the small-M
+    tile (``quant_gemm.small_m.tile``) as the split-K variant writing fp32 partials, per bits and
+    dtype; and the split-K reduce kernel per dtype. Generic M, no bias, K a multiple of BLOCK_K;
+    N, K, the x / y / qs row strides and ``k_per_split`` multiples of 16 (model sizes are; the
+    scale row stride K / 32 need not be), unit inner strides."""
+    from ..triton_kernels.gemm_plan import GemmTile
+    from ..triton_kernels.quant_gemm import quant_gemm_kernel, quant_section, split_k_reduce_kernel, tiled_profile
+
+    q = quant_section(profile)
+    if not q.get("tiles"):
+        return []
+    view = tiled_profile(profile)
+    persistent = bool(view.gemm.get("persistent", False))
+    variants = [(GemmTile.from_dict(t), False) for t in q["tiles"]]
+    small = q.get("small_m") or {}
+    if small.get("tile"):
+        variants.append((GemmTile.from_dict(small["tile"]), True))
+    ints = ("M", "N", "K", "stride_xm", "stride_qn", "stride_dn", "stride_mn", "stride_ym", "k_per_split",
+            "num_splits", "num_programs")  # fmt: skip
+    specs = []
+    for ty in _half_types(profile):
+        for bits in (4, 8):
+            for t, split in variants:
+                cx = dict(BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K,
+                          GROUP_M=int(view.gemm.get("group_m", 1)), BITS=bits, HAS_BIAS=False, EVEN_K=True,
+                          FP32_IEEE=False, PERSISTENT=persistent, SPLIT=split, stride_xk=1, stride_yn=1)  # fmt: skip
+                sig = {"x_ptr": f"*{ty}", "q_ptr": "*u8", "d_ptr": "*fp16", "m_ptr": "*fp16", "b_ptr": f"*{ty}",
+                       "y_ptr": "*fp32" if split else f"*{ty}"}  # fmt: skip
+                sig.update({k: "i32" for k in ints})
+                sig.update({k: "constexpr" for k in cx})
+                specs.append(dict(
+                    name=f"quant_gemm_w{bits}_{ty}_{t.name}{'_splitk' if split else ''}", fn=quant_gemm_kernel,
+                    signature=sig, constexprs=cx, num_warps=t.num_warps, num_stages=t.num_stages,
+                    expect_tensor_cores=True,
+                    divisible_by_16=["N", "K", "stride_xm", "stride_qn", "stride_ym", "k_per_split"],
+                    options={k: v for k, v in t.options if k not in ("num_warps", "num_stages")},
+                ))  # fmt: skip
+        s = profile.data.get("support") or {}
+        sig = {"ws_ptr": "*fp32", "b_ptr": f"*{ty}", "y_ptr": f"*{ty}"}
+        sig.update({k: "i32" for k in ("M", "N", "num_splits", "split_stride", "stride_ym", "num_programs")})
+        specs.append(dict(
+            name=f"split_k_reduce_{ty}", fn=split_k_reduce_kernel, signature=sig,
+            constexprs=dict(BLOCK_N=1024, HAS_BIAS=True, stride_yn=1), num_warps=int(s.get("num_warps", 4)),
+            num_stages=1, expect_tensor_cores=False, divisible_by_16=["N", "split_stride", "stride_ym"],
+        ))  # fmt: skip
+    return specs
+
+
 _ATT_PTRS = ("q_ptr", "k_ptr", "v_ptr", "o_ptr")
 _ATT_I32_PTRS = ("units_ptr", "segments_ptr", "q_start_ptr", "seq_lens_ptr", "tables_ptr", "tree_off_ptr")
 _ATT_STRIDES = ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "stride_ks", "stride_kh",
@@ -211,6 +261,7 @@ KERNEL_SPECS: dict[str, Callable[[object], list[dict]]] = {
     "activation": activation,
     "kv_cache": kv_cache,
     "meta_attention": meta_attention,
+    "quant_gemm": quant_gemm,
     "rms_norm": rms_norm,
     "rope": rope,
     "sampling": sampling,

@@ -7,6 +7,14 @@ GEMM ``y = x @ w^T``:
   ``single_tile``  SmoothGEMM with every row on one fixed tile (the largest of the menu)
   ``vendor``       ``torch.matmul`` (cuBLAS on cuda) / ``F.linear`` (torch_npu on npu)
 
+Weight-only quantized GEMM ``y = x @ dequant(W)^T`` (``W`` a :class:`QuantWeight`):
+  ``quant_gemm``   the Triton W4A16 / W8A16 kernel on the plan ``plan_quant_gemm`` picks (split-K
+                   for decode-sized M); ``cpu``: the torch reference (dequantize, then linear,
+                   every call)
+  ``smooth_gemm``  SmoothGEMM (``cpu``: the backend's linear) on the weight dequantized to x.dtype
+                   beforehand (the 16-bit model the quantized one replaces)
+  ``vendor``       ``torch.matmul`` / ``F.linear`` on that dequantized weight
+
 Attention over the paged KV cache:
   ``meta_attention``  the backend's ``attention`` op: one launch for the whole mixed step
   ``per_stage``       the same op called once per stage (one launch per stage)
@@ -24,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ...backends import AttnMetadata, Backend
+from ...backends.quant import QuantWeight, dequantize_ref
 from ...backends.reference import gather_kv, stage_mask
 from ...triton_kernels.gemm_plan import menu, plan_gemm, single_tile_plan
 
@@ -54,12 +63,41 @@ def gemm_impls(backend: Backend, x: torch.Tensor, w: torch.Tensor) -> dict[str, 
         out["smooth_gemm"] = (lambda: sg.smooth_gemm(x, w, None, backend.profile, plan), plan.describe())
         single = single_tile_plan(M, N, K, largest_tile(backend.profile), backend.profile, x.element_size())
         out["single_tile"] = (lambda: sg.smooth_gemm(x, w, None, backend.profile, single), single.describe())
+    out["vendor"] = _vendor_gemm(backend, x, w)
+    return out
+
+
+def _vendor_gemm(backend: Backend, x: torch.Tensor, w: torch.Tensor) -> tuple[Fn, str]:
     if backend.device.type == "npu":
-        out["vendor"] = (lambda: F.linear(x, w), "torch_npu F.linear")
+        return (lambda: F.linear(x, w)), "torch_npu F.linear"
+    wt = w.t()
+    lib = "cuBLAS" if backend.device.type == "cuda" else "CPU BLAS"
+    return (lambda: torch.matmul(x, wt)), f"torch.matmul ({lib})"
+
+
+def quant_gemm_impls(backend: Backend, x: torch.Tensor, qw: QuantWeight) -> dict[str, tuple[Fn, str]]:
+    """``{impl: (fn, detail)}`` for ``x [M, K] @ dequant(qw)^T`` (see the module doc); the
+    dequantized baseline weight and every plan are made here, outside the timed calls."""
+    M, K = x.shape
+    N = qw.n
+    wd = dequantize_ref(qw, x.dtype)
+    out: dict[str, tuple[Fn, str]] = {}
+    if backend.name == "cpu":
+        out["quant_gemm"] = (lambda: F.linear(x, dequantize_ref(qw, x.dtype)),
+                             f"{qw.qtype}: torch reference (dequantize_ref + F.linear per call)")  # fmt: skip
+        wp = backend.prepare_weight(wd)
+        out["smooth_gemm"] = (lambda: backend.linear(x, wp), f"cpu backend linear on {x.dtype} weights")
     else:
-        wt = w.t()
-        lib = "cuBLAS" if backend.device.type == "cuda" else "CPU BLAS"
-        out["vendor"] = (lambda: torch.matmul(x, wt), f"torch.matmul ({lib})")
+        from ...triton_kernels import quant_gemm as qg
+
+        plan = qg.plan_quant_gemm(M, N, K, backend.profile, x.element_size())
+        out["quant_gemm"] = (lambda: qg.quant_linear(x, qw, None, backend.profile, plan),
+                             f"{qw.qtype}: {plan.describe()}")  # fmt: skip
+        sg = backend.k.smooth_gemm
+        dense = plan_gemm(M, N, K, backend.profile, x.element_size())
+        out["smooth_gemm"] = (lambda: sg.smooth_gemm(x, wd, None, backend.profile, dense),
+                              f"{x.dtype} weights: {dense.describe()}")  # fmt: skip
+    out["vendor"] = _vendor_gemm(backend, x, wd)
     return out
 
 

@@ -1,5 +1,6 @@
 """``portable-xy bench kernels``: SmoothGEMM and Meta-Attention against the vendor library and a
-one-tile / one-launch-per-stage baseline, written as a JSON report.
+one-tile / one-launch-per-stage baseline, and (``--kernels quant_gemm``) the weight-only quantized
+GEMM against SmoothGEMM and the vendor GEMM on the dequantized weights, written as a JSON report.
 
 Report schema (``schema_version`` 1)::
 
@@ -14,11 +15,13 @@ Report schema (``schema_version`` 1)::
                  "statistic": "median"},
       "errors": [{"kernel", "case", "impl", "error"}],   # calls that raised (not timed)
       "results": [{
-        "kernel": "gemm" | "attention",
-        "case": "llama2-7b/qkv/M=64" | "llama2-7b/decode_b8_c128" ...,   # unique per kernel
-        "shape": "llama2-7b/qkv" | "llama2-7b/decode" ...,   # plot panels: GEMM shape, attention group
-        "params": {M, N, K} | {query_lens, seq_lens, num_heads, num_kv_heads, head_dim, ...},
-        "impl": "smooth_gemm" | "single_tile" | "meta_attention" | "per_stage" | "vendor",
+        "kernel": "gemm" | "attention" | "quant_gemm",
+        "case": "llama2-7b/qkv/M=64" | "llama2-7b/decode_b8_c128" | "llama2-7b/qkv/q4_0/M=64" ...,
+                                                              # unique per kernel
+        "shape": "llama2-7b/qkv" | "llama2-7b/decode" | "llama2-7b/qkv/q4_0" ...,   # plot panels
+        "params": {M, N, K} | {query_lens, seq_lens, num_heads, num_kv_heads, head_dim, ...}
+                  | {M, N, K, qtype},
+        "impl": "smooth_gemm" | "single_tile" | "meta_attention" | "per_stage" | "quant_gemm" | "vendor",
         "detail": str, "latency_s": float, "flops": int, "bytes": int,
         "tflops": float, "gbps": float,
         "frac_peak_flops": float | null, "frac_peak_bw": float | null,
@@ -27,7 +30,10 @@ Report schema (``schema_version`` 1)::
     }
 
 ``bytes`` is the minimum traffic (every operand read once, the output written once); attention
-``flops`` count only visible (query, key) pairs: ``4 * pairs * num_heads * head_dim``.
+``flops`` count only visible (query, key) pairs: ``4 * pairs * num_heads * head_dim``. For
+``quant_gemm`` rows ``bytes`` is per impl: the quantized weight (``qs``, ``d``, ``m``) for
+``quant_gemm``, the dequantized x.dtype weight for its baselines. Shapes whose K is not a multiple
+of 32 (the quantization block) have no ``quant_gemm`` rows.
 """
 
 from __future__ import annotations
@@ -48,8 +54,9 @@ from .shapes import M_SWEEP, M_SWEEP_TINY, MODELS, TINY_SCALE, TP, AttnCase, att
 
 SCHEMA = "portable_xy.bench.kernels"
 SCHEMA_VERSION = 1
-OURS = {"gemm": "smooth_gemm", "attention": "meta_attention"}
-BASELINE = {"gemm": "single_tile", "attention": "per_stage"}
+OURS = {"gemm": "smooth_gemm", "attention": "meta_attention", "quant_gemm": "quant_gemm"}
+BASELINE = {"gemm": "single_tile", "attention": "per_stage", "quant_gemm": "smooth_gemm"}
+QTYPES_DEFAULT = ("q4_0", "q8_0")  # q4_1 runs the 4-bit path of q4_0 (only m differs)
 RESULT_KEYS = ("kernel", "case", "shape", "params", "impl", "detail", "latency_s", "flops", "bytes", "tflops",
                "gbps", "frac_peak_flops", "frac_peak_bw", "utilisation")  # fmt: skip
 TOP_KEYS = ("schema", "schema_version", "created", "tiny", "dtype", "models", "tp", "env", "peaks", "timing", "results",
@@ -137,11 +144,13 @@ def run_kernel_bench(
     peaks: tuple[float | None, float | None] | None = None,
     m_values: tuple[int, ...] | None = None,
     case_filter: str | None = None,
+    qtypes: tuple[str, ...] = QTYPES_DEFAULT,
     log=print,
 ) -> dict:
     """Run the benchmark on ``backend_name`` and return the report (see the module doc).
     ``tiny`` defaults to True on ``cpu`` / ``interpret``; ``peaks`` overrides the profile's;
-    ``m_values`` the GEMM M sweep; ``case_filter`` (a regex) keeps the cases whose name matches."""
+    ``m_values`` the GEMM M sweep; ``case_filter`` (a regex) keeps the cases whose name matches;
+    ``qtypes`` the weight types of ``quant_gemm``."""
     from ...backends import get_backend
     from .env import device_peaks, environment, make_timer
 
@@ -163,8 +172,10 @@ def run_kernel_bench(
     def keep(case: str) -> bool:
         return case_filter is None or re.search(case_filter, case) is not None
 
-    def record(kernel: str, case: str, shape: str, params: dict, impls: dict, flops: int, nbytes: int) -> None:
+    def record(kernel: str, case: str, shape: str, params: dict, impls: dict, flops: int,
+               nbytes: int | dict[str, int]) -> None:  # fmt: skip
         for impl, (fn, detail) in impls.items():
+            nb = nbytes[impl] if isinstance(nbytes, dict) else nbytes
             try:
                 lat = timer(fn)
             except Exception as e:  # a failing kernel / library call must not lose the rest of a long run
@@ -172,10 +183,11 @@ def run_kernel_bench(
                 log(f"{kernel:9s} {case:40s} {impl:14s} FAILED: {errors[-1]['error']}")
                 continue
             row = dict(kernel=kernel, case=case, shape=shape, params=params, impl=impl, detail=detail)
-            results.append({**row, **_metrics(lat, flops, nbytes, peaks)})
+            results.append({**row, **_metrics(lat, flops, nb, peaks)})
             log(f"{kernel:9s} {case:40s} {impl:14s} {lat * 1e6:12.1f} us  {results[-1]['tflops']:8.3f} TF/s")
 
-    from .impls import attention_impls, gemm_impls
+    from ...backends.quant import QBLOCK, quantize_ref
+    from .impls import attention_impls, gemm_impls, quant_gemm_impls
 
     for model in models:
         if "gemm" in kernels:
@@ -188,6 +200,24 @@ def run_kernel_bench(
                     flops, nbytes = gemm_cost(M, shape.N, shape.K, esize)
                     params = {"M": M, "N": shape.N, "K": shape.K}
                     record("gemm", f"{shape.name}/M={M}", shape.name, params, gemm_impls(backend, x, w), flops, nbytes)
+        if "quant_gemm" in kernels:
+            for shape in gemm_shapes(model, TP, TINY_SCALE if tiny else 1):
+                if shape.K % QBLOCK:
+                    log(f"quant_gemm {shape.name}: K={shape.K} is not a multiple of {QBLOCK}: skipped")
+                    continue
+                w = torch.randn(shape.N, shape.K, generator=gen) / math.sqrt(shape.K)
+                for qtype in qtypes:
+                    qw = quantize_ref(w, qtype).to(dev)
+                    for M in m_values or (M_SWEEP_TINY if tiny else M_SWEEP):
+                        case = f"{shape.name}/{qtype}/M={M}"
+                        if not keep(case):
+                            continue
+                        x = torch.randn(M, shape.K, generator=gen).to(device=dev, dtype=dtype)
+                        flops, dense = gemm_cost(M, shape.N, shape.K, esize)
+                        quant = (M * shape.K + M * shape.N) * esize + qw.nbytes
+                        params = {"M": M, "N": shape.N, "K": shape.K, "qtype": qtype}
+                        record("quant_gemm", case, f"{shape.name}/{qtype}", params, quant_gemm_impls(backend, x, qw),
+                               flops, {"quant_gemm": quant, "smooth_gemm": dense, "vendor": dense})  # fmt: skip
         if "attention" in kernels:
             hq, hkv = rank_heads(MODELS[model], TP)
             d = MODELS[model].head_dim
@@ -224,6 +254,12 @@ def _run_cli(args: argparse.Namespace) -> int:
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     kernels = tuple(args.kernels.split(","))
+    qtypes = tuple(q.strip() for q in args.qtypes.split(",") if q.strip())
+    from ...backends.quant import QTYPES
+
+    if not qtypes or set(qtypes) - set(QTYPES):
+        print(f"bench kernels: --qtypes takes a comma list of {list(QTYPES)}, got {args.qtypes!r}", file=sys.stderr)
+        return 2
     if not kernels or set(kernels) - set(OURS):
         print(f"bench kernels: --kernels takes a comma list of {list(OURS)}, got {args.kernels!r}", file=sys.stderr)
         return 2
@@ -232,6 +268,7 @@ def _run_cli(args: argparse.Namespace) -> int:
         warmup=args.warmup, reps=args.reps, kernels=kernels,
         peaks=(args.peak_tflops, args.peak_gbps) if args.peak_tflops or args.peak_gbps else None,
         m_values=tuple(int(m) for m in args.m_values.split(",")) if args.m_values else None, case_filter=args.filter,
+        qtypes=qtypes,
     )  # fmt: skip
     problems = validate_report(report)
     if problems:
@@ -247,13 +284,14 @@ def _run_cli(args: argparse.Namespace) -> int:
 
 
 def add_kernels_command(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("kernels", help="SmoothGEMM / Meta-Attention vs vendor libraries -> JSON")
+    p = subparsers.add_parser("kernels", help="SmoothGEMM / Meta-Attention / quantized GEMM vs vendor GEMMs -> JSON")
     p.add_argument("--backend", required=True, choices=["cuda", "npu", "interpret", "cpu"])
     p.add_argument("--model-shapes", default="all", help=f"'all' or a comma list of {list(MODELS)}")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--tiny", action="store_true", help="scaled-down shapes, few repeats (default on cpu/interpret)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: fp16 on devices, fp32 on CPU")
-    p.add_argument("--kernels", default="gemm,attention", help="comma list of gemm, attention")
+    p.add_argument("--kernels", default="gemm,attention", help="comma list of gemm, attention, quant_gemm")
+    p.add_argument("--qtypes", default=",".join(QTYPES_DEFAULT), help="quant_gemm weight types: q4_0, q4_1, q8_0")
     p.add_argument("--m-values", help="GEMM token counts, e.g. 1,64,4096 (default: the M sweep)")
     p.add_argument("--filter", help="regex: only cases whose name matches (e.g. 'qkv|decode')")
     p.add_argument("--warmup", type=int)

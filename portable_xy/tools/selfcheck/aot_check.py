@@ -8,7 +8,8 @@ from typing import Any
 
 from .report import Stage
 
-KERNEL_MODULES = ("smooth_gemm", "meta_attention", "rms_norm", "rope", "activation", "kv_cache", "sampling")
+KERNEL_MODULES = ("smooth_gemm", "quant_gemm", "meta_attention", "rms_norm", "rope", "activation", "kv_cache",
+                  "sampling")  # fmt: skip
 
 
 def jit_kernels() -> list[dict[str, Any]]:
