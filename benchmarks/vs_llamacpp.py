@@ -15,7 +15,8 @@ Every request is a chat prompt (the model's template, tokenized once here and se
 all engines), greedy, exactly ``--new-tokens`` new tokens (EOS ignored / banned). "single": the
 ``--single`` prompts one after another; "batch": ``--batch`` prompts at once (portable_xy only:
 llama-cpp-python's ``Llama`` serves one sequence). Rounds interleave the engines, in reverse order
-every other round. Memory: each worker's peak resident set (``VmHWM``) after its last request.
+every other round. Memory: each worker's peak resident set (``VmHWM``) after loading and its first
+single-stream requests, and after its last request.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ def main() -> None:
     for w in workers:  # warm-up
         w.ask({"prompts": single[:1], "new_tokens": 4})
     rounds = []
+    single_rss: dict[str, float] = {}
     for r in range(args.rounds):
         order = workers if r % 2 == 0 else workers[::-1]
         got: dict[str, dict[str, float]] = {}
@@ -159,6 +161,8 @@ def main() -> None:
                 rates = [got[w.name]["single"]]
                 rates += [w.ask({"prompts": [p], "new_tokens": args.new_tokens})["tok_s"] for p in single[1:]]
                 got[w.name]["single"] = len(rates) / sum(1 / x for x in rates)
+            if r == 0:  # peak memory of loading and single-stream decoding
+                single_rss[w.name] = w.ask({"rss": True})["rss"]
             if args.batch and w.name != "llama.cpp":
                 got[w.name]["batch"] = w.ask({"prompts": batch, "new_tokens": args.new_tokens})["tok_s"]
         rounds.append(got)
@@ -171,12 +175,14 @@ def main() -> None:
     amx = "with AMX" if "amx_int8" in lscpu else "no AMX"
     print(f"\n{model_name} ({amx}), {threads} threads; {path.name}; {args.new_tokens} new tokens, greedy")
     print(
-        f"{'engine (median of rounds)':<26}{'single tok/s':>14}{f'{args.batch} x batch tok/s':>20}{'peak RSS MiB':>15}"
+        f"{'engine (median of rounds)':<26}{'single tok/s':>14}{f'{args.batch} x batch tok/s':>20}"
+        f"{'peak RSS MiB, single / all':>30}"
     )
     for w in workers:
         s = statistics.median(x[w.name]["single"] for x in rounds)
         b = statistics.median(x[w.name]["batch"] for x in rounds) if args.batch and w.name != "llama.cpp" else None
-        print(f"{w.name:<26}{s:>14.1f}{'-' if b is None else f'{b:.1f}':>20}{rss[w.name]:>15.0f}")
+        mem = f"{single_rss[w.name]:.0f} / {rss[w.name]:.0f}"
+        print(f"{w.name:<26}{s:>14.1f}{'-' if b is None else f'{b:.1f}':>20}{mem:>30}")
 
     def ratio(a: str, b: str, kind: str) -> str:
         rs = [x[a][kind] / x[b][kind] for x in rounds]
