@@ -530,6 +530,7 @@ int px_amx_available(void) { return 0; }
  * x is applied to a weight row while it sits in L1 (the multi-row kernel), in chunks of QROWS
  * rows. A row's result is computed in the same order whatever M is. */
 #define QROWS 4
+#define QPREFETCH 8 /* weight rows prefetched ahead of the pair being multiplied */
 
 static inline float f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
@@ -839,6 +840,14 @@ int px_qgemm_bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const
     for (int64_t j = 0; j < n; j += 2) { /* two weight rows at a time (the int8 kernel shares x's loads) */
         int nw = n - j < 2 ? 1 : 2;
         const uint8_t *qr = qs + j * row_bytes;
+#if defined(Q_AVX512) || defined(Q_AVX2)
+        if (j + QPREFETCH + 2 <= n) { /* the weight streams from memory: fetch rows a few pairs ahead */
+            const uint8_t *ahead = qs + (j + QPREFETCH) * row_bytes;
+            for (int64_t off = 0; off < 2 * row_bytes; off += 64) _mm_prefetch((const char *)ahead + off, _MM_HINT_T0);
+            _mm_prefetch((const char *)(d + (j + QPREFETCH) * nb), _MM_HINT_T0);
+            _mm_prefetch((const char *)(mins + (j + QPREFETCH) * nb), _MM_HINT_T0);
+        }
+#endif
         for (int64_t i0 = 0; i0 < m; i0 += QROWS) {
             int nr = m - i0 < QROWS ? (int)(m - i0) : QROWS;
             float out[2 * QROWS];
