@@ -29,12 +29,9 @@ import statistics
 import subprocess
 import sys
 
-from portable_xy.models.loader import load_tokenizer, resolve_model_path
+from throughput_vs_hf import make_prompts  # this script's folder is on sys.path
 
-TOPICS = [
-    "the history of the printing press", "how a transistor works", "why the sky is blue",
-    "the rules of chess", "photosynthesis", "the water cycle", "how vaccines work", "the Roman Empire",
-]  # fmt: skip
+from portable_xy.models.loader import load_tokenizer, resolve_model_path
 
 # One JSON request per line on stdin ({"prompts", "new_tokens"}), one JSON reply per line on stdout
 # ({"tok_s"}, or {"rss"} when asked); first line "READY". ``run`` returns each request's new-token count.
@@ -103,15 +100,6 @@ class Worker:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
-
-
-def make_prompts(tokenizer, n: int) -> list[list[int]]:
-    out = []
-    for i in range(n):
-        msg = [{"role": "user", "content": f"Write a detailed essay about {TOPICS[i % len(TOPICS)]}. (#{i})"}]
-        text = tokenizer.apply_chat_template(msg, tokenize=False, add_generation_prompt=True)
-        out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return out
 
 
 def find_llama_python(given: str | None) -> str | None:
