@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .platforms import PLATFORMS, Platform, platform_for_device
 from .profile import Profile
 from .quant import QuantWeight
 
@@ -69,6 +70,12 @@ class Backend:
     def __init__(self, device: torch.device, profile: Profile) -> None:
         self.device = device
         self.profile = profile
+
+    @property
+    def platform(self) -> Platform:
+        """The vendor facts of this backend (``backends/platforms/``): its own platform, else its
+        device's."""
+        return PLATFORMS[self.name] if self.name in PLATFORMS else platform_for_device(self.device)
 
     # ---- planning (host side, once per step) -------------------------------------------------
     def prepare(self, meta: AttnMetadata, num_heads: int, num_kv_heads: int, head_dim: int | None = None) -> None:

@@ -39,26 +39,16 @@ from types import ModuleType
 import torch
 
 from .base import AttnMetadata, Backend
+from .platforms import platform_for_device
 
 Forward = Callable[[torch.Tensor, AttnMetadata], torch.Tensor]  # (input_ids [T], meta) -> hidden [T, H]
 
 
 def graph_module(device: torch.device) -> tuple[ModuleType, type]:
-    """``(torch.cuda, CUDAGraph)`` or ``(torch.npu, NPUGraph)`` (torch_npu imported lazily): the
-    device module whose ``graph``, ``graph_pool_handle``, ``Stream``, ``stream`` and
-    ``current_stream`` capture graphs; a clear error when the device has no graph capture."""
-    if device.type == "cuda":
-        return torch.cuda, torch.cuda.CUDAGraph
-    if device.type != "npu":
-        raise RuntimeError(f"no graph capture on device type {device.type!r} (use the eager static path)")
-    try:
-        import torch_npu  # noqa: F401
-    except ImportError as e:
-        raise RuntimeError(f"NPU graphs need torch_npu, which could not be imported ({e})") from e
-    missing = [a for a in ("NPUGraph", "graph", "graph_pool_handle") if not hasattr(torch.npu, a)]
-    if missing:
-        raise RuntimeError(f"this torch_npu has no NPU graph capture (torch.npu lacks {', '.join(missing)})")
-    return torch.npu, torch.npu.NPUGraph
+    """``(module, Graph class)`` of ``device``'s platform (:meth:`Platform.graph_api`): the module
+    whose ``graph``, ``graph_pool_handle``, ``Stream``, ``stream`` and ``current_stream`` capture
+    graphs; a clear error when the device has no graph capture."""
+    return platform_for_device(device).graph_api()
 
 
 class DecodeGraphRunner:
@@ -84,7 +74,7 @@ class DecodeGraphRunner:
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.max_blocks = int(cfg.get("max_blocks_per_seq") or 0) or -(-max_model_len // block_size)
         self.max_seq_len = self.max_blocks * block_size
-        self.graphs, self.graph_cls = graph_module(backend.device) if capture else (None, None)
+        self.graphs, self.graph_cls = backend.platform.graph_api() if capture else (None, None)
         self.pool = self.graphs.graph_pool_handle() if capture else None
         dev, top = backend.device, self.buckets[-1]
         self.input_ids = torch.zeros(top, dtype=torch.long, device=dev)
@@ -188,7 +178,7 @@ def make_decode_graph_runner(
     backend has no static decode plan and always runs eager."""
     if enforce_eager or not backend.static_decode:
         return None
-    capture = backend.device.type in ("cuda", "npu")
+    capture = backend.platform.graph_capture
     if not capture and enforce_eager is None:
         return None
     args = (backend, forward, num_heads, num_kv_heads, block_size, max_model_len)

@@ -1,22 +1,17 @@
-"""Triton backends: ``interpret`` (Triton interpreter on CPU tensors), ``cuda`` and ``npu``.
+"""Triton backends: one per platform whose kernels are Triton kernels (``backends/platforms/``).
 
-All three run the same kernels from ``portable_xy.triton_kernels`` (SmoothGEMM, RMSNorm, RoPE,
+Every one runs the same kernels from ``portable_xy.triton_kernels`` (SmoothGEMM, RMSNorm, RoPE,
 SiLU-and-mul, KV store, sampling, and the Meta-Attention module) with a per-vendor, per-arch
-profile:
+profile; the platform names the device, its architecture (hence the profile file) and its core
+count (SMs on NVIDIA, CUs on AMD, AI cores on Ascend).
 
-* ``interpret``: ``TRITON_INTERPRET=1`` and CPU tensors, profile ``interpret``. Triton decides
-  at ``@triton.jit`` decoration time whether a kernel is interpreted -- for its own standard
-  library too (``tl.sum``, ``tl.cdiv`` are jit functions created when ``triton`` is imported) --
-  so the variable is set here *before* triton and the kernel modules are imported (nothing in
-  ``portable_xy`` imports triton earlier). If triton or the kernels were already imported
-  without it, this raises a clear error instead of failing inside a kernel. fp32/fp16 only:
-  the interpreter has no bfloat16.
-* ``cuda``: device ``cuda``, profile ``cuda/sm<cc>`` (``cuda/default`` for archs without a
-  file), core count = SM count.
-* ``npu``: Ascend via ``torch_npu`` + triton-ascend, profile ``ascend/910b`` or
-  ``ascend/910_93`` from the SoC name, core count = ``num_aicore``.
-
-Device detection and the arch names are :mod:`portable_xy.backends.device`'s.
+The interpreter platform (``interpret``) runs them with ``TRITON_INTERPRET=1`` on CPU tensors.
+Triton decides at ``@triton.jit`` decoration time whether a kernel is interpreted -- for its own
+standard library too (``tl.sum``, ``tl.cdiv`` are jit functions created when ``triton`` is
+imported) -- so the variable is set here *before* triton and the kernel modules are imported
+(nothing in ``portable_xy`` imports triton earlier). If triton or the kernels were already
+imported without it, this raises a clear error instead of failing inside a kernel. fp32/fp16
+only: the interpreter has no bfloat16.
 
 Kernel modules are imported lazily (inside :func:`make_triton_backend`), and the Meta-Attention
 module only when attention is first planned or run.
@@ -33,7 +28,7 @@ import torch
 
 from .. import envs
 from .base import AttnMetadata, Backend
-from .device import detect, require
+from .platforms import PLATFORMS, get_platform
 from .profile import Profile
 from .quant import QuantWeight
 
@@ -179,17 +174,10 @@ class TritonBackend(Backend):
         return self.k.sampling.sample(logits, temperature, top_k, top_p, min_p, uniform, self.profile)
 
     def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        elif self.device.type == "npu":
-            torch.npu.synchronize()
+        self.platform.synchronize(self.device)
 
     def mem_get_info(self) -> tuple[int, int] | None:
-        if self.device.type == "cuda":
-            return torch.cuda.mem_get_info(self.device)
-        if self.device.type == "npu":
-            return torch.npu.mem_get_info(self.device)
-        return None
+        return self.platform.mem_get_info(self.device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,25 +186,17 @@ class TritonBackend(Backend):
 
 
 def make_triton_backend(name: str) -> TritonBackend:
-    """Build the ``interpret``, ``cuda`` or ``npu`` backend (see the module doc): the device is
-    checked first, then the kernels are imported in the matching Triton mode, then the device's
-    profile is resolved."""
-    if name not in ("interpret", "cuda", "npu"):
-        raise ValueError(f"not a Triton backend: {name!r} (choose from ['cuda', 'interpret', 'npu'])")
-    require(name)
-    if name == "npu" and importlib.util.find_spec("triton.backends.ascend") is None:
-        raise RuntimeError(
-            "backend 'npu': the installed triton is upstream Triton, not triton-ascend (they cannot coexist: "
-            "uninstall both, then install triton-ascend)"
-        )
-    kernels = _load_kernels(interpret=name == "interpret")
-    if name == "cuda":
-        import triton
-
-        target = triton.runtime.driver.active.get_current_target()
-        if target.backend != "cuda":
-            raise RuntimeError(f"backend 'cuda': the active Triton driver targets {target.backend!r}, not CUDA")
-    info = detect(name)
+    """Build the Triton backend of platform ``name`` (see the module doc): the device is checked
+    first, then the kernels are imported in the matching Triton mode, then the device's profile is
+    resolved."""
+    platform = get_platform(name)
+    if not platform.runs_triton:
+        triton_names = sorted(n for n, p in PLATFORMS.items() if p.runs_triton)
+        raise ValueError(f"not a Triton backend: {name!r} (choose from {triton_names})")
+    platform.require()
+    kernels = _load_kernels(interpret=platform.triton_interpreted)
+    platform.check_triton()
+    info = platform.detect()
     return TritonBackend(name, info.device, info.profile(), kernels)
 
 

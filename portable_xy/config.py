@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from .backends.device import cpu_has_fast_bf16, detect, resolve_backend_name
+from .backends.device import detect
+from .backends.platforms import get_platform, resolve_backend_name
 from .distributed.sharding import check_tensor_parallel
 from .engine.scheduler import SchedulerConfig
 from .models.config import ModelConfig
@@ -44,11 +45,7 @@ def resolve_dtype(dtype: str | torch.dtype, backend: str) -> torch.dtype:
         raise ValueError(f"dtype={dtype!r} is not one of {['auto', *DTYPES]}")
     if dtype != "auto":
         return DTYPES[dtype]
-    if backend == "cpu":
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    if backend == "interpret":
-        return torch.float32
-    return torch.bfloat16
+    return get_platform(backend).default_dtype()
 
 
 def _positive_int(name: str, val: Any, optional: bool = False) -> None:
@@ -162,7 +159,7 @@ class EngineConfig:
             raise TypeError(f"speculative_config must be a dict, got {type(self.speculative_config).__name__}")
         self.backend = resolve_backend_name(self.backend)
         self.dtype = resolve_dtype(self.dtype, self.backend)
-        if self.backend == "interpret" and self.dtype == torch.bfloat16:
+        if get_platform(self.backend).triton_interpreted and self.dtype == torch.bfloat16:
             raise ValueError("dtype=bfloat16 is not supported by the Triton interpreter; use float32 or float16")
         self.model_path = resolve_model_path(self.model)
         self.model_config = load_model_config(self.model_path)

@@ -2,7 +2,7 @@
 # The hardware validation kit: installs portable_xy offline (no network, no package index, no
 # dependency resolution) into the current Python unless it is already importable from this
 # checkout, then runs `portable-xy selfcheck`.
-#   scripts/device_check.sh [--backend cuda|npu|interpret] [--out DIR] [--quick] [--budget-s S]
+#   scripts/device_check.sh [--backend cuda|rocm|npu|interpret] [--out DIR] [--quick] [--budget-s S]
 # Writes DIR/NN_stage.json per stage and DIR/summary.md as it goes; exits non-zero on any
 # correctness failure. PYTHON picks the interpreter (default: python3).
 set -euo pipefail

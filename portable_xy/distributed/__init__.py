@@ -1,4 +1,4 @@
-"""Tensor parallelism on torch.distributed (NCCL on CUDA, HCCL on Ascend, gloo on CPU).
+"""Tensor parallelism on torch.distributed (NCCL on CUDA, RCCL on ROCm, HCCL on Ascend, gloo on CPU).
 
 =================  ======================================================================
 module             what

@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .group import DEVICE_TIMEOUT, DIST_BACKENDS, TensorParallelError, TPGroup
+from ..backends.platforms import get_platform
+from .group import DEVICE_TIMEOUT, TensorParallelError, TPGroup
 
 if TYPE_CHECKING:
     from ..config import EngineConfig
@@ -63,11 +64,9 @@ def rank_threads(ranks_here: int) -> int:
 
 def setup_rank(config: EngineConfig, local_rank: int) -> None:
     """Per-process settings of a rank: its accelerator, or its share of the CPU threads."""
-    if config.backend == "cuda":
-        torch.cuda.set_device(local_rank)
-    elif config.backend == "npu":
-        torch.npu.set_device(local_rank)
-    elif config.backend in ("cpu", "interpret"):
+    platform = get_platform(config.backend)
+    platform.set_device(local_rank)
+    if platform.host_threads:
         from ..backends import cpu_native
 
         here = int(os.environ.get("LOCAL_WORLD_SIZE", config.tensor_parallel_size))  # torchrun: ranks on this node
@@ -90,9 +89,9 @@ def _worker_main(config: EngineConfig, rank: int, size: int, port: int, errors) 
         setup_rank(config, rank)
         store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=DEVICE_TIMEOUT)
         store.set(READY_KEY.format(rank), "1")
-        dist.init_process_group(DIST_BACKENDS[config.backend], store=store, rank=rank, world_size=size,
+        dist.init_process_group(get_platform(config.backend).dist_backend, store=store, rank=rank, world_size=size,
                                 timeout=DEVICE_TIMEOUT)  # fmt: skip
-        serve_worker(config, TPGroup.create(rank, size))
+        serve_worker(config, TPGroup.create(get_platform(config.backend), rank, size))
     except BaseException:
         code = 1
         errors.put((rank, traceback.format_exc()))
@@ -120,8 +119,9 @@ class TPExecutor:
         self.errors = None
         self.reports: dict[int, str] = {}  # rank -> traceback of a worker that raised
         self.stopped = False
-        self._threads = torch.get_num_threads() if config.backend in ("cpu", "interpret") else None
-        backend = DIST_BACKENDS[config.backend]
+        platform = get_platform(config.backend)
+        self._threads = torch.get_num_threads() if platform.host_threads else None
+        backend = platform.dist_backend
         if dist.is_initialized():
             raise RuntimeError(
                 "a torch.distributed process group is already initialised in this process (another "
@@ -137,14 +137,14 @@ class TPExecutor:
             dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=DEVICE_TIMEOUT)
             if rank != 0:
                 try:
-                    serve_worker(config, TPGroup.create(rank, world))
+                    serve_worker(config, TPGroup.create(platform, rank, world))
                 finally:
                     dist.destroy_process_group()
                 raise SystemExit(0)
         else:
             self._spawn(config, backend)
         try:
-            self.group = TPGroup.create(0, self.size, self.diagnose)
+            self.group = TPGroup.create(platform, 0, self.size, self.diagnose)
         except BaseException:
             self.shutdown(wait_s=0.0)
             raise

@@ -1,7 +1,7 @@
 """One rank's view of a tensor-parallel group: the collectives the model and the runner use.
 
-Two torch.distributed groups back it: the default group on the device's backend (NCCL on CUDA,
-HCCL on Ascend, gloo on CPU) for activations, and a gloo group on the CPU for the per-step
+Two torch.distributed groups back it: the default group on the platform's backend (NCCL on CUDA,
+RCCL on ROCm, HCCL on Ascend, gloo on CPU) for activations, and a gloo group on the CPU for the per-step
 messages rank 0 sends (pickled objects in a fixed buffer, ``broadcast``). The control group waits
 without a practical timeout, so workers can sit idle under a quiet server; a peer that exits
 closes its sockets, which fails any pending collective at once.
@@ -18,12 +18,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..backends.platforms import Platform
+
 DEVICE_TIMEOUT = timedelta(minutes=30)  # activations: a rank may load its shard this much later
 CONTROL_TIMEOUT = timedelta(days=365)  # per-step messages: workers wait for the next step this long
 # torch 2.13 renamed all_gather_into_tensor (the older name warns there)
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 MESSAGE_BYTES = 16384  # the per-step message buffer: a decode step of a few dozen sequences fits
-DIST_BACKENDS = {"cpu": "gloo", "interpret": "gloo", "cuda": "nccl", "npu": "hccl"}
 
 
 class TensorParallelError(RuntimeError):
@@ -36,14 +37,20 @@ class TPGroup:
     (rank 0's executor names the worker that died); after it, every call raises that error."""
 
     def __init__(
-        self, rank: int, size: int, cpu_group: Any, on_failure: Callable[[BaseException], BaseException] | None = None
+        self,
+        rank: int,
+        size: int,
+        cpu_group: Any,
+        platform: Platform,
+        on_failure: Callable[[BaseException], BaseException] | None = None,
     ) -> None:
         self.rank = rank
+        self.platform = platform
         self.size = size
         self.cpu_group = cpu_group
         self.on_failure = on_failure
         self.broken: BaseException | None = None
-        self.backend = dist.get_backend()  # the activations' backend: gloo, nccl or hccl
+        self.backend = dist.get_backend()  # the activations' backend (the platform's, or gloo)
         self._message = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8)
         # counters for benchmarks (eager steps; graph replays do not pass through Python)
         self.all_reduce_bytes = 0
@@ -52,9 +59,9 @@ class TPGroup:
         self.broadcast_s = 0.0
 
     @classmethod
-    def create(cls, rank: int, size: int, on_failure=None) -> TPGroup:
+    def create(cls, platform: Platform, rank: int, size: int, on_failure=None) -> TPGroup:
         """After ``init_process_group``: add the gloo control group."""
-        return cls(rank, size, dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT), on_failure)
+        return cls(rank, size, dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT), platform, on_failure)
 
     def fail(self, cause: BaseException) -> BaseException:
         """Mark the group stopped by ``cause``; returns the error to raise."""
@@ -87,7 +94,7 @@ class TPGroup:
         """``x [N, C]`` of every rank concatenated along dim 1 on rank 0 (``[N, size * C]``);
         ``None`` on the other ranks."""
         x = x.contiguous()
-        if self.backend == "hccl":  # not every torch_npu has HCCL gather: all-gather instead
+        if not self.platform.dist_gather:  # all-gather where the collective library lacks gather
             parts = x.new_empty((self.size * x.shape[0], x.shape[1]))
             _all_gather_single(parts, x)
             return torch.cat(parts.chunk(self.size), dim=1) if self.rank == 0 else None
@@ -96,7 +103,7 @@ class TPGroup:
         return torch.cat(parts, dim=1) if parts is not None else None
 
     def warm_up(self, device: torch.device) -> None:
-        """One all-reduce on ``device`` so the communicator (NCCL / HCCL) exists before any graph
+        """One all-reduce on ``device`` so the device communicator exists before any graph
         capture that contains all-reduces."""
         dist.all_reduce(torch.zeros(1, device=device))
 

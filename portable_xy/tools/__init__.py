@@ -1,6 +1,6 @@
 """Tooling that never runs while serving: the kernel AOT report (``aot.py``, specs in
 ``aot_specs.py``), the offline tile tuner (``tune.py``), the benchmarks (``bench/``), the timer
-they share (``timing.py``) and the hardware validation kit (``selfcheck/``). The
+they share (the platform's ``make_timer``) and the hardware validation kit (``selfcheck/``). The
 ``portable-xy kernels``, ``bench`` and ``selfcheck`` commands live here; ``portable_xy.cli``
 imports this package only for them."""
 

@@ -1,4 +1,4 @@
-"""Offline tile tuner: ``portable-xy kernels tune --backend {cuda,npu,interpret}``.
+"""Offline tile tuner: ``portable-xy kernels tune --backend {cuda,rocm,npu,interpret}``.
 
 Nothing is tuned on the serving hot path (see ``profile.py``): this command times candidate tiles
 once, on the device at hand, and writes a profile file that ``load_profile`` layers over the
@@ -16,7 +16,7 @@ What is tuned
       (skipped with a note when the Triton backend or the attention kernel is not available).
 
 Timers
-    cuda: CUDA events; npu: NPU events (torch_npu); interpret: wall clock of the Triton
+    devices: their events (the platform's timer); interpret: wall clock of the Triton
     interpreter on tiny shapes (only meaningful as an end-to-end check of the pipeline: the
     interpreter's speed says nothing about hardware); ``--dry-run``: a deterministic fake timer
     (the roofline model of ``backends/roofline.py`` that the GEMM planner uses, with a hash-seeded
@@ -47,24 +47,22 @@ from typing import Any
 import yaml
 
 from .. import envs
-from ..backends.device import CUDA_SMEM_PER_BLOCK, VENDORS, detect
+from ..backends.device import detect
+from ..backends.platforms import PLATFORMS, get_platform
 from ..backends.profile import Profile, installed_triton, kernel_source_hash, load_profile
 from ..backends.roofline import attention_cost, peaks
 from ..envs import tuned_profile_dir
 from .bench.shapes import layer_shapes
-from .timing import make_timer
 
-TUNABLE = ("cuda", "npu", "interpret")
-DEFAULT_ARCH = {"cuda": "sm80", "npu": "910b", "interpret": None}
-
-# Model weight shapes (N, K) of a Qwen3-0.6B-like layer: qkv, o, gate_up, down.
-DEFAULT_SHAPES = {
-    "cuda": [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)],
-    "npu": [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)],
-    "interpret": [(96, 64), (64, 96)],
-}
-DEFAULT_MS = {"cuda": [1, 16, 64, 256, 1024, 4096], "npu": [1, 16, 64, 256, 1024, 4096], "interpret": [1, 24]}
-KV_TILES = {"cuda": [32, 64, 128], "npu": [32, 64, 128], "interpret": [16, 32]}
+# The tuning ranges are the platforms' (``backends/platforms/``): a platform with a Triton backend
+# and tuning ranges is tunable. Default weight shapes (N, K) on devices are a Qwen3-0.6B-like
+# layer's: qkv, o, gate_up, down.
+_TUNED = {n: p for n, p in PLATFORMS.items() if p.runs_triton and p.tune_ms}
+TUNABLE = tuple(_TUNED)
+DEFAULT_ARCH = {n: p.default_arch for n, p in _TUNED.items()}
+DEFAULT_SHAPES = {n: p.tune_gemm_shapes for n, p in _TUNED.items()}
+DEFAULT_MS = {n: p.tune_ms for n, p in _TUNED.items()}
+KV_TILES = {n: p.tune_kv_tiles for n, p in _TUNED.items()}
 Q_MENUS = [[16, 32, 64, 128], [16, 64, 128], [32, 64, 128], [16, 32, 64], [16, 64]]
 
 
@@ -104,25 +102,7 @@ def shapes_from_model(path: str) -> list[tuple[int, int]]:
 def candidate_tiles(backend: str, profile: Profile, arch: str | None) -> list[dict]:
     """The pool of tiles to time: per-backend ranges filtered by on-chip limits, plus the shipped
     menu (so the tuned menu can never be worse than the shipped one by the tuner's own measure)."""
-    pool: list[dict] = []
-    if backend == "cuda":
-        limit = CUDA_SMEM_PER_BLOCK.get(arch or "", CUDA_SMEM_PER_BLOCK["sm86"])
-        for bm, bn, bk in itertools.product((16, 32, 64, 128), (64, 128, 256), (32, 64)):
-            warps = 4 if bm * bn <= 64 * 128 else 8
-            if bm * bn // (32 * warps) > 128:  # fp32 accumulator registers per thread
-                continue
-            for stages in (4, 3, 2):
-                if (bm + bn) * bk * 2 * stages <= 0.9 * limit:
-                    pool.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages))
-                    break
-    elif backend == "npu":
-        budget = int((profile.data.get("onchip") or {}).get("live_budget_bytes", 98304))
-        for bm, bn, bk in itertools.product((16, 32, 64, 128), (64, 128, 256), (64, 128, 256)):
-            if (bm + bn) * bk * 2 + bm * bn * 4 <= budget:
-                pool.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, multibuffer=True))
-    else:
-        for bm, bn in itertools.product((16, 32, 64), (32, 64)):
-            pool.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32))
+    pool = get_platform(backend).candidate_gemm_tiles(profile, arch)
     seen = {tile_key(t) for t in pool}
     for t in profile.gemm.get("tiles", []):
         if tile_key(t) not in seen:
@@ -287,7 +267,7 @@ def choose_menu(
 # attention
 # -------------------------------------------------------------------------------------------------
 def attention_cases(backend: str) -> list[dict]:
-    if backend == "interpret":
+    if get_platform(backend).triton_interpreted:
         heads = dict(num_heads=4, num_kv_heads=2, head_dim=32, group=2)
         return [
             dict(name="decode", query_lens=[1, 1], seq_lens=[40, 23], **heads),
@@ -424,7 +404,8 @@ def tune(
     """Run the tuner; returns the path of the written profile file."""
     if backend not in TUNABLE:
         raise ValueError(f"--backend must be one of {sorted(TUNABLE)}")
-    vendor = VENDORS[backend]
+    platform = get_platform(backend)
+    vendor = platform.vendor
     dev = None
     cores = None
     if dry_run:
@@ -438,27 +419,28 @@ def tune(
         dev, cores = info.device, info.num_cores
         arch = arch or info.arch
         name = device_name or info.name
-        if backend == "interpret":
+        if platform.triton_interpreted:
             _enter_interpret_mode()
     profile = load_profile(vendor, arch, tuned=False)  # the repo's files, not an earlier tuning
-    if cores and profile.data.get("num_cores_from") in ("sm_count", "num_aicore"):
+    if cores and profile.data.get("num_cores_from") == platform.core_source:
         profile = profile.with_num_cores(cores)
     shapes = shapes or DEFAULT_SHAPES[backend]
     m_values = m_values or DEFAULT_MS[backend]
     problems = [GemmProblem(m, n, k) for (n, k) in shapes for m in m_values]
     menu_size = menu_size or max(1, len(profile.gemm.get("tiles", [])))
     tiles = candidate_tiles(backend, profile, arch)
-    warmup = warmup if warmup is not None else (1 if backend == "interpret" else 10)
-    reps = reps if reps is not None else (2 if backend == "interpret" else 50)
+    warmup = warmup if warmup is not None else (1 if platform.triton_interpreted else 10)
+    reps = reps if reps is not None else (2 if platform.triton_interpreted else 50)
     log(
         f"tuning {backend} ({name}, arch={arch or '-'}, {profile.num_cores} cores): {len(tiles)} GEMM tiles x "
         f"{len(problems)} problems" + (" [dry-run: fake timer]" if dry_run else "")
     )
     if aot_check is None:
-        aot_check = backend == "cuda" and not dry_run
+        aot_check = bool(platform.aot_archs) and not dry_run
     if aot_check:
-        if backend != "cuda":
-            raise RuntimeError("--aot-check applies to --backend cuda only")
+        if not platform.aot_archs:
+            aot_backends = sorted(n for n, p in _TUNED.items() if p.aot_archs)
+            raise RuntimeError(f"--aot-check applies to --backend {' / '.join(aot_backends)} only")
         n0 = len(tiles)
         tiles = aot_filter(tiles, profile, arch, log)
         log(f"aot check: {len(tiles)}/{n0} candidate tiles compile without spills within shared memory")
@@ -467,8 +449,8 @@ def tune(
     if not dry_run:
         import torch
 
-        dtype = torch.float32 if backend == "interpret" else torch.float16
-        timer = make_timer(dev.type, warmup, reps)
+        dtype = torch.float32 if platform.triton_interpreted else torch.float16
+        timer = platform.make_timer(warmup, reps)
         times = time_gemm_tiles(backend, profile, tiles, problems, dev, dtype, timer, log)
     else:
         times = {tile_key(t): {p.key: fake_gemm_time(t, p, profile) for p in problems} for t in tiles}
@@ -498,9 +480,7 @@ def tune(
         "tuner": {
             "backend": backend,
             "arch": arch,
-            "timer": "fake (dry-run)"
-            if dry_run
-            else {"cuda": "cuda events", "npu": "npu events"}.get(backend, "wall clock"),
+            "timer": "fake (dry-run)" if dry_run else (platform.event_timer or "wall clock"),
             "gemm_shapes_NK": [list(s) for s in shapes],
             "m_values": list(m_values),
             "gemm_candidates": len(tiles),

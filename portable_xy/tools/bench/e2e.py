@@ -226,9 +226,10 @@ def run_e2e(
         )
     engines: dict[str, dict] = {"ours": run_ours(llm, reqs)}
     if compare_hf:
-        dev = "cuda" if llm.backend.device.type == "cuda" else "cpu"
+        on_device = llm.backend.platform.hf_on_device
+        dev = llm.backend.device.type if on_device else "cpu"
         if model and Path(model).is_dir():
-            hf_dtype = llm.dtype if dev == "cuda" else torch.float32
+            hf_dtype = llm.dtype if on_device else torch.float32
             engines["hf"] = run_hf(model, reqs, hf_dtype, dev)
         else:
             engines["hf"] = {"skipped": "HF transformers needs an HF model directory"}

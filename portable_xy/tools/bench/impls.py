@@ -5,7 +5,7 @@ GEMM ``y = x @ w^T``:
   ``smooth_gemm``  what the backend's ``linear`` runs: SmoothGEMM on the plan ``plan_gemm`` picks
                    from the menu (Triton backends), the torch reference op (``cpu``)
   ``single_tile``  SmoothGEMM with every row on one fixed tile (the largest of the menu)
-  ``vendor``       ``torch.matmul`` (cuBLAS on cuda) / ``F.linear`` (torch_npu on npu)
+  ``vendor``       the platform's vendor GEMM (``Platform.vendor_gemm``: torch.matmul on the vendor BLAS)
 
 Weight-only quantized GEMM ``y = x @ dequant(W)^T`` (``W`` a :class:`QuantWeight`):
   ``quant_gemm``   the Triton W4A16 / W8A16 kernel on the plan ``plan_quant_gemm`` picks (split-K
@@ -18,14 +18,14 @@ Weight-only quantized GEMM ``y = x @ dequant(W)^T`` (``W`` a :class:`QuantWeight
 Attention over the paged KV cache:
   ``meta_attention``  the backend's ``attention`` op: one launch for the whole mixed step
   ``per_stage``       the same op called once per stage (one launch per stage)
-  ``vendor``          flash-attn varlen (cuda, when importable), torch_npu ``npu_fusion_attention``
-                      per sequence (npu), else torch SDPA per sequence; all over K/V gathered into
-                      contiguous tensors beforehand (the gather is not timed)
+  ``vendor``          the platform's vendor attention (``Platform.vendor_attention``: flash-attn
+                      varlen where importable on NVIDIA, the Ascend fused attention per sequence),
+                      else torch SDPA per sequence; all over K/V gathered into contiguous tensors
+                      beforehand (the gather is not timed)
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 
 import torch
@@ -63,16 +63,8 @@ def gemm_impls(backend: Backend, x: torch.Tensor, w: torch.Tensor) -> dict[str, 
         out["smooth_gemm"] = (lambda: sg.smooth_gemm(x, w, None, backend.profile, plan), plan.describe())
         single = single_tile_plan(M, N, K, largest_tile(backend.profile), backend.profile, x.element_size())
         out["single_tile"] = (lambda: sg.smooth_gemm(x, w, None, backend.profile, single), single.describe())
-    out["vendor"] = _vendor_gemm(backend, x, w)
+    out["vendor"] = backend.platform.vendor_gemm(x, w)
     return out
-
-
-def _vendor_gemm(backend: Backend, x: torch.Tensor, w: torch.Tensor) -> tuple[Fn, str]:
-    if backend.device.type == "npu":
-        return (lambda: F.linear(x, w)), "torch_npu F.linear"
-    wt = w.t()
-    lib = "cuBLAS" if backend.device.type == "cuda" else "CPU BLAS"
-    return (lambda: torch.matmul(x, wt)), f"torch.matmul ({lib})"
 
 
 def quant_gemm_impls(backend: Backend, x: torch.Tensor, qw: QuantWeight) -> dict[str, tuple[Fn, str]]:
@@ -97,7 +89,7 @@ def quant_gemm_impls(backend: Backend, x: torch.Tensor, qw: QuantWeight) -> dict
         dense = plan_gemm(M, N, K, backend.profile, x.element_size())
         out["smooth_gemm"] = (lambda: sg.smooth_gemm(x, wd, None, backend.profile, dense),
                               f"{x.dtype} weights: {dense.describe()}")  # fmt: skip
-    out["vendor"] = _vendor_gemm(backend, x, wd)
+    out["vendor"] = backend.platform.vendor_gemm(x, wd)
     return out
 
 
@@ -148,47 +140,12 @@ def _sdpa_vendor(q, k_cache, v_cache, meta, scale) -> Fn:
     return run
 
 
-def _flash_vendor(q, k_cache, v_cache, meta, scale) -> Fn:
-    from flash_attn import flash_attn_varlen_func
-
-    parts = _gathered(q, k_cache, v_cache, meta)
-    k = torch.cat([p[1] for p in parts])
-    v = torch.cat([p[2] for p in parts])
-    cu_k = torch.tensor([0, *torch.tensor(meta.seq_lens_cpu).cumsum(0).tolist()], dtype=torch.int32, device=q.device)
-    cu_q = meta.query_start_loc
-
-    def run():  # causal masks align bottom-right (flash-attn >= 2.1): history columns stay visible
-        return flash_attn_varlen_func(
-            q, k, v, cu_q, cu_k, meta.max_query_len, meta.max_seq_len, softmax_scale=scale, causal=True
-        )
-
-    return run
-
-
-def _npu_vendor(q, k_cache, v_cache, meta, scale) -> Fn:
-    import torch_npu
-
-    calls = []
-    for qs, k, v in _gathered(q, k_cache, v_cache, meta):
-        ql, kl = qs.shape[0], k.shape[0]
-        masked = None if ql == 1 else ~stage_mask(ql, kl, None, q.device)  # True = hidden
-        calls.append((qs[None], k[None], v[None], masked))
-    hq = q.shape[1]
-
-    def run():
-        return [
-            torch_npu.npu_fusion_attention(a, b, c, hq, "BSND", atten_mask=m, scale=scale)[0] for a, b, c, m in calls
-        ]
-
-    return run
-
-
-def vendor_attention(q, k_cache, v_cache, meta, scale) -> tuple[Fn, str]:
-    """The vendor library's attention for this step (see the module doc)."""
-    if q.device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return _flash_vendor(q, k_cache, v_cache, meta, scale), "flash-attn varlen (gathered KV)"
-    if q.device.type == "npu":
-        return _npu_vendor(q, k_cache, v_cache, meta, scale), "torch_npu npu_fusion_attention per sequence"
+def vendor_attention(backend: Backend, q, k_cache, v_cache, meta, scale) -> tuple[Fn, str]:
+    """The vendor library's attention for this step (the platform's), else torch SDPA per
+    sequence (see the module doc)."""
+    found = backend.platform.vendor_attention(q, k_cache, v_cache, meta, scale, _gathered(q, k_cache, v_cache, meta))
+    if found is not None:
+        return found
     return _sdpa_vendor(q, k_cache, v_cache, meta, scale), "torch SDPA per sequence (gathered KV)"
 
 
@@ -211,5 +168,5 @@ def attention_impls(
             lambda: [backend.attention(qs, k_cache, v_cache, sm, scale) for qs, sm in stages],
             f"{len(stages)} calls",
         ),
-        "vendor": vendor_attention(q, k_cache, v_cache, meta, scale),
+        "vendor": vendor_attention(backend, q, k_cache, v_cache, meta, scale),
     }

@@ -9,9 +9,9 @@ Report schema (``schema_version`` 1)::
       "created": ISO-8601 UTC, "tiny": bool, "dtype": "float16" | ...,
       "models": [model names], "tp": 8,
       "env": {backend, device, driver, torch, triton, triton_package, python, platform,
-              profile ("cuda/sm90" ...), profile_sources, num_cores, [cuda | torch_npu]},
+              profile ("<vendor>/<arch>" ...), profile_sources, num_cores, + Platform.environment},
       "peaks": {"tflops": float | null, "gbps": float | null},   # from the profile (or --peak-*)
-      "timing": {"method": "cuda_event" | "npu_event" | "perf_counter", "warmup": int, "reps": int,
+      "timing": {"method": Platform.event_timer | "perf_counter", "warmup": int, "reps": int,
                  "statistic": "median"},
       "errors": [{"kernel", "case", "impl", "error"}],   # calls that raised (not timed)
       "results": [{
@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 from ... import envs
+from ...backends.platforms import PLATFORMS, get_platform
 from .shapes import M_SWEEP, M_SWEEP_TINY, MODELS, TINY_SCALE, TP, AttnCase, attention_cases, gemm_shapes, rank_heads
 
 SCHEMA = "portable_xy.bench.kernels"
@@ -62,7 +63,7 @@ RESULT_KEYS = ("kernel", "case", "shape", "params", "impl", "detail", "latency_s
 TOP_KEYS = ("schema", "schema_version", "created", "tiny", "dtype", "models", "tp", "env", "peaks", "timing", "results",
             "errors")  # fmt: skip
 TINY_HEADS = (4, 2, 32)  # (query heads, KV heads, head dim) of tiny attention
-CPU_BACKENDS = ("cpu", "interpret")
+CPU_BACKENDS = tuple(n for n, p in PLATFORMS.items() if p.host_threads)
 
 
 def validate_report(report: dict) -> list[str]:
@@ -155,7 +156,7 @@ def run_kernel_bench(
     from .env import device_peaks, environment, make_timer
 
     tiny = backend_name in CPU_BACKENDS if tiny is None else tiny
-    if backend_name == "interpret" and "triton" not in sys.modules:
+    if get_platform(backend_name).triton_interpreted and "triton" not in sys.modules:
         envs.set_triton_interpret(True)  # before the first triton import (the backend checks it)
     backend = get_backend(backend_name)
     dev = backend.device
@@ -285,7 +286,7 @@ def _run_cli(args: argparse.Namespace) -> int:
 
 def add_kernels_command(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("kernels", help="SmoothGEMM / Meta-Attention / quantized GEMM vs vendor GEMMs -> JSON")
-    p.add_argument("--backend", required=True, choices=["cuda", "npu", "interpret", "cpu"])
+    p.add_argument("--backend", required=True, choices=list(PLATFORMS))
     p.add_argument("--model-shapes", default="all", help=f"'all' or a comma list of {list(MODELS)}")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--tiny", action="store_true", help="scaled-down shapes, few repeats (default on cpu/interpret)")

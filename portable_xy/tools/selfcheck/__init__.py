@@ -30,15 +30,19 @@ import time
 from pathlib import Path
 
 from ... import envs
+from ...backends.platforms import PLATFORMS
+
+TRITON_BACKENDS = [n for n, p in PLATFORMS.items() if p.runs_triton]
 
 STAGES = ("environment", "kernels", "end_to_end", "speed", "aot_check")
 
 
 def selfcheck(backend: str, out: Path, quick: bool, budget_s: float | None = None) -> int:
     """Run every stage on ``backend``; the exit status (0: every check passed)."""
-    if backend == "interpret":
+    from ...backends.platforms import get_platform
+
+    if get_platform(backend).triton_interpreted:
         envs.set_triton_interpret(True)  # before anything imports triton
-    import torch
 
     from . import aot_check, end_to_end, environment, kernels, speed
     from .report import Report
@@ -67,8 +71,8 @@ def selfcheck(backend: str, out: Path, quick: bool, budget_s: float | None = Non
                     speed.run(st, be, quick, report.out, model_1b)
                 else:
                     aot_check.run(st, be)
-            if be is not None and be.device.type == "cuda":
-                torch.cuda.empty_cache()
+            if be is not None:
+                be.platform.empty_cache()
     return report.finish()
 
 
@@ -81,17 +85,17 @@ def _run_cli(args: argparse.Namespace) -> int:
 def _default_backend() -> str:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return "interpret"
-    from ...backends.device import resolve_backend_name
+    from ...backends.platforms import get_platform, resolve_backend_name
 
     name = resolve_backend_name("auto")
-    return "interpret" if name == "cpu" else name
+    return name if get_platform(name).runs_triton else "interpret"
 
 
 def add_selfcheck_command(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("selfcheck", help="hardware validation kit: kernels, end to end, speed, AOT on a device",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--backend", choices=["cuda", "npu", "interpret"], default=None,
-                   help="default: the device found (cuda, then npu), else interpret")  # fmt: skip
+    p.add_argument("--backend", choices=TRITON_BACKENDS, default=None,
+                   help="default: the device found (cuda, rocm, then npu), else interpret")  # fmt: skip
     p.add_argument("--out", default=None, help="report directory (default: ./selfcheck-BACKEND-DATE)")
     p.add_argument("--quick", action="store_true", help="short shapes and one model for the speed stage")
     p.add_argument("--budget-s", type=float, default=None, help="stages starting after this are skipped")

@@ -37,11 +37,12 @@ def jit_kernels() -> list[dict[str, Any]]:
 
 
 def run(stage: Stage, be) -> None:
-    if be.device.type != "cuda":
-        why = "the interpreter compiles nothing" if be.device.type == "cpu" else "the AOT report covers CUDA only"
+    platform = be.platform
+    if not platform.aot_archs:
+        interp = platform.triton_interpreted
+        why = "the interpreter compiles nothing" if interp else f"no AOT report for {platform.name}"
         stage.skip("JIT vs AOT", why)
         return
-    import torch
 
     from ..aot import aot_report
 
@@ -51,9 +52,8 @@ def run(stage: Stage, be) -> None:
     spilled = [r for r in jit if r["spills"]]
     stage.check("no JIT kernel spills", not spilled, "; ".join(f"{r['kernel']} w{r['num_warps']}: {r['spills']}"
                                                              for r in spilled))  # fmt: skip
-    major, minor = torch.cuda.get_device_capability(be.device)
-    arch = f"sm_{major}{minor}"
-    if arch not in ("sm_80", "sm_90"):
+    arch = platform.detect().arch
+    if arch not in platform.aot_archs:
         stage.skip("AOT report", f"no AOT profile for {arch}")
         return
     reports = aot_report([arch])

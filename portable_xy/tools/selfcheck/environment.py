@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ...backends.device import detect, shipped_arch_file
 from ..bench.env import environment
 from .report import Stage
@@ -22,10 +20,7 @@ def run(stage: Stage, backend: str) -> Any:
     env = environment(backend, be.device, prof)
     env["arch"] = info.arch
     env["detected_num_cores"] = info.num_cores
-    if be.device.type == "cuda":
-        p = torch.cuda.get_device_properties(be.device)
-        env.update(sm_count=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
-                   memory_gib=round(p.total_memory / 2**30, 1))  # fmt: skip
+    env.update(be.platform.device_properties(be.device))
     shipped = shipped_arch_file(info.vendor, info.arch) if info.arch else None
     if prof.tuned:
         reason = f"a tuned file for this device ({prof.tuned.get('device')}) over the shipped profile"

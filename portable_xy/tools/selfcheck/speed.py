@@ -1,5 +1,5 @@
 """Stage 4, speed (short): ``bench kernels`` on the model shapes against the vendor libraries
-(cuBLAS through ``torch.matmul``, torch SDPA / flash-attn; torch_npu on Ascend), and ``bench e2e``
+(the platform's ``vendor_gemm`` and ``vendor_attention``, else torch SDPA), and ``bench e2e``
 on the ~1B Llama-shaped model against HF transformers. Figures, not pass / fail: a check fails
 only when a benchmark call raised. The full reports are written next to the stage's JSON."""
 
