@@ -21,10 +21,9 @@ import torch
 
 from ..backends import AttnMetadata, Backend, get_backend
 from ..backends.graphs import make_decode_graph_runner
-from ..distributed.sharding import ShardPlan
 from ..models.config import ModelConfig
-from ..models.llama import LlamaForCausalLM
 from ..models.loader import open_weights
+from ..models.registry import MODELS
 from .scheduler import ScheduledBatch, Stage
 from .sequence import Sequence
 
@@ -116,9 +115,10 @@ class ModelRunner:
         self.backend = backend if backend is not None else get_backend(config.backend)
         weights = open_weights(model_path or config.model_path)
         model_config = weights.config
-        shard = ShardPlan.make(model_config, *((group.rank, group.size) if group else (0, 1)))
-        self.model = LlamaForCausalLM(model_config, weights, self.backend, config.dtype, config.max_model_len,
-                                      shard, group, config.quantization)  # fmt: skip
+        model_cls = MODELS[model_config.architecture].model_class()
+        shard = model_cls.shard_plan.make(model_config, *((group.rank, group.size) if group else (0, 1)))
+        self.model = model_cls(model_config, weights, self.backend, config.dtype, config.max_model_len,
+                               shard, group, config.quantization)  # fmt: skip
         for kind, names in self.model.dequantized.items():
             print(f"portable_xy: {len(names)} GEMM weight(s) stored as {kind} dequantized to "
                   f"{str(config.dtype).removeprefix('torch.')} (kept quantized: Q4_0, Q4_1, Q8_0): "

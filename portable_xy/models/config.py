@@ -1,4 +1,5 @@
-"""Model configuration, normalised from an HF ``config.json`` or GGUF metadata."""
+"""Model configuration, normalised from an HF ``config.json`` or GGUF metadata (the family's own
+fields through its registry entry, ``registry.py``)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,7 @@ from typing import Any
 
 import torch
 
-# HF architecture name -> (qkv bias, q/k norm) defaults of the family.
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": (False, False),
-    "MistralForCausalLM": (False, False),
-    "Qwen2ForCausalLM": (True, False),
-    "Qwen3ForCausalLM": (False, True),
-}
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-
-
-class UnsupportedModelError(ValueError):
-    pass
+from .registry import UnsupportedModelError, entry_for
 
 
 @dataclass
@@ -45,20 +35,13 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
-        archs = cfg.get("architectures") or []
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None:
-            raise UnsupportedModelError(
-                f"unsupported architecture {archs or cfg.get('model_type')!r}; "
-                f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
-            )
+        """The shared fields from an HF ``config.json``; the family's own (``qkv_bias``,
+        ``qk_norm``...) from its registry entry's adapter, which also refuses what it cannot run."""
+        entry = entry_for(cfg.get("architectures") or [], cfg.get("model_type"))
+        arch = entry.architecture
         if cfg.get("use_sliding_window") and cfg.get("sliding_window"):
             raise UnsupportedModelError(f"{arch} with use_sliding_window=True is not supported")
-        qkv_bias, qk_norm = SUPPORTED_ARCHITECTURES[arch]
-        if arch in ("LlamaForCausalLM", "MistralForCausalLM"):
-            qkv_bias = bool(cfg.get("attention_bias", False))
-        if cfg.get("mlp_bias"):
-            raise UnsupportedModelError(f"{arch} with mlp_bias=True is not supported")
+        family = entry.adapt(cfg)
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
@@ -77,8 +60,8 @@ class ModelConfig:
             rope_theta=theta,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=qkv_bias,
-            qk_norm=qk_norm,
+            qkv_bias=family["qkv_bias"],
+            qk_norm=family["qk_norm"],
             rope_scaling=rope,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),

