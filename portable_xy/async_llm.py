@@ -23,7 +23,7 @@ from typing import Any
 
 from .config import EngineConfig
 from .distributed import TensorParallelError
-from .engine.input_processor import PromptType
+from .engine.input_processor import InputProcessor, PromptType
 from .engine.llm_engine import EngineStepError, LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -149,6 +149,12 @@ class AsyncLLM:
         return self.engine.tokenizer
 
     @property
+    def input_processor(self) -> InputProcessor:
+        """Checks and tokenizes prompts and conversations; :meth:`add_request` takes what it
+        returns without checking again."""
+        return self.engine.inputs
+
+    @property
     def is_running(self) -> bool:
         """Whether requests are accepted (the loop has not ended nor been asked to)."""
         return not self._stopping
@@ -158,7 +164,7 @@ class AsyncLLM:
     ) -> RequestStream:
         """Queue a request now and return its outputs' stream. Bad input, a request id in use, a
         full waiting queue or a stopped engine raise here, before anything is queued."""
-        text, ids = self.engine.inputs.prompt(prompt)
+        text, ids = self.input_processor.prompt(prompt)
         if not isinstance(sampling_params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
         if not self.is_running:

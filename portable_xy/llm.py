@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .backends import Backend
 from .config import EngineConfig
+from .engine.input_processor import InputProcessor, PromptType
 from .engine.llm_engine import LLMEngine
 from .models.config import ModelConfig
 from .outputs import RequestOutput
@@ -65,6 +66,11 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.tokenizer
 
+    @property
+    def input_processor(self) -> InputProcessor:
+        """Checks and tokenizes prompts and conversations (what ``generate`` and ``chat`` use)."""
+        return self.engine.inputs
+
     def get_metrics(self) -> dict[str, float]:
         """Engine counters since construction: steps, preemptions, prefix-cache queries and hits
         (token-wise: hits include tokens reused by copy-on-write), speculative drafts."""
@@ -84,7 +90,7 @@ class LLM:
     # ---- generate ----------------------------------------------------------------------------
     def generate(
         self,
-        prompts: str | dict | Seq[str | dict],
+        prompts: PromptType | Seq[PromptType],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Seq[int] | None = None,
@@ -92,7 +98,7 @@ class LLM:
         """Generate completions for ``prompts`` (a string, a ``{"prompt_token_ids": [...]}``
         dict, or a list of those). Returns one ``RequestOutput`` per prompt, in input order.
         ``priority``: one int per prompt (lower first) under ``scheduling_policy="priority"``."""
-        items = self.engine.inputs.prompts(prompts)
+        items = self.input_processor.prompts(prompts)
         params = self._normalize_params(sampling_params, len(items))
         if priority is None:
             priority = [0] * len(items)
@@ -114,7 +120,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Apply the tokenizer's chat template to one conversation (a list of message dicts) or a
         list of conversations, then generate."""
-        prompts = self.engine.inputs.chat(messages, add_generation_prompt, chat_template)
+        prompts = self.input_processor.chat(messages, add_generation_prompt, chat_template)
         return self.generate(prompts, sampling_params, use_tqdm)
 
     # ---- input checking (all before any request is queued, so bad input changes nothing) ------

@@ -1,15 +1,24 @@
 """Prompts in: text, token ids or chat conversations, checked and tokenized before anything is
 queued, so a bad request changes nothing. Every front end (``LLM``, ``AsyncLLM``, the server)
-goes through it."""
+goes through it, as their public ``input_processor``, and hands the engine the
+:class:`ProcessedPrompt` it returns: a prompt is validated and tokenized once."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
 from collections.abc import Sequence as Seq
-from typing import Any
+from typing import Any, NamedTuple
 
-PromptType = str | dict[str, Any]
+
+class ProcessedPrompt(NamedTuple):
+    """A checked prompt: its text (``None`` when given as token ids) and token ids."""
+
+    text: str | None
+    token_ids: list[int]
+
+
+PromptType = str | dict[str, Any] | ProcessedPrompt
 
 
 class PromptTooLongError(ValueError):
@@ -33,10 +42,10 @@ class InputProcessor:
         with self.lock:
             return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def prompts(self, prompts: PromptType | Seq[PromptType]) -> list[tuple[str | None, list[int]]]:
-        """``(text, token ids)`` of a string, a ``{"prompt_token_ids": [...], "prompt": ...}`` dict,
-        or a non-empty list of those."""
-        if isinstance(prompts, (str, dict)):
+    def prompts(self, prompts: PromptType | Seq[PromptType]) -> list[ProcessedPrompt]:
+        """:meth:`prompt` of a string, a ``{"prompt_token_ids": [...], "prompt": ...}`` dict, a
+        :class:`ProcessedPrompt`, or a non-empty list of those."""
+        if isinstance(prompts, (str, dict, ProcessedPrompt)):
             prompts = [prompts]
         if not isinstance(prompts, Seq) or isinstance(prompts, (bytes, bytearray)):
             raise TypeError(f"prompts must be a str, a dict or a list of those, got {type(prompts).__name__}")
@@ -44,8 +53,11 @@ class InputProcessor:
             raise ValueError("prompts is empty")
         return [self.prompt(p, i) for i, p in enumerate(prompts)]
 
-    def prompt(self, p: PromptType, i: int = 0) -> tuple[str | None, list[int]]:
-        """One prompt (``i``: its position, for the error messages)."""
+    def prompt(self, p: PromptType, i: int = 0) -> ProcessedPrompt:
+        """One prompt (``i``: its position, for the error messages); a :class:`ProcessedPrompt`
+        was checked when it was made and passes as it is."""
+        if isinstance(p, ProcessedPrompt):
+            return p
         if isinstance(p, str):
             if not p:
                 raise ValueError(f"prompt {i} is an empty string")
@@ -71,16 +83,16 @@ class InputProcessor:
             raise PromptTooLongError(
                 f"prompt {i} has {len(ids)} tokens; max_model_len={self.max_model_len} leaves no room to generate"
             )
-        return text, list(ids)
+        return ProcessedPrompt(text, list(ids))
 
     def chat(
         self,
         messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
-    ) -> list[dict[str, Any]]:
+    ) -> list[ProcessedPrompt]:
         """One conversation (a list of message dicts) or a list of them, through the tokenizer's
-        chat template: ``{"prompt", "prompt_token_ids"}`` dicts for :meth:`prompts`."""
+        chat template, checked as :meth:`prompt` checks token ids."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer, but this engine was built with skip_tokenizer_init=True")
         if not isinstance(messages, list) or not messages:
@@ -90,11 +102,24 @@ class InputProcessor:
         convs = [messages] if isinstance(messages[0], dict) else messages
         out = []
         for i, conv in enumerate(convs):
-            if not isinstance(conv, list) or not conv or not all(isinstance(m, dict) and "role" in m for m in conv):
-                raise ValueError(f"conversation {i} must be a non-empty list of {{'role': ..., 'content': ...}} dicts")
-            with self.lock:
-                text = self.tokenizer.apply_chat_template(
-                    conv, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
-                )
-            out.append({"prompt": text, "prompt_token_ids": self.encode(text, add_special_tokens=False)})
+            text = self.render_chat(conv, add_generation_prompt, chat_template, i)
+            ids = self.encode(text, add_special_tokens=False)
+            out.append(self.prompt({"prompt": text, "prompt_token_ids": ids}, i))
         return out
+
+    def render_chat(
+        self,
+        conv: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        i: int = 0,
+    ) -> str:
+        """The prompt text of one conversation (``i``: its position, for the error messages)."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer, but this engine was built with skip_tokenizer_init=True")
+        if not isinstance(conv, list) or not conv or not all(isinstance(m, dict) and "role" in m for m in conv):
+            raise ValueError(f"conversation {i} must be a non-empty list of {{'role': ..., 'content': ...}} dicts")
+        with self.lock:
+            return self.tokenizer.apply_chat_template(
+                conv, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+            )

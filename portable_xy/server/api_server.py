@@ -112,13 +112,13 @@ def build_app(
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
         check_model(req.model)
-        inputs = engine.engine.inputs
+        inputs = engine.input_processor
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of 'prompt' and 'messages'", "prompt")
         if req.messages is not None:
             conv = [{"role": m.role, "content": m.text()} for m in req.messages]
             try:
-                tokens = inputs.chat(conv, req.add_generation_prompt)[0]["prompt_token_ids"]
+                tokens = inputs.encode(inputs.render_chat(conv, req.add_generation_prompt), add_special_tokens=False)
             except ValueError as e:
                 raise APIError(400, str(e), "messages") from None
         else:
@@ -132,7 +132,7 @@ def build_app(
         bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", "tokens")
-        return {"prompt": engine.engine.inputs.decode(req.tokens)}
+        return {"prompt": engine.input_processor.decode(req.tokens)}
 
     @app.get("/metrics")
     async def prometheus():

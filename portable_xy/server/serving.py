@@ -13,13 +13,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ..async_llm import AsyncLLM, EngineOverloadedError, RequestStream
-from ..engine.input_processor import PromptTooLongError
+from ..engine.input_processor import ProcessedPrompt, PromptTooLongError
 from ..engine.llm_engine import EngineStepError
 from ..outputs import CompletionOutput, Logprob, RequestOutput
 from ..sampling_params import SamplingParams
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
-
-Prompt = tuple[str | None, list[int]]
 
 
 def bad_request(e: Exception) -> APIError:
@@ -80,7 +78,7 @@ class OpenAIServing:
         self.max_model_len = engine.config.max_model_len
 
     # ---- request -> engine ---------------------------------------------------------------------
-    def _check_length(self, prompt: Prompt, max_tokens: int | None) -> None:
+    def _check_length(self, prompt: ProcessedPrompt, max_tokens: int | None) -> None:
         n = len(prompt[1])
         if max_tokens is not None and n + max_tokens > self.max_model_len:
             raise APIError(
@@ -91,9 +89,9 @@ class OpenAIServing:
                 "max_tokens",
             )
 
-    def _prepare(self, prompts: list[Any], params: SamplingParams) -> list[Prompt]:
+    def _prepare(self, prompts: list[Any], params: SamplingParams) -> list[ProcessedPrompt]:
         try:
-            items = [self.engine.engine.inputs.prompt(p, i) for i, p in enumerate(prompts)]
+            items = [self.engine.input_processor.prompt(p, i) for i, p in enumerate(prompts)]
         except PromptTooLongError as e:
             raise APIError(400, f"{e}: this model's maximum context length is {self.max_model_len} tokens",
                            "prompt") from None  # fmt: skip
@@ -104,7 +102,7 @@ class OpenAIServing:
         return items
 
     def _streams(
-        self, request_id: str, items: list[Prompt], params: SamplingParams, priority: int
+        self, request_id: str, items: list[ProcessedPrompt], params: SamplingParams, priority: int
     ) -> list[RequestStream]:
         """Queue one engine request per prompt, all or none (a full waiting queue is a 503)."""
         streams = []
@@ -225,7 +223,7 @@ class OpenAIServing:
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
     def _token_text(self, token_id: int) -> str:
-        inputs = self.engine.engine.inputs
+        inputs = self.engine.input_processor
         return "" if inputs.tokenizer is None else inputs.decode([token_id], skip_special_tokens=False)
 
     # ---- chat --------------------------------------------------------------------------------
@@ -239,7 +237,7 @@ class OpenAIServing:
         try:
             params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
             conv = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
-            prompt = self.engine.engine.inputs.chat(conv, req.add_generation_prompt, req.chat_template)[0]
+            prompt = self.engine.input_processor.chat(conv, req.add_generation_prompt, req.chat_template)[0]
         except APIError:
             raise
         except (ValueError, TypeError) as e:
@@ -309,7 +307,7 @@ class OpenAIServing:
         return {"content": content}
 
     @staticmethod
-    def _usage(items: list[Prompt], generated: int | list[list[int]]) -> dict[str, int]:
+    def _usage(items: list[ProcessedPrompt], generated: int | list[list[int]]) -> dict[str, int]:
         prompt = sum(len(ids) for _, ids in items)
         completion = generated if isinstance(generated, int) else sum(len(t) for t in generated)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
