@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from portable_xy.backends import cpu_native
+from portable_xy.engine_args import add_engine_args
 from portable_xy.models.loader import load_model_config, resolve_model_path
 from portable_xy.tools.bench.shapes import layer_shapes
 
@@ -39,7 +40,7 @@ def onednn(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
+    add_engine_args(ap)  # --model: the shapes (the weights are random)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()

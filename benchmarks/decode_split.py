@@ -16,20 +16,18 @@ import collections
 import time
 
 from portable_xy import LLM, SamplingParams
+from portable_xy.engine_args import add_engine_args, engine_kwargs
 
 OPS = ("rms_norm", "rope", "store_kv", "attention", "silu_and_mul")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--quantization", default="auto")
-    ap.add_argument("--dtype", default="bfloat16")
+    add_engine_args(ap, backend="cpu", dtype="bfloat16")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=2)
     args = ap.parse_args()
-    quant = None if args.quantization == "none" else args.quantization
-    llm = LLM(args.model, backend="cpu", dtype=args.dtype, quantization=quant)
+    llm = LLM(**engine_kwargs(args))
     runner = llm.engine.runner
     model, be = runner.model, runner.backend
     names = {}

@@ -23,6 +23,7 @@ import sys
 import torch
 
 from portable_xy import LLM, SamplingParams
+from portable_xy.engine_args import add_engine_args, engine_kwargs
 from portable_xy.models.loader import load_tokenizer, resolve_model_path
 
 QUESTIONS = [
@@ -78,7 +79,7 @@ def greedy_hf(model, prompts: list[list[int]], n: int) -> list[list[int]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
+    add_engine_args(ap)  # --modes sets dtype and quantization per engine
     ap.add_argument("--modes", nargs="+", default=["gguf", "gguf_a16", "none", "fp32"])
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--prompts", type=int, default=16)
@@ -109,7 +110,7 @@ def main() -> None:
             if mode == "fp32"
             else {"dtype": "bfloat16", "quantization": None if mode == "none" else mode}
         )
-        llm = LLM(str(path), max_model_len=max(2048, args.window + 1), **kw)
+        llm = LLM(**engine_kwargs(args, model=str(path), max_model_len=max(2048, args.window + 1), **kw))
         ppl = ppl_ours(llm, chunks)
         outs = llm.generate([{"prompt_token_ids": c} for c in chats], greedy, use_tqdm=False)
         same, prefix = 0, 0

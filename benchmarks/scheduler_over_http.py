@@ -2,14 +2,14 @@
 prefill-first (nano-vllm / vLLM v0 style), each behind ``portable-xy serve`` at the same load.
 
     python benchmarks/scheduler_over_http.py [--model PATH] [--rate 1.5] [--requests 60]
-        [--long-share 0.25] [--long-len 1500] [--output-len 64] [--budget 512]
+        [--long-share 0.25] [--long-len 1500] [--output-len 64] [--max-num-batched-tokens 512]
         [--slo-ttft-ms 4000] [--slo-itl-ms 500] [--out docs/serving] [--seed 0]
 
 Workload: chat requests arriving as a Poisson process at ``--rate`` requests/s; a share
 ``--long-share`` of them carry a ``--long-len``-token document to summarise, the rest a one-line
 question; each generates ``--output-len`` tokens (greedy, EOS ignored). Both servers get the same
 requests at the same arrival times (one after the other, alone on the machine), with a step
-budget of ``--budget`` tokens and no prefix caching. Reported per policy: throughput, goodput
+budget of ``--max-num-batched-tokens`` tokens and no prefix caching. Reported per policy: throughput, goodput
 under the SLO, TTFT and ITL percentiles; written as ``OUT.json`` and ``OUT.png`` (ITL and TTFT
 CDFs of both).
 """
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from portable_xy.engine_args import add_engine_args, engine_flags
 from portable_xy.tools.bench.serve import (
     TOPICS,
     BenchRequest,
@@ -53,23 +54,21 @@ def workload(args) -> list[BenchRequest]:
 
 
 def serve(args, policy: str) -> tuple[subprocess.Popen, str]:
-    return start_server(serve_command(args.model, "--scheduler-policy", policy, "--max-num-batched-tokens",
-                                      str(args.budget), "--no-enable-prefix-caching", "--max-model-len", "4096",
-                                      "--served-model-name", "m"), timeout=300)  # fmt: skip
+    flags = engine_flags(args, scheduler_policy=policy)
+    return start_server(serve_command(args.model, *flags, "--served-model-name", "m"), timeout=300)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
+    # --seed seeds the workload too
+    add_engine_args(ap, max_num_batched_tokens=512, enable_prefix_caching=False, max_model_len=4096)
     ap.add_argument("--rate", type=float, default=1.5)
     ap.add_argument("--requests", type=int, default=60)
     ap.add_argument("--long-share", type=float, default=0.25)
     ap.add_argument("--long-len", type=int, default=1500)
     ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--slo-ttft-ms", type=float, default=4000)
     ap.add_argument("--slo-itl-ms", type=float, default=500)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.png")
     args = ap.parse_args()
     reqs = workload(args)
@@ -117,7 +116,7 @@ def main() -> None:
             ax.grid(alpha=0.3)
             ax.legend()
         fig.suptitle(f"{args.requests} chat requests, Poisson {args.rate} req/s, {args.long_share:.0%} with "
-                     f"{args.long_len}-token documents, budget {args.budget}")  # fmt: skip
+                     f"{args.long_len}-token documents, budget {args.max_num_batched_tokens}")  # fmt: skip
         fig.tight_layout()
         fig.savefig(out.with_suffix(".png"), dpi=110)
         print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")

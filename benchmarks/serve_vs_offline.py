@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 
+from portable_xy.engine_args import add_engine_args, engine_flags, engine_kwargs
 from portable_xy.tools.bench.serve import (
     TOPICS,
     BenchRequest,
@@ -33,7 +34,7 @@ from portable_xy.tools.bench.serve import (
 OFFLINE = """
 import json, sys, time
 from portable_xy import LLM, SamplingParams
-llm = LLM(None if sys.argv[1] == "-" else sys.argv[1], dtype=sys.argv[2], enable_prefix_caching=False)
+llm = LLM(**json.loads(sys.argv[1]))
 print("READY", flush=True)
 for line in sys.stdin:
     req = json.loads(line)
@@ -47,20 +48,18 @@ for line in sys.stdin:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--dtype", default="auto")
+    add_engine_args(ap, enable_prefix_caching=False)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     messages = [{"role": "user", "content": f"Write a detailed essay about {TOPICS[i % len(TOPICS)]}. (#{i})"}
                 for i in range(args.concurrency)]  # fmt: skip
-    offline = subprocess.Popen([sys.executable, "-c", OFFLINE, args.model or "-", args.dtype], stdin=subprocess.PIPE,
+    offline = subprocess.Popen([sys.executable, "-c", OFFLINE, json.dumps(engine_kwargs(args))], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, text=True)  # fmt: skip
     server = None
     try:
-        server, url = start_server(serve_command(args.model, "--dtype", args.dtype, "--no-enable-prefix-caching",
-                                                 "--served-model-name", "m"))  # fmt: skip
+        server, url = start_server(serve_command(args.model, *engine_flags(args), "--served-model-name", "m"))
         assert offline.stdout.readline().startswith("READY")
         bench = argparse.Namespace(base_url=url, endpoint="/v1/chat/completions", model="m", api_key=None,
                                    temperature=0.0, ignore_eos=True, max_concurrency=None, request_rate=float("inf"),

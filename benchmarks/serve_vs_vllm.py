@@ -22,6 +22,7 @@ import os
 import statistics
 import subprocess
 
+from portable_xy.engine_args import add_engine_args, engine_flags
 from portable_xy.tools.bench.serve import (
     TOPICS,
     BenchRequest,
@@ -42,14 +43,14 @@ def start(engine: str, args) -> tuple[subprocess.Popen, str]:
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", args.vllm_model,
                "--dtype", "bfloat16", "--max-model-len", "2048", "--served-model-name", "m"]  # fmt: skip
         return start_server(cmd, env, timeout=600)
-    return start_server(serve_command(args.model, "--max-model-len", "2048", "--served-model-name", "m"), timeout=600)
+    return start_server(serve_command(args.model, *engine_flags(args), "--served-model-name", "m"), timeout=600)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vllm-python", required=True)
     ap.add_argument("--vllm-model", required=True)
-    ap.add_argument("--model", default=None)
+    add_engine_args(ap, max_model_len=2048)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--output-len", type=int, default=96)
     args = ap.parse_args()

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from portable_xy.engine_args import add_engine_args, engine_flags
 from portable_xy.tools.bench.serve import serve_command, start_server, stop_server
 
 # malformed requests and the status each must get
@@ -193,17 +194,15 @@ def run(url: str, requests: int, clients: int, max_tokens: int, seed: int, pid: 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=None, help="an already running server (no RSS figures)")
-    ap.add_argument("--model", default=None)
+    add_engine_args(ap)  # the server's flags; --seed is also the workload's
     ap.add_argument("--requests", type=int, default=600)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--server-args", default="", help="extra flags for portable-xy serve")
     args = ap.parse_args()
     proc = None
     url = args.url
     if url is None:
-        proc, url = start_server(serve_command(args.model, *args.server_args.split()))
+        proc, url = start_server(serve_command(args.model, *engine_flags(args)))
     try:
         report = run(url, args.requests, args.clients, args.max_tokens, args.seed, proc.pid if proc else None)
     finally:

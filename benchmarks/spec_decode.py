@@ -18,6 +18,7 @@ import argparse
 import time
 
 from portable_xy import LLM, SamplingParams
+from portable_xy.engine_args import add_engine_args, engine_kwargs
 
 CODE = """def moving_average(values, window):
     if window <= 0:
@@ -60,9 +61,7 @@ def run(llm: LLM, convs, params) -> tuple[float, list, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--backend", default="auto")
+    add_engine_args(ap, max_model_len=2048, enable_prefix_caching=False)
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -80,15 +79,7 @@ def main() -> None:
     # bf16, compute the last prompt token through another attention path (a near tie may flip),
     # so repeats would neither cost the same nor compare like for like
     llms = {
-        name: LLM(
-            args.model,
-            backend=args.backend,
-            dtype=args.dtype,
-            max_model_len=2048,
-            speculative_config=cfg,
-            enable_prefix_caching=False,
-        )
-        for name, cfg in configs.items()
+        name: LLM(**engine_kwargs(args, speculative_config=cfg)) for name, cfg in configs.items()
     }
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     print(f"model={args.model or 'SmolLM2-135M-Instruct'} dtype={llms['off'].dtype} k={args.k}")

@@ -1,7 +1,7 @@
 """Time-between-tokens stability while long prompts arrive: the token-wise P/D/V scheduler vs a
 prefill-first policy (nano-vllm's / vLLM v0's), same workload, same run.
 
-    python benchmarks/tbt_stability.py [--model PATH] [--budget 512] [--decoders 8]
+    python benchmarks/tbt_stability.py [--model PATH] [--max-num-batched-tokens 512] [--decoders 8]
         [--long-prompts 6] [--long-len 1500] [--every 6]
 
 ``--decoders`` chat requests decode ``--decode-tokens`` tokens each; meanwhile a
@@ -20,6 +20,7 @@ import time
 import torch
 
 from portable_xy import LLM, SamplingParams
+from portable_xy.engine_args import add_engine_args, engine_kwargs
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -68,9 +69,7 @@ def run(llm: LLM, args, chat_prompts: list[list[int]], long_prompts: list[list[i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--budget", type=int, default=512, help="max_num_batched_tokens")
+    add_engine_args(ap, max_model_len=2048, max_num_batched_tokens=512, enable_prefix_caching=False)
     ap.add_argument("--decoders", type=int, default=8)
     ap.add_argument("--decode-tokens", type=int, default=96)
     ap.add_argument("--long-prompts", type=int, default=6)
@@ -83,14 +82,12 @@ def main() -> None:
     longs = [torch.randint(100, 40000, (args.long_len,), generator=g).tolist() for _ in range(args.long_prompts)]
     results = {}
     for policy in ("tokenwise", "prefill_first"):
-        llm = LLM(
-            args.model, dtype=args.dtype, max_model_len=2048, max_num_batched_tokens=args.budget,
-            scheduler_policy=policy, enable_prefix_caching=False,
-        )  # fmt: skip
+        llm = LLM(**engine_kwargs(args, scheduler_policy=policy))
         run(llm, args, chat[:1], longs[:0])  # warm-up
         results[policy] = run(llm, args, chat, longs)
     print(
-        f"budget={args.budget} decoders={args.decoders} long prompts={args.long_prompts}x{args.long_len} "
+        f"budget={args.max_num_batched_tokens} decoders={args.decoders} "
+        f"long prompts={args.long_prompts}x{args.long_len} "
         f"every {args.every} steps, dtype={llm.dtype}"
     )
     print(f"{'policy':>14} {'max TBT':>9} {'p99 TBT':>9} {'p50 TBT':>9} {'decodes done':>12} {'long TTFT':>10}")

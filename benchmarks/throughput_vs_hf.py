@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from portable_xy.engine_args import add_engine_args, engine_kwargs
 from portable_xy.models.loader import load_tokenizer, resolve_model_path
 
 TOPICS = [
@@ -62,7 +63,8 @@ def run_hf(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> flo
     return len(prompts) * new_tokens / dt
 
 
-# A portable_xy engine in a worker: the build importable from sys.argv[1] ("-": this checkout's).
+# A portable_xy engine in a worker: the build importable from sys.argv[1] ("-": this checkout's), the
+# LLM keywords as JSON in sys.argv[2].
 # One JSON request per line on stdin ({"prompts", "new_tokens"}), one tokens/s per line on stdout.
 WORKER = """
 import json, sys
@@ -71,7 +73,7 @@ if sys.argv[1] != "-":
     sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("__editable__")]
 import time
 from portable_xy import LLM, SamplingParams
-llm = LLM(None if sys.argv[2] == "-" else sys.argv[2], backend="cpu", dtype=sys.argv[3], enable_prefix_caching=False)
+llm = LLM(**json.loads(sys.argv[2]))
 print("READY", sys.modules["portable_xy"].__file__, flush=True)
 for line in sys.stdin:
     req = json.loads(line)
@@ -84,13 +86,15 @@ for line in sys.stdin:
 """
 
 
-def start_engine(site: str | None, model: str | None, dtype: str):
-    """``run(prompts, new_tokens) -> tok/s`` on a worker running portable_xy from ``site``."""
+def start_engine(site: str | None, kwargs: dict):
+    """``run(prompts, new_tokens) -> tok/s`` on a worker running ``LLM(**kwargs)`` of the portable_xy
+    build in ``site``."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", WORKER, site or "-", model or "-", dtype], stdin=subprocess.PIPE,
+        [sys.executable, "-c", WORKER, site or "-", json.dumps(kwargs)], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     ready = proc.stdout.readline()
+    dtype = kwargs["dtype"]
     if not ready.startswith("READY"):
         raise RuntimeError(f"portable_xy worker ({site or 'this checkout'}, {dtype}) failed to start")
     print(f"{dtype} engine from {ready.split(maxsplit=1)[1].strip()}")
@@ -106,7 +110,7 @@ def start_engine(site: str | None, model: str | None, dtype: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
+    add_engine_args(ap, backend="cpu", enable_prefix_caching=False)  # --dtypes: one engine per dtype
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
@@ -121,7 +125,7 @@ def main() -> None:
     runners: dict[str, object] = {}
     for site, label in [(None, "portable_xy"), *([(args.baseline, "baseline")] if args.baseline else [])]:
         for dtype in args.dtypes:
-            run = start_engine(site, args.model, dtype)
+            run = start_engine(site, engine_kwargs(args, dtype=dtype))
             runners[f"{label} {dtype}"] = lambda ps, run=run: run(ps, args.new_tokens)
     hf_name = "HF transformers float32"
     if not args.skip_hf:

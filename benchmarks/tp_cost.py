@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from portable_xy.engine_args import add_engine_args, engine_kwargs
+
 CONFIG = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152, hidden_size=512,
     intermediate_size=1536, num_hidden_layers=30, num_attention_heads=8, num_key_value_heads=4,
@@ -34,8 +36,7 @@ CONFIG = dict(
 WORKER = """
 import json, pickle, sys, time
 from portable_xy import LLM, SamplingParams
-llm = LLM(sys.argv[1], dtype=sys.argv[2], tensor_parallel_size=int(sys.argv[3]), enable_prefix_caching=False,
-          skip_tokenizer_init=True, max_model_len=1024)
+llm = LLM(**json.loads(sys.argv[1]))
 runner = llm.engine.runner
 tokens = [0]
 run = runner.run
@@ -102,14 +103,15 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--dtype", default="auto")
+    add_engine_args(ap, model=False, enable_prefix_caching=False, skip_tokenizer_init=True, max_model_len=1024)
     ap.add_argument("--out", help="write the JSON report here")
     args = ap.parse_args()
     model = Path(args.model_dir)
     write_model(model)
     procs = {}
     for tp in (1, 2):
-        procs[tp] = subprocess.Popen([sys.executable, "-c", WORKER, str(model), args.dtype, str(tp)],
+        kw = engine_kwargs(args, model=str(model), tensor_parallel_size=tp)
+        procs[tp] = subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(kw)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
     for tp, p in procs.items():
         if p.stdout.readline().strip() != "READY":

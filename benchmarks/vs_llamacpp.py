@@ -31,6 +31,7 @@ import sys
 
 from throughput_vs_hf import make_prompts  # this script's folder is on sys.path
 
+from portable_xy.engine_args import add_engine_args, engine_kwargs
 from portable_xy.models.loader import load_tokenizer, resolve_model_path
 
 # One JSON request per line on stdin ({"prompts", "new_tokens"}), one JSON reply per line on stdout
@@ -57,8 +58,7 @@ def serve(run):
 
 OURS = """
 from portable_xy import LLM, SamplingParams
-kw = json.loads(sys.argv[2])
-llm = LLM(sys.argv[1], **kw)
+llm = LLM(**json.loads(sys.argv[1]))
 def run(prompts, n):
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -113,7 +113,7 @@ def find_llama_python(given: str | None) -> str | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="a .gguf file (default: SmolLM2-135M-Instruct Q4_1)")
+    add_engine_args(ap)  # --model: a .gguf file (default: SmolLM2-135M-Instruct Q4_1)
     ap.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python (or $LLAMA_CPP_PYTHON)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--single", type=int, default=4, help="prompts run one after another")
@@ -128,8 +128,9 @@ def main() -> None:
     batch = make_prompts(tok, args.batch)
     threads = len(os.sched_getaffinity(0))
     workers = [
-        Worker("portable_xy", [sys.executable, "-c", COMMON + OURS, str(path), "{}"]),
-        Worker("portable_xy bf16", [sys.executable, "-c", COMMON + OURS, str(path), '{"quantization": null}']),
+        Worker("portable_xy", [sys.executable, "-c", COMMON + OURS, json.dumps(engine_kwargs(args, model=str(path)))]),
+        Worker("portable_xy bf16", [sys.executable, "-c", COMMON + OURS,
+                                    json.dumps(engine_kwargs(args, model=str(path), quantization=None))]),
     ]
     llama_py = find_llama_python(args.llama_python)
     if llama_py is None:

@@ -19,9 +19,10 @@ def _generate(args: argparse.Namespace) -> int:
     import time
 
     from . import LLM, SamplingParams
+    from .engine_args import engine_kwargs
 
     t0 = time.perf_counter()
-    llm = LLM(model=args.model, backend=args.backend, dtype=args.dtype)
+    llm = LLM(**engine_kwargs(args))
     print(
         f"loaded {args.model or 'SmolLM2-135M-Instruct (default)'} on backend={llm.backend.name} "
         f"dtype={str(llm.dtype).removeprefix('torch.')} in {time.perf_counter() - t0:.1f}s"
@@ -45,13 +46,13 @@ def _generate(args: argparse.Namespace) -> int:
 def build_parser(tools: bool = True) -> argparse.ArgumentParser:
     """The ``portable-xy`` argument parser; ``tools=False`` leaves out the tooling commands (and
     their imports)."""
+    from .engine_args import add_engine_args
+
     parser = argparse.ArgumentParser(prog="portable-xy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text with a model (default: SmolLM2-135M-Instruct)")
-    gen.add_argument("--model", default=None, help="HF model directory, .gguf file or hub id (default: SmolLM2)")
-    gen.add_argument("--backend", default="auto")
-    gen.add_argument("--dtype", default="auto")
+    add_engine_args(gen)
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--prompt", action="append", help="a chat prompt (repeatable); default: a built-in set")

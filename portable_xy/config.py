@@ -73,7 +73,8 @@ class EngineConfig:
         skip_tokenizer_init: no tokenizer; prompts must be token ids.
         max_model_len: longest prompt + output (default: the model's context length).
     Backend:
-        backend: ``auto`` (cuda, then npu, then cpu), ``cpu``, ``interpret``, ``cuda``, ``npu``.
+        backend: ``auto`` (cuda, then rocm, then npu, then cpu), or one of ``backends/platforms``:
+            ``cpu``, ``interpret``, ``cuda``, ``rocm``, ``npu``.
         dtype: ``auto``, ``float32``, ``float16`` or ``bfloat16`` (or a torch dtype).
         quantization: ``auto`` (default): ``gguf`` for a ``.gguf`` model in bf16 / fp16, else None.
             ``gguf``: GEMM weights stored as Q4_0 / Q4_1 / Q8_0 stay in their blocks (repacked
@@ -82,7 +83,7 @@ class EngineConfig:
             ``None`` (``"none"``): every weight dequantized to ``dtype`` at load. A backend that cannot run
             a block type in ``dtype`` dequantizes it; fp32 always does (the exact path).
         seed: seeds the random stream of requests that carry no seed of their own.
-        enforce_eager: ``None``: decode-only steps replay CUDA / NPU graphs on ``cuda`` / ``npu``,
+        enforce_eager: ``None``: decode-only steps replay device graphs on platforms with them,
             eager elsewhere; ``True``: always eager; ``False``: graphs, or on ``interpret`` the
             same static-bucket path run eagerly (``backends/graphs.py``).
     Scheduler (``engine/scheduler.py``):

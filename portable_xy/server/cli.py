@@ -5,40 +5,9 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import types
-import typing
-from typing import Any
 
 from ..config import EngineConfig
-
-
-def _arg_type(hint: Any) -> tuple[type | None, bool]:
-    """(the scalar type, whether None is allowed) of an EngineConfig field's annotation."""
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        scalars = [a for a in args if a is not type(None)]
-        return (scalars[0] if len(scalars) == 1 else str), type(None) in args
-    return hint, False
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per :class:`EngineConfig` field (vLLM's names, dashes for underscores)."""
-    hints = typing.get_type_hints(EngineConfig)
-    for f in dataclasses.fields(EngineConfig):
-        if not f.init or f.name == "model":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind, optional = _arg_type(hints[f.name])
-        if f.name == "speculative_config":
-            parser.add_argument(flag, type=json.loads, default=None, help="JSON, e.g. '{\"method\": \"ngram\", ...}'")
-        elif kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        elif kind in (int, float):
-            parser.add_argument(flag, type=kind, default=f.default)
-        else:
-            parser.add_argument(flag, default=f.default)
+from ..engine_args import add_engine_args, engine_kwargs
 
 
 def add_serve_command(subparsers) -> argparse.ArgumentParser:
@@ -56,7 +25,7 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-waiting-requests", type=int, default=None,
                    help="answer 503 once this many requests wait for their first step")  # fmt: skip
     p.add_argument("--uvicorn-log-level", default="warning")
-    add_engine_args(p)
+    add_engine_args(p, model=False)
     p.set_defaults(func=serve)
     return p
 
@@ -73,10 +42,8 @@ def serve(args: argparse.Namespace) -> int:
     from ..metrics import PrometheusStatLogger
     from .api_server import build_app
 
-    names = {f.name for f in dataclasses.fields(EngineConfig) if f.init}
-    kwargs = {k: v for k, v in vars(args).items() if k in names and k != "model"}
     model = args.model or args.model_flag
-    config = EngineConfig(model=model, **kwargs)
+    config = EngineConfig(**engine_kwargs(args, model=model))
     served = args.served_model_name or [str(model) if model else "SmolLM2-135M-Instruct"]
     metrics = PrometheusStatLogger(served[0])
     engine = AsyncLLM.from_config(config, args.max_waiting_requests, [metrics], start_thread=False)
