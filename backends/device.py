@@ -9,7 +9,6 @@ top, under its own name. So a tuning always lands in the file the backend reads 
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 from .platforms import DeviceInfo, get_platform, platform_for_vendor, resolve_backend_name
@@ -35,15 +34,5 @@ def detect(backend: str) -> DeviceInfo:
     return platform.detect()
 
 
-def run_quiet(cmd: list[str]) -> str | None:
-    """The first line a command prints, or ``None`` when it is missing or fails (driver versions)."""
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = r.stdout.strip().splitlines()
-    return lines[0].strip() if r.returncode == 0 and lines else None
-
-
 __all__ = ["DeviceInfo", "ascend_arch", "cpu_has_fast_bf16", "cpu_name", "cuda_arch", "detect", "require",
-           "resolve_backend_name", "run_quiet", "shipped_arch_file"]  # fmt: skip
+           "resolve_backend_name", "shipped_arch_file"]  # fmt: skip

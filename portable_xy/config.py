@@ -18,10 +18,10 @@ import torch
 
 from .backends.device import detect
 from .backends.platforms import get_platform, resolve_backend_name
-from .distributed.sharding import check_tensor_parallel
-from .engine.scheduler import SchedulerConfig
 from .models.config import ModelConfig
 from .models.loader import load_model_config, resolve_model_path
+from .models.sharding import check_tensor_parallel
+from .scheduler_config import SchedulerConfig
 from .spec_decode.config import SpeculativeConfig
 
 DTYPES = {

@@ -74,14 +74,15 @@ class LLM:
     def get_metrics(self) -> dict[str, float]:
         """Engine counters since construction: steps, preemptions, prefix-cache queries and hits
         (token-wise: hits include tokens reused by copy-on-write), speculative drafts."""
-        eng, bm = self.engine, self.engine.bm
+        eng, s = self.engine, self.engine.scheduler.stats()
+        queried = s.prefix_cache_queried_tokens
         return {
             "num_steps": eng.num_steps,
-            "num_preemptions": eng.scheduler.num_preemptions,
-            "prefix_cache_queried_tokens": bm.num_queried_tokens,
-            "prefix_cache_hit_tokens": bm.num_hit_tokens,
-            "prefix_cache_copied_tokens": bm.num_copied_tokens,
-            "prefix_cache_hit_rate": bm.prefix_cache_hit_rate,
+            "num_preemptions": s.num_preemptions,
+            "prefix_cache_queried_tokens": queried,
+            "prefix_cache_hit_tokens": s.prefix_cache_hit_tokens,
+            "prefix_cache_copied_tokens": s.prefix_cache_copied_tokens,
+            "prefix_cache_hit_rate": s.prefix_cache_hit_tokens / queried if queried else 0.0,
             "spec_draft_tokens": eng.num_draft_tokens,
             "spec_accepted_tokens": eng.num_accepted_tokens,
             "spec_acceptance_rate": eng.num_accepted_tokens / eng.num_draft_tokens if eng.num_draft_tokens else 0.0,

@@ -66,14 +66,14 @@ class PrometheusStatLogger:
 
     def __call__(self, engine: LLMEngine, stepped: bool) -> None:
         """Update from ``engine``: its gauges always, the last step's counts when ``stepped``."""
-        bm = engine.bm
-        self.running.set(engine.num_running)
-        self.waiting.set(engine.num_waiting)
-        self.kv_usage.set(1.0 - bm.num_free_blocks / len(bm.blocks))
+        sched = engine.scheduler.stats()
+        self.running.set(sched.num_running)
+        self.waiting.set(sched.num_waiting)
+        self.kv_usage.set(sched.kv_cache_usage)
         for key, now, metric in (
-            ("queries", bm.num_queried_tokens, self.prefix_queries),
-            ("hits", bm.num_hit_tokens, self.prefix_hits),
-            ("preemptions", engine.scheduler.num_preemptions, self.preemptions),
+            ("queries", sched.prefix_cache_queried_tokens, self.prefix_queries),
+            ("hits", sched.prefix_cache_hit_tokens, self.prefix_hits),
+            ("preemptions", sched.num_preemptions, self.preemptions),
         ):
             if now > self._seen[key]:
                 metric.inc(now - self._seen[key])

@@ -17,6 +17,7 @@ from tiny_models import random_prompts
 from portable_xy import LLM, EngineConfig, SamplingParams
 from portable_xy.engine.llm_engine import LLMEngine
 from portable_xy.engine.model_runner import kv_bytes_per_block
+from portable_xy.engine.scheduler import Draft
 from portable_xy.spec_decode import Proposer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, min_tokens=12)
@@ -121,18 +122,20 @@ class _ScriptedProposer(Proposer):
     def __init__(self, script: dict[str, list[int]], prompt_lens: dict[str, int]) -> None:
         self.script, self.prompt_lens, self.calls = script, prompt_lens, 0
 
-    def propose(self, batch, stages):
+    drafts_ahead = True
+
+    def propose(self, seqs, out):
         self.calls += 1
-        for st in stages:
-            seq = st.seq
+        drafts = {}
+        for seq, k in seqs:
             done = seq.num_tokens - self.prompt_lens[seq.request_id]
-            seq.draft_token_ids = self.script[seq.request_id][done : done + st.num_tokens - 1]
-            seq.draft_probs = None
+            drafts[seq.seq_id] = Draft(self.script[seq.request_id][done : done + k])
+        return drafts
 
 
 @pytest.mark.parametrize("oracle", [True, False])
 def test_any_proposer_plugs_into_the_engine(tiny_llama, oracle):
-    """A proposer is anything with ``propose(batch, stages)`` / ``copy_blocks``: drafts equal to
+    """A proposer is anything with ``propose(seqs, out)`` / ``copy_blocks``: drafts equal to
     the reference output are all accepted, garbage drafts none; the output is the same."""
     prompts = random_prompts(2, [9, 30], seed=8)
     ref = LLM(tiny_llama, backend="cpu", dtype="float32", max_model_len=256)

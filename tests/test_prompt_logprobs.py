@@ -26,6 +26,15 @@ def _hf_logprobs(model_dir: str, prompts: list[list[int]]) -> list[torch.Tensor]
         return [torch.log_softmax(hf(torch.tensor([p])).logits[0].float(), -1) for p in prompts]
 
 
+def _rank_ok(rank: int, row: torch.Tensor, tok: int) -> bool:
+    """``rank`` is token ``tok``'s rank in HF's ``row`` up to the values' tolerance: every token more
+    than 2 x TOL above it ranks before it, every token more than 2 x TOL below after it (ties
+    closer than that may order either way: the engine's logits round differently from HF's)."""
+    above = int((row > row[tok] + 2 * TOL).sum())
+    not_below = int((row >= row[tok] - 2 * TOL).sum())  # includes tok itself
+    return above + 1 <= rank <= not_below
+
+
 def _check(plp, prompt: list[int], ref: torch.Tensor, k: int, tokenizer=None) -> None:
     """``plp`` (an output's prompt_logprobs) against HF's log_softmax ``ref`` of ``prompt``."""
     assert plp is not None and len(plp) == len(prompt) and plp[0] is None
@@ -33,24 +42,30 @@ def _check(plp, prompt: list[int], ref: torch.Tensor, k: int, tokenizer=None) ->
         row, tok, entry = ref[i - 1], prompt[i], plp[i]
         assert tok in entry, f"position {i}: the prompt token is missing"
         assert abs(entry[tok].logprob - float(row[tok])) < TOL, f"position {i}"
-        assert entry[tok].rank == int((row > row[tok]).sum()) + 1, f"position {i}: rank"
+        assert _rank_ok(entry[tok].rank, row, tok), f"position {i}: rank"
         vals, idx = torch.topk(row, k)
         assert set(entry) == set(idx.tolist()) | {tok}, f"position {i}: top-{k} set"
         for r, (v, t) in enumerate(zip(vals.tolist(), idx.tolist()), 1):
             assert abs(entry[t].logprob - v) < TOL
             if t != tok:
-                assert entry[t].rank == r
+                assert _rank_ok(entry[t].rank, row, t), f"position {i}: rank of top-{r}"
         if tokenizer is not None:
             assert all(lp.decoded_token == tokenizer.decode([t]) for t, lp in entry.items())
 
 
-def _same(a, b, tol: float = TOL) -> None:
-    """Two prompt_logprobs lists agree: same tokens and ranks, logprobs within ``tol``."""
+def _same(a, b, tol: float = TOL, ref: torch.Tensor | None = None) -> None:
+    """Two prompt_logprobs lists agree: same tokens and ranks, logprobs within ``tol``. With HF's
+    log_softmax ``ref`` of the prompt, ranks need only agree up to the near-ties :func:`_rank_ok`
+    allows (computations that round differently, e.g. other chunk sizes)."""
     assert len(a) == len(b) and a[0] is None and b[0] is None
-    for x, y in zip(a[1:], b[1:]):
+    for i, (x, y) in enumerate(zip(a[1:], b[1:])):
         assert set(x) == set(y)
         for t in x:
-            assert x[t].rank == y[t].rank and abs(x[t].logprob - y[t].logprob) < tol
+            assert abs(x[t].logprob - y[t].logprob) < tol
+            if ref is None:
+                assert x[t].rank == y[t].rank
+            else:
+                assert _rank_ok(x[t].rank, ref[i], t) and _rank_ok(y[t].rank, ref[i], t)
 
 
 def _llm(path: str, **kw) -> LLM:
@@ -97,7 +112,7 @@ def test_chunked_prefill_equals_one_chunk(tiny_llama, prompts, hf_ref):
             assert a.outputs[0].token_ids == b.outputs[0].token_ids
             if i % 2 == 0:
                 _check(b.prompt_logprobs, p, r, K)
-                _same(a.prompt_logprobs, b.prompt_logprobs)
+                _same(a.prompt_logprobs, b.prompt_logprobs, ref=r)
             else:
                 assert b.prompt_logprobs is None
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..profile import Profile
-from .interface import DeviceInfo, Platform
+from .interface import DeviceInfo, Platform, run_quiet
 
 
 def ascend_arch(soc: str) -> str | None:
@@ -111,8 +111,6 @@ class AscendPlatform(Platform):
         ]
 
     def environment(self, device: torch.device) -> dict[str, Any]:
-        from ..device import run_quiet
-
         torch_npu = _torch_npu("the NPU environment report")
         return {
             "device": torch.npu.get_device_name(device.index or 0),

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..profile import Profile
-from .interface import DeviceInfo, Platform
+from .interface import DeviceInfo, Platform, run_quiet
 
 # opt-in shared memory per thread block (bytes)
 SMEM_PER_BLOCK = {"sm75": 65536, "sm80": 166912, "sm86": 101376, "sm89": 101376, "sm90": 232448}
@@ -96,8 +96,6 @@ class CudaPlatform(Platform):
         return pool
 
     def environment(self, device: torch.device) -> dict[str, Any]:
-        from ..device import run_quiet
-
         return {
             "device": torch.cuda.get_device_name(device),
             "driver": run_quiet(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),

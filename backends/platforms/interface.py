@@ -9,6 +9,7 @@ branching on a vendor name or importing a vendor's torch plug-in.
 from __future__ import annotations
 
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,16 @@ class DeviceInfo:
         if self.num_cores and profile.data.get("num_cores_from") == self.platform.core_source:
             profile = profile.with_num_cores(self.num_cores)
         return profile
+
+
+def run_quiet(cmd: list[str]) -> str | None:
+    """The first line a command prints, or ``None`` when it is missing or fails (driver versions)."""
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = r.stdout.strip().splitlines()
+    return lines[0].strip() if r.returncode == 0 and lines else None
 
 
 class Platform:

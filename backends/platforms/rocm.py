@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..profile import Profile, load_profile
-from .interface import DeviceInfo, Platform
+from .interface import DeviceInfo, Platform, run_quiet
 
 
 def gfx_arch(name: str) -> str | None:
@@ -92,8 +92,6 @@ class RocmPlatform(Platform):
         return pool
 
     def environment(self, device: torch.device) -> dict[str, Any]:
-        from ..device import run_quiet
-
         return {
             "device": torch.cuda.get_device_name(device),
             "driver": run_quiet(["rocm-smi", "--showdriverversion"]),

@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,6 +38,10 @@ from .group import DEVICE_TIMEOUT, TensorParallelError, TPGroup
 
 if TYPE_CHECKING:
     from ..config import EngineConfig
+
+# what a worker rank runs once its group is up: build its model runner and serve rank 0's steps
+# (a module-level function, so that it pickles by reference into spawned workers)
+ServeFn = Callable[["EngineConfig", TPGroup], None]
 
 START_TIMEOUT_S = 600.0  # for every worker to start Python and reach the rendezvous
 STOP_TIMEOUT_S = 10.0  # for workers to leave after the shutdown message, before they are killed
@@ -80,8 +85,8 @@ def _watch_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _worker_main(config: EngineConfig, rank: int, size: int, port: int, errors) -> None:
-    """Entry point of a spawned worker: rendezvous, build the runner, serve steps."""
+def _worker_main(config: EngineConfig, serve: ServeFn, rank: int, size: int, port: int, errors) -> None:
+    """Entry point of a spawned worker: rendezvous, then ``serve`` (build the runner, serve steps)."""
     code = 0
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it stops the workers
     try:
@@ -91,7 +96,7 @@ def _worker_main(config: EngineConfig, rank: int, size: int, port: int, errors) 
         store.set(READY_KEY.format(rank), "1")
         dist.init_process_group(get_platform(config.backend).dist_backend, store=store, rank=rank, world_size=size,
                                 timeout=DEVICE_TIMEOUT)  # fmt: skip
-        serve_worker(config, TPGroup.create(get_platform(config.backend), rank, size))
+        serve(config, TPGroup.create(get_platform(config.backend), rank, size))
     except BaseException:
         code = 1
         errors.put((rank, traceback.format_exc()))
@@ -103,17 +108,10 @@ def _worker_main(config: EngineConfig, rank: int, size: int, port: int, errors) 
     os._exit(code)
 
 
-def serve_worker(config: EngineConfig, group: TPGroup) -> None:
-    """A worker rank: build its runner, then run rank 0's calls until it says stop."""
-    from ..engine.model_runner import ModelRunner
-
-    ModelRunner(config, group=group).serve()
-
-
 class TPExecutor:
     """Rank 0's side of the group: :attr:`group` for the runner, the worker processes, teardown."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, serve: ServeFn) -> None:
         self.size = config.tensor_parallel_size
         self.procs: list = []
         self.errors = None
@@ -137,26 +135,26 @@ class TPExecutor:
             dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=DEVICE_TIMEOUT)
             if rank != 0:
                 try:
-                    serve_worker(config, TPGroup.create(platform, rank, world))
+                    serve(config, TPGroup.create(platform, rank, world))
                 finally:
                     dist.destroy_process_group()
                 raise SystemExit(0)
         else:
-            self._spawn(config, backend)
+            self._spawn(config, serve, backend)
         try:
             self.group = TPGroup.create(platform, 0, self.size, self.diagnose)
         except BaseException:
             self.shutdown(wait_s=0.0)
             raise
 
-    def _spawn(self, config: EngineConfig, backend: str) -> None:
+    def _spawn(self, config: EngineConfig, serve: ServeFn, backend: str) -> None:
         port = free_port()
         store = dist.TCPStore("127.0.0.1", port, self.size, is_master=True, wait_for_workers=False,
                               timeout=DEVICE_TIMEOUT)  # fmt: skip
         ctx = mp.get_context("spawn")
         self.errors = ctx.Queue()
         for rank in range(1, self.size):
-            p = ctx.Process(target=_worker_main, args=(config, rank, self.size, port, self.errors), daemon=True,
+            p = ctx.Process(target=_worker_main, args=(config, serve, rank, self.size, port, self.errors), daemon=True,
                             name=f"portable_xy-tp{rank}")  # fmt: skip
             p.start()
             self.procs.append(p)

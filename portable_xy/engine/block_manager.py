@@ -107,9 +107,12 @@ class BlockManager:
         self.num_hit_tokens += num_hit_tokens
         self.num_copied_tokens += num_copied_tokens
 
-    def take_cached(self, seq: Sequence, block_ids: list[int], partial: tuple[int, int] | None = None) -> int:
+    def take_cached(
+        self, seq: Sequence, block_ids: list[int], partial: tuple[int, int] | None = None
+    ) -> tuple[int, int]:
         """Give a new sequence the prefix found by :meth:`lookup_prefix`: shared full blocks, then
-        (if a block is free for it) a copy of the partly matched block. Returns the tokens copied."""
+        (if a block is free for it) a copy of the partly matched block. Returns ``(tokens now
+        cached, of which copied)``; the scheduler sets the sequence's computed-token count."""
         assert not seq.block_table and seq.num_computed_tokens == 0
         for bid in block_ids:
             block = self.blocks[bid]
@@ -117,7 +120,7 @@ class BlockManager:
                 del self.free[bid]
             block.ref_count += 1
         seq.block_table = list(block_ids)
-        seq.num_computed_tokens = len(block_ids) * self.block_size
+        cached = len(block_ids) * self.block_size
         if partial is not None and self.free:
             src, n = partial
             parent = self.blocks[block_ids[-1]].hash if block_ids else None
@@ -125,9 +128,8 @@ class BlockManager:
             self.pending_copies.append((src, dst))
             self._set_contents(self.blocks[dst], parent, self.blocks[src].token_ids[:n])
             seq.block_table.append(dst)
-            seq.num_computed_tokens += n
-            return n
-        return 0
+            return cached + n, n
+        return cached, 0
 
     # ---- allocation --------------------------------------------------------------------------
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
@@ -187,13 +189,7 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free[bid] = None
         seq.block_table = []
-        seq.num_computed_tokens = 0
-        seq.num_draft_computed = 0
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []
         return copies
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        return self.num_hit_tokens / self.num_queried_tokens if self.num_queried_tokens else 0.0

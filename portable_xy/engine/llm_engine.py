@@ -1,8 +1,10 @@
 """The engine core: requests in, one scheduled step at a time, outputs out.
 
 ``LLMEngine.from_config`` builds every part from one :class:`~portable_xy.config.EngineConfig`;
-front ends (``LLM``, ``AsyncLLM``) add requests and call :meth:`LLMEngine.step`. A step is
-schedule -> propose -> run -> sample -> postprocess, one call each. A step that raises fails the
+front ends (``LLM``, ``AsyncLLM``) add requests and call :meth:`LLMEngine.step`. A step is: drafts
+proposed from the tokens alone (n-gram), the scheduler's immutable ``SchedulerOutput``, the run
+(drafts of a proposer that needs the step's blocks, forward pass, sampling), then the scheduler's
+``update_from_output`` and the output processor. A step that raises fails the
 requests it ran (their blocks are freed) and nothing else: :class:`EngineStepError`.
 """
 
@@ -19,13 +21,13 @@ from ..config import EngineConfig
 from ..models.loader import load_tokenizer
 from ..outputs import RequestMetrics, RequestOutput
 from ..sampling_params import RequestOutputKind, SamplingParams
-from ..spec_decode import Proposer, make_proposer
 from .block_manager import BlockManager
 from .input_processor import InputProcessor
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, serve_rank
 from .output_processor import OutputProcessor
+from .proposer import Proposer, make_proposer
 from .sampler import Sampler, SampleResult
-from .scheduler import ScheduledBatch, Scheduler
+from .scheduler import Draft, Scheduler, SchedulerOutput
 from .sequence import Request, Sequence
 
 
@@ -102,7 +104,7 @@ class LLMEngine:
         if config.tensor_parallel_size > 1:
             from ..distributed.executor import TPExecutor
 
-            executor = TPExecutor(config)  # under torchrun, ranks > 0 serve inside and never return
+            executor = TPExecutor(config, serve_rank)  # under torchrun, ranks > 0 serve inside and never return
         try:
             runner = ModelRunner(config, group=executor.group if executor else None)
             bm = BlockManager(runner.num_kv_blocks, config.block_size, config.enable_prefix_caching,
@@ -171,77 +173,76 @@ class LLMEngine:
 
     @property
     def num_running(self) -> int:
-        return len({s.request_id for s in self.scheduler.running})
+        return self.scheduler.stats().num_running
 
     @property
     def num_waiting(self) -> int:
-        return len({s.request_id for s in self.scheduler.waiting} - {s.request_id for s in self.scheduler.running})
+        return self.scheduler.stats().num_waiting
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one step. Returns the outputs it produced: every request that finished, and those
         of the running ones whose ``output_kind`` is not ``FINAL_ONLY`` and that got tokens."""
-        batch = self.scheduler.schedule()
-        if not batch.stages:
+        out = self.scheduler.schedule(self.propose_ahead())
+        if not out.stages:
             return []
         try:
-            self.propose(batch)
-            logits = self.runner.execute(batch)
-            new_tokens = self.sampler(batch, logits)
-            prompt_lps = self.sampler.prompt_logprobs(batch, logits)
-            del logits  # a prompt-logprob chunk's [rows, V] logits go now, reduced to top-k
-            return self.postprocess(batch, new_tokens, prompt_lps)
+            return self.postprocess(out, *self.run(out))
         except Exception as e:
-            raise self._fail(batch, e) from e
+            raise self._fail(out, e) from e
 
-    def _fail(self, batch: ScheduledBatch, cause: Exception) -> EngineStepError:
+    def propose_ahead(self) -> dict[int, Draft] | None:
+        """Drafts made before scheduling (by a proposer that drafts from the tokens alone), else None."""
+        if not self.proposer.drafts_ahead:
+            return None
+        return self.proposer.propose(self.scheduler.spec_candidates(), None)
+
+    def run(self, out: SchedulerOutput) -> tuple[dict[int, list[SampleResult]], dict]:
+        """The step's drafts (a proposer that drafts inside the step), forward pass and sampling:
+        ``({seq_id: emitted tokens}, {seq_id: prompt logprobs})``."""
+        self.proposer.copy_blocks(out.block_copies)
+        if not self.proposer.drafts_ahead:
+            verify = [(st.seq, st.num_tokens - 1) for st in out.verify_stages]
+            self.scheduler.update_draft_token_ids(out, self.proposer.propose(verify, out))
+        logits = self.runner.execute(out)
+        new_tokens = self.sampler(out, logits)
+        prompt_lps = self.sampler.prompt_logprobs(out, logits)
+        return new_tokens, prompt_lps  # the [rows, V] logits go now (prompt logprobs: reduced to top-k)
+
+    def _fail(self, out: SchedulerOutput, cause: Exception) -> EngineStepError:
         """Abort the requests of a step that raised."""
-        ids = list(dict.fromkeys(seq.request_id for seq in batch.seqs))
+        ids = list(dict.fromkeys(seq.request_id for seq in out.seqs))
         for rid in ids:
             self.abort_request(rid)
         return EngineStepError(ids, cause)
 
-    def propose(self, batch: ScheduledBatch) -> None:
-        """Drafts for the step's verify stages; a stage that got fewer drafts than the room it
-        reserved shrinks (to a plain decode when it got none)."""
-        self.proposer.copy_blocks(batch.block_copies)
-        verify = batch.verify_stages
-        self.proposer.propose(batch, verify)
-        for st in verify:
-            st.num_tokens = 1 + len(st.seq.draft_token_ids)
-            if st.num_tokens == 1:
-                st.kind = "D"
-
     def postprocess(
         self,
-        batch: ScheduledBatch,
+        out: SchedulerOutput,
         new_tokens: dict[int, list[SampleResult]],
         prompt_logprobs: dict[int, tuple[int, list]] | None = None,
     ) -> list[RequestOutput]:
-        """Advance the scheduler past the step (a verify stage keeps only its accepted drafts),
-        append the new tokens and prompt logprobs (:meth:`Sampler.prompt_logprobs`), finish
-        sequences that stopped; the step's outputs (see :meth:`step`)."""
-        stats = self.last_step = StepStats(num_scheduled_tokens=batch.total_tokens)
-        verify = batch.verify_stages
-        rejected = {st.seq.seq_id: st.num_tokens - len(new_tokens[st.seq.seq_id]) for st in verify}
-        for st in verify:
-            drafts, accepted = st.num_tokens - 1, len(new_tokens[st.seq.seq_id]) - 1
+        """The scheduler's update from the step (a verify stage keeps only its accepted drafts),
+        then the new tokens and prompt logprobs (:meth:`Sampler.prompt_logprobs`) appended and
+        stop checks made by the output processor, and finished sequences handed back to the
+        scheduler; the step's outputs (see :meth:`step`)."""
+        stats = self.last_step = StepStats(num_scheduled_tokens=out.total_tokens)
+        accepted = self.scheduler.update_from_output(out, {sid: len(t) for sid, t in new_tokens.items()})
+        for st in out.verify_stages:
+            drafts, ok = st.num_tokens - 1, accepted[st.seq.seq_id]
             m = st.seq.metrics
             m.num_draft_tokens += drafts
-            m.num_accepted_tokens += accepted
+            m.num_accepted_tokens += ok
             m.num_verify_steps += 1
             stats.num_drafts += 1
             stats.num_draft_tokens += drafts
-            stats.num_accepted_tokens += accepted
+            stats.num_accepted_tokens += ok
         self.num_draft_tokens += stats.num_draft_tokens
         self.num_accepted_tokens += stats.num_accepted_tokens
-        self.scheduler.postprocess(batch, rejected)
         now = time.time()
         touched: dict[str, Request] = {}
-        for st in batch.stages:
+        for st in out.stages:
             seq = st.seq
-            seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)
-            seq.draft_token_ids, seq.draft_probs = [], None
             if prompt_logprobs and seq.seq_id in prompt_logprobs:
                 self.output.append_prompt_logprobs(seq, *prompt_logprobs[seq.seq_id])
             results = new_tokens.get(seq.seq_id, [])

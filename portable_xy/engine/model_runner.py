@@ -24,7 +24,7 @@ from ..backends.graphs import make_decode_graph_runner
 from ..models.config import ModelConfig
 from ..models.loader import open_weights
 from ..models.registry import MODELS
-from .scheduler import ScheduledBatch, Stage
+from .scheduler import SchedulerOutput, Stage
 from .sequence import Sequence
 
 if TYPE_CHECKING:
@@ -178,7 +178,7 @@ class ModelRunner:
                 k_cache[dst].copy_(k_cache[src])
                 v_cache[dst].copy_(v_cache[src])
 
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+    def execute(self, batch: SchedulerOutput) -> torch.Tensor:
         """Run a scheduled step: its pending block copies, then its stages. Returns the fp32 logits
         of each stage's ``num_logits`` rows, stage after stage."""
         return self.forward([stage_input(st) for st in batch.stages], batch.block_copies)
@@ -291,3 +291,9 @@ class ModelRunner:
                 self.group.broadcast_object(self.group.encode((None, (), False)))
             except RuntimeError as e:
                 self.group.fail(e)
+
+
+def serve_rank(config: EngineConfig, group: TPGroup) -> None:
+    """A worker rank of a tensor-parallel group: build its runner, then run rank 0's calls until it
+    says stop (what ``distributed/executor.py`` runs in each worker)."""
+    ModelRunner(config, group=group).serve()

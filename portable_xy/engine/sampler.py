@@ -1,6 +1,6 @@
 """Turns the step's logits into tokens: penalties, min_tokens, logprobs, then the backend's
 sampling op (greedy / temperature with top-k, top-p, min-p) fed with per-sequence random numbers;
-verify stages keep the drafts the target model accepts (``spec_decode/rejection.py``). Prefill
+verify stages keep the drafts the target model accepts (``engine/rejection.py``). Prefill
 chunks of ``prompt_logprobs`` requests also get their prompt tokens' logprobs, reduced to the top-k
 per position."""
 
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from ..backends import Backend
-from ..spec_decode.rejection import verify_drafts
-from .scheduler import ScheduledBatch
+from .rejection import verify_drafts
+from .scheduler import SchedulerOutput
 from .sequence import Sequence
 
 
@@ -109,7 +109,7 @@ class Sampler:
         self.backend = backend
         self.eos_ids = eos_ids
 
-    def __call__(self, batch: ScheduledBatch, logits: torch.Tensor) -> dict[int, list[SampleResult]]:
+    def __call__(self, batch: SchedulerOutput, logits: torch.Tensor) -> dict[int, list[SampleResult]]:
         """``{seq_id: tokens}``: one sampled token for a stage that reaches its sequence's end, the
         accepted drafts plus the target's next token for a verify stage."""
         out: dict[int, list[SampleResult]] = {}
@@ -133,7 +133,7 @@ class Sampler:
         return out
 
     def prompt_logprobs(
-        self, batch: ScheduledBatch, logits: torch.Tensor
+        self, batch: SchedulerOutput, logits: torch.Tensor
     ) -> dict[int, tuple[int, list[list[tuple[int, float, int]]]]]:
         """``{seq_id: (first prompt position scored, per position (token id, logprob, rank) of the
         prompt token then the top-k)}`` for the step's prefill chunks that score prompt tokens."""

@@ -26,46 +26,26 @@ later recomputed.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
 
+from ..scheduler_config import SchedulerConfig
 from .block_manager import BlockManager
 from .sequence import SeqStatus, Sequence
 
-POLICIES = ("tokenwise", "prefill_first", "decode_first")
-ORDERS = ("fcfs", "priority")
+
+@dataclass(frozen=True)
+class Draft:
+    """Draft tokens for one sequence, and the proposer's distributions ``[k, V]`` they were drawn
+    from (``None``: a deterministic proposal, one-hot)."""
+
+    token_ids: list[int]
+    probs: Any = None
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_batched_tokens: int = 2048  # the step's token budget B
-    max_num_seqs: int = 256
-    policy: str = "tokenwise"
-    scheduling_policy: str = "fcfs"  # or "priority": lower ``priority`` first, then arrival
-    decode_reserve: int | None = None  # most tokens D/V stages take ahead of prefill (None: all)
-    max_num_partial_prefills: int | None = None  # most prefill stages in one step (None: any)
-    chunk_align: int = 1
-    num_speculative_tokens: int = 0  # most drafts a decoding sequence verifies per step (0: none)
-    max_model_len: int | None = None  # longest sequence (None: no limit)
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_batched_tokens", "max_num_seqs", "chunk_align"):
-            val = getattr(self, name)
-            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
-        k = self.num_speculative_tokens
-        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-            raise ValueError(f"num_speculative_tokens must be a non-negative int, got {k!r}")
-        for name in ("decode_reserve", "max_num_partial_prefills", "max_model_len"):
-            val = getattr(self, name)
-            if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
-                raise ValueError(f"{name} must be None or a positive int, got {val!r}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"scheduler policy {self.policy!r} is not one of {POLICIES}")
-        if self.scheduling_policy not in ORDERS:
-            raise ValueError(f"scheduling_policy {self.scheduling_policy!r} is not one of {ORDERS}")
-
-
-@dataclass
 class Stage:
     """One sequence's segment of the step: ``num_tokens`` tokens at positions ``start...``
     (``start`` = its history length, the tokens already in the KV cache)."""
@@ -106,13 +86,27 @@ class Stage:
         return int(self.samples)
 
 
-@dataclass
-class ScheduledBatch:
-    """One step: its stages, and the KV block copies (``src, dst``) to do before its forward pass
-    (copy-on-write prefix reuse)."""
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """One step, as :meth:`Scheduler.schedule` decided it (immutable): its stages (at most one per
+    sequence), the KV block copies (``src, dst``) to do before its forward pass (copy-on-write
+    prefix reuse), and the sequences preempted or finished since the previous step (a proposer
+    with state of its own drops theirs)."""
 
-    stages: list[Stage] = field(default_factory=list)
-    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    stages: tuple[Stage, ...] = ()
+    block_copies: tuple[tuple[int, int], ...] = ()
+    preempted_seq_ids: frozenset[int] = frozenset()
+    finished_seq_ids: frozenset[int] = frozenset()
+
+    @property
+    def num_scheduled_tokens(self) -> Mapping[int, int]:
+        """``{seq_id: tokens}`` under the budget."""
+        return MappingProxyType({st.seq.seq_id: st.num_tokens for st in self.stages})
+
+    @property
+    def num_spec_tokens(self) -> Mapping[int, int]:
+        """``{seq_id: draft tokens verified}`` of the verify stages."""
+        return MappingProxyType({st.seq.seq_id: st.num_tokens - 1 for st in self.stages if st.kind == "V"})
 
     @property
     def seqs(self) -> list[Sequence]:
@@ -137,8 +131,23 @@ class ScheduledBatch:
         return len(self.stages)
 
 
+@dataclass(frozen=True)
+class SchedulerStats:
+    """The scheduler's state for metrics: requests running and waiting, KV cache use, counters."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    prefix_cache_copied_tokens: int
+
+
 class Scheduler:
-    """Fills each step's token budget; see the module docstring."""
+    """Fills each step's token budget; see the module docstring. The scheduling state of a
+    sequence (its status, computed-token count, block table, drafts and preemptions) is written
+    here and in the block manager only."""
 
     def __init__(self, block_manager: BlockManager, config: SchedulerConfig) -> None:
         self.bm = block_manager
@@ -146,12 +155,26 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._preempted: set[int] = set()  # since the last schedule()
+        self._finished: set[int] = set()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def stats(self) -> SchedulerStats:
+        bm = self.bm
+        return SchedulerStats(
+            num_running=len({s.request_id for s in self.running}),
+            num_waiting=len({s.request_id for s in self.waiting} - {s.request_id for s in self.running}),
+            kv_cache_usage=1.0 - bm.num_free_blocks / len(bm.blocks),
+            num_preemptions=self.num_preemptions,
+            prefix_cache_queried_tokens=bm.num_queried_tokens,
+            prefix_cache_hit_tokens=bm.num_hit_tokens,
+            prefix_cache_copied_tokens=bm.num_copied_tokens,
+        )
 
     def _key(self, seq: Sequence) -> tuple[int, int]:
         return (seq.priority if self.config.scheduling_policy == "priority" else 0, seq.seq_id)
@@ -167,6 +190,16 @@ class Scheduler:
         left = seq.num_tokens_left(self.config.max_model_len)
         return max(0, min(k, left - 1))
 
+    def spec_candidates(self) -> list[tuple[Sequence, int]]:
+        """``(sequence, most drafts)`` of the running sequences that may verify drafts next step:
+        what a proposer that drafts before scheduling is asked for."""
+        out = []
+        for seq in self.running:
+            k = self.num_spec_tokens(seq) if seq.in_decode else 0
+            if k:
+                out.append((seq, k))
+        return out
+
     def _chunk(self, want: int, room: int) -> int:
         if want <= room:
             return want
@@ -174,12 +207,19 @@ class Scheduler:
         return aligned if aligned > 0 else room
 
     # ---- blocks and preemption ---------------------------------------------------------------
+    def _release(self, seq: Sequence) -> None:
+        """Give back ``seq``'s blocks; nothing of it is computed any more."""
+        self.bm.free_seq(seq)
+        seq.num_computed_tokens = 0
+        seq.draft_token_ids, seq.draft_probs = [], None
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.bm.free_seq(seq)
+        self._release(seq)
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
+        self._preempted.add(seq.seq_id)
         self.waiting.append(seq)
 
     def _allocate(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
@@ -194,22 +234,28 @@ class Scheduler:
         return True
 
     # ---- the step ----------------------------------------------------------------------------
-    def schedule(self) -> ScheduledBatch:
-        """The next step's stages (empty when nothing is unfinished). Raises when requests are
-        waiting but none fits the KV cache."""
-        batch = self._fill_budget()
-        if not batch.stages and self.has_unfinished():
+    def schedule(self, drafts: Mapping[int, Draft] | None = None) -> SchedulerOutput:
+        """The next step (no stages when nothing is unfinished). ``drafts``: what a proposer
+        drafted before this step (:meth:`spec_candidates`); a verify stage then verifies those
+        (fewer when room or blocks run short). Without it, a verify stage reserves room for
+        :meth:`num_spec_tokens` drafts that :meth:`update_draft_token_ids` fills before the step
+        runs. Raises when requests are waiting but none fits the KV cache."""
+        stages = self._fill_budget(drafts)
+        if not stages and self.has_unfinished():
             raise RuntimeError("scheduler could not schedule any sequence (KV cache too small?)")
-        batch.block_copies = self.bm.take_pending_copies()
+        out = SchedulerOutput(tuple(stages), tuple(self.bm.take_pending_copies()), frozenset(self._preempted),
+                              frozenset(self._finished))  # fmt: skip
+        self._preempted.clear()
+        self._finished.clear()
         now = time.time()
-        for seq in batch.seqs:
+        for seq in out.seqs:
             if seq.metrics.first_scheduled_time is None:
                 seq.metrics.first_scheduled_time = now
-        return batch
+        return out
 
-    def _fill_budget(self) -> ScheduledBatch:
+    def _fill_budget(self, drafts: Mapping[int, Draft] | None) -> list[Stage]:
         cfg = self.config
-        batch = ScheduledBatch()
+        stages: list[Stage] = []
         scheduled: set[int] = set()
         self.running.sort(key=self._key)
         self.waiting.sort(key=self._key)
@@ -217,18 +263,26 @@ class Scheduler:
         decoding = [s for s in self.running if s.in_decode]
         prefill_work = len(decoding) < len(self.running) or bool(self.waiting)
         if cfg.policy == "prefill_first" and prefill_work:
-            room = self._schedule_prefills(batch, scheduled, room)
-            if batch.stages:
-                return batch
+            room = self._schedule_prefills(stages, scheduled, room)
+            if stages:
+                return stages
         reserve = room if cfg.decode_reserve is None else min(room, cfg.decode_reserve)
-        left = self._schedule_decodes(batch, scheduled, decoding, reserve)
+        left = self._schedule_decodes(stages, scheduled, decoding, reserve, drafts)
         room -= reserve - left
         if cfg.policy != "decode_first" or not decoding:
-            room = self._schedule_prefills(batch, scheduled, room)
-        self._schedule_decodes(batch, scheduled, [s for s in decoding if s.seq_id not in scheduled], room)
-        return batch
+            room = self._schedule_prefills(stages, scheduled, room)
+        rest = [s for s in decoding if s.seq_id not in scheduled]
+        self._schedule_decodes(stages, scheduled, rest, room, drafts)
+        return stages
 
-    def _schedule_decodes(self, batch: ScheduledBatch, scheduled: set[int], seqs: list[Sequence], room: int) -> int:
+    def _schedule_decodes(
+        self,
+        stages: list[Stage],
+        scheduled: set[int],
+        seqs: list[Sequence],
+        room: int,
+        drafts: Mapping[int, Draft] | None,
+    ) -> int:
         """Decode / verify stages for ``seqs`` while ``room`` lasts; returns the room left."""
         for seq in seqs:
             if room == 0:
@@ -236,20 +290,26 @@ class Scheduler:
             if seq.status != SeqStatus.RUNNING or seq.seq_id in scheduled:
                 continue  # preempted earlier in this step
             k = min(self.num_spec_tokens(seq), room - 1)
+            draft = None if drafts is None else drafts.get(seq.seq_id)
+            if drafts is not None:
+                k = min(k, len(draft.token_ids) if draft else 0)
             if k > 0 and not self.bm.can_allocate(seq, 1 + k):
                 k = 0  # short of blocks: verify nothing rather than preempt someone
             if not self._allocate(seq, 1 + k, scheduled):
                 continue
-            batch.stages.append(Stage(seq, "V" if k else "D", seq.num_computed_tokens, 1 + k))
+            if draft is not None and k:
+                seq.draft_token_ids = draft.token_ids[:k]
+                seq.draft_probs = None if draft.probs is None else draft.probs[:k]
+            stages.append(Stage(seq, "V" if k else "D", seq.num_computed_tokens, 1 + k))
             scheduled.add(seq.seq_id)
             room -= 1 + k
         return room
 
-    def _schedule_prefills(self, batch: ScheduledBatch, scheduled: set[int], room: int) -> int:
+    def _schedule_prefills(self, stages: list[Stage], scheduled: set[int], room: int) -> int:
         """Prefill chunks: running partial prefills first, then waiting prompts admitted in order
         while room, sequence slots and blocks last. Returns the room left."""
         cap = self.config.max_num_partial_prefills
-        count = sum(st.kind == "P" for st in batch.stages)
+        count = sum(st.kind == "P" for st in stages)
         for seq in [s for s in self.running if not s.in_decode]:
             if room == 0 or (cap is not None and count >= cap):
                 return room
@@ -260,7 +320,7 @@ class Scheduler:
                 continue  # prefill-first prefills never preempt: that could starve the decodes forever
             if not self._allocate(seq, n, scheduled):
                 continue
-            batch.stages.append(Stage(seq, "P", seq.num_computed_tokens, n))
+            stages.append(Stage(seq, "P", seq.num_computed_tokens, n))
             scheduled.add(seq.seq_id)
             room -= n
             count += 1
@@ -271,10 +331,11 @@ class Scheduler:
             # vLLM: a sequence still collecting prompt logprobs computes its whole prompt, so it
             # skips the prefix-cache lookup (its computed blocks are still published for others)
             lookup = not seq.prompt_logprobs_pending
-            copied = self.bm.take_cached(seq, *self.bm.lookup_prefix(seq)) if lookup else 0
+            cached, copied = self.bm.take_cached(seq, *self.bm.lookup_prefix(seq)) if lookup else (0, 0)
+            seq.num_computed_tokens = cached
             n = self._chunk(seq.num_uncomputed_tokens, room)
             if not self.bm.can_allocate(seq, n):
-                self.bm.free_seq(seq)  # give the cached blocks back; retry next step
+                self._release(seq)  # give the cached blocks back; retry next step
                 break
             self.waiting.pop(0)
             if lookup:
@@ -283,16 +344,38 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             seq.metrics.num_cached_tokens = max(seq.metrics.num_cached_tokens, seq.num_computed_tokens)
             self.running.append(seq)
-            batch.stages.append(Stage(seq, "P", seq.num_computed_tokens, n))
+            stages.append(Stage(seq, "P", seq.num_computed_tokens, n))
             scheduled.add(seq.seq_id)
             room -= n
             count += 1
         return room
 
-    def postprocess(self, batch: ScheduledBatch, num_rejected: dict[int, int] | None = None) -> None:
+    # ---- after the step ----------------------------------------------------------------------
+    def update_draft_token_ids(self, out: SchedulerOutput, drafts: Mapping[int, Draft]) -> None:
+        """The drafts a proposer made inside the step for its verify stages (exactly the room each
+        stage reserved)."""
+        for st in out.verify_stages:
+            d = drafts.get(st.seq.seq_id)
+            if d is None or len(d.token_ids) != st.num_tokens - 1:
+                got = 0 if d is None else len(d.token_ids)
+                raise RuntimeError(f"the proposer gave {got} drafts for a verify stage of {st.num_tokens - 1}")
+            st.seq.draft_token_ids, st.seq.draft_probs = list(d.token_ids), d.probs
+
+    def update_from_output(self, out: SchedulerOutput, num_emitted: Mapping[int, int]) -> dict[int, int]:
+        """After the step ran: ``num_emitted`` is ``{seq_id: tokens the step emitted}`` (for a
+        verify stage its accepted drafts plus the target's token). Advances computed-token counts
+        (rejected drafts are rolled back), publishes the newly computed blocks and drops the
+        drafts. Returns ``{seq_id: drafts accepted}`` of the verify stages."""
+        accepted = {st.seq.seq_id: num_emitted.get(st.seq.seq_id, 1) - 1 for st in out.verify_stages}
+        self.postprocess(out, {sid: out.num_spec_tokens[sid] - a for sid, a in accepted.items()})
+        for seq in out.seqs:
+            seq.draft_token_ids, seq.draft_probs = [], None
+        return accepted
+
+    def postprocess(self, out: SchedulerOutput, num_rejected: Mapping[int, int] | None = None) -> None:
         """Advance computed-token counts after the step ran (a verify stage keeps only its
         accepted drafts) and publish the newly computed blocks."""
-        for st in batch.stages:
+        for st in out.stages:
             seq = st.seq
             seq.num_computed_tokens += st.num_tokens - (num_rejected or {}).get(seq.seq_id, 0)
             self.bm.publish(seq)
@@ -300,12 +383,14 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         seq.status = SeqStatus.FINISHED
         self.running.remove(seq)
-        self.bm.free_seq(seq)
+        self._release(seq)
+        self._finished.add(seq.seq_id)
 
     def abort(self, seq: Sequence) -> None:
         if seq in self.waiting:
             self.waiting.remove(seq)
         elif seq in self.running:
             self.running.remove(seq)
-            self.bm.free_seq(seq)
+            self._release(seq)
         seq.status = SeqStatus.FINISHED
+        self._finished.add(seq.seq_id)

@@ -58,9 +58,10 @@ class Sequence:
         self.text = ""  # detokenized output (kept current only when stop strings need it)
         self.num_preemptions = 0
         self.priority = priority  # lower runs first under the "priority" scheduling policy
-        self.draft_token_ids: list[int] = []  # proposed this step, verified by the target model
+        # scheduling state, written by the scheduler (and the block manager) only: status,
+        # num_computed_tokens, block_table, num_preemptions above, and the drafts this step verifies
+        self.draft_token_ids: list[int] = []
         self.draft_probs: object | None = None  # the proposer's distributions [k, V] (None: one-hot)
-        self.num_draft_computed = 0  # tokens in the draft model's KV cache (draft-model speculation)
         # streaming: the text decoded so far (incrementally: from prefix_offset, new from read_offset)
         # and what the request's outputs have returned (RequestOutputKind.DELTA)
         self.stream_text = ""

@@ -2,7 +2,7 @@
 QKV / merged gate-up, quantized blocks kept where the backend runs them) and the vocab-parallel
 embedding and LM head.
 
-Tensor parallelism is Megatron-style (``distributed/sharding.py``): a column-parallel weight is a
+Tensor parallelism is Megatron-style (``models/sharding.py``): a column-parallel weight is a
 row range ``[start, start + size)`` of the ``[N, K]`` checkpoint tensor (``dim=0``), a row-parallel
 one a column range (``dim=1``); with one rank both are the whole tensor.
 """
@@ -15,7 +15,7 @@ import torch
 
 from ..backends import Backend
 from ..backends.quant import QBLOCK, QuantWeight, dequantize_ref
-from ..distributed.sharding import ShardPlan
+from .sharding import ShardPlan
 from .weights import WeightSource
 
 if TYPE_CHECKING:

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from ..backends import AttnMetadata, Backend
-from ..distributed.sharding import ShardPlan
 from .config import ModelConfig
 from .layers import VocabParallelEmbedding, WeightLoader
 from .registry import UnsupportedModelError
+from .sharding import ShardPlan
 from .weights import WeightSource
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ class DecoderLayer:
 
 class LlamaForCausalLM:
     """The decoder on ``backend``, optionally one rank's shard of it (``shard`` and ``group``, see
-    ``distributed/sharding.py``): its heads, its slice of the MLP and of the vocabulary, with an
+    ``models/sharding.py``): its heads, its slice of the MLP and of the vocabulary, with an
     all-reduce after the embedding, O and down, and the logits gathered on rank 0."""
 
     # GGUF tensor names -> HF names (per layer under ``blk.N.``, and top-level)

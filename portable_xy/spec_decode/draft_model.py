@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..engine.model_runner import ModelRunner, StageInput
-from ..engine.scheduler import ScheduledBatch, Stage
+from ..engine.proposer import Proposer
+from ..engine.rejection import draw, greedy_tokens, seq_probs
+from ..engine.scheduler import Draft, SchedulerOutput
 from ..engine.sequence import Sequence
 from ..models.loader import load_model_config, resolve_model_path
-from .proposer import Proposer
-from .rejection import draw, greedy_tokens, seq_probs
 
 if TYPE_CHECKING:
     from ..config import EngineConfig
@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 class DraftModelProposer(Proposer):
     """Runs ``speculative_config.model`` beside ``target`` (same backend, same block layout)."""
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, target: ModelRunner) -> DraftModelProposer:
+        return cls(config, target)
 
     def __init__(self, config: EngineConfig, target: ModelRunner) -> None:
         path = config.speculative_config.model
@@ -48,9 +52,10 @@ class DraftModelProposer(Proposer):
             )
         self.backend = target.backend
         self.runner = ModelRunner(config, target.backend, model_path, target.num_kv_blocks)
+        self.num_computed: dict[int, int] = {}  # seq_id -> tokens in the draft model's KV cache
 
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        self.runner.copy_blocks(pairs)
+    def copy_blocks(self, pairs: tuple[tuple[int, int], ...]) -> None:
+        self.runner.copy_blocks(list(pairs))
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[torch.Tensor | None]]:
         tokens: list[int] = []
@@ -67,26 +72,31 @@ class DraftModelProposer(Proposer):
                 probs.append(q)
         return tokens, probs
 
-    def propose(self, batch: ScheduledBatch, verify: list[Stage]) -> None:
-        """Drafts for the ``verify`` stages (see :class:`Proposer`), keeping the draft cache in step
-        with ``batch``'s prefills."""
+    def propose(self, verify: list[tuple[Sequence, int]], out: SchedulerOutput | None) -> dict[int, Draft]:
+        """Exactly ``k`` drafts per ``(sequence, k)`` of the step's verify stages (see
+        :class:`Proposer`), keeping the draft cache in step with ``out``'s prefills."""
+        done = self.num_computed
+        for sid in out.preempted_seq_ids | out.finished_seq_ids:  # their blocks were given back
+            done.pop(sid, None)
+        for seq in out.seqs:  # rejected drafts left K/V past the target's computed tokens
+            done[seq.seq_id] = min(done.get(seq.seq_id, 0), seq.num_computed_tokens)
         inputs = []
-        for st in batch.stages:
+        for st in out.stages:
             if st.kind == "P":
                 inputs.append(StageInput(st.seq, st.start, st.seq.token_ids[st.start : st.start + st.num_tokens], 0))
-        seqs = [st.seq for st in verify]
-        wants = [st.num_tokens - 1 for st in verify]
+        seqs = [seq for seq, _ in verify]
+        wants = [k for _, k in verify]
         for seq in seqs:
-            start = min(seq.num_draft_computed, seq.num_tokens - 1)
+            start = min(done.get(seq.seq_id, 0), seq.num_tokens - 1)
             inputs.append(StageInput(seq, start, seq.token_ids[start:], 1))
         if not inputs:
-            return
+            return {}
         logits = self.runner.forward(inputs)
-        for st in batch.stages:
+        for st in out.stages:
             if st.kind == "P":
-                st.seq.num_draft_computed = st.start + st.num_tokens
+                done[st.seq.seq_id] = st.start + st.num_tokens
         if not seqs:
-            return
+            return {}
         drafts: list[list[int]] = [[] for _ in seqs]
         probs: list[list[torch.Tensor | None]] = [[] for _ in seqs]
         active = list(range(len(seqs)))
@@ -103,7 +113,8 @@ class DraftModelProposer(Proposer):
                 seq = seqs[i]
                 steps.append(StageInput(seq, seq.num_tokens + len(drafts[i]) - 1, [drafts[i][-1]], 1))
             logits = self.runner.forward(steps)
+        result = {}
         for seq, d, q in zip(seqs, drafts, probs):
-            seq.draft_token_ids = d
-            seq.draft_probs = None if q[0] is None else torch.stack(q)
-            seq.num_draft_computed = seq.num_tokens + len(d) - 1
+            result[seq.seq_id] = Draft(d, None if q[0] is None else torch.stack(q))
+            done[seq.seq_id] = seq.num_tokens + len(d) - 1
+        return result

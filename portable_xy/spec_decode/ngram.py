@@ -3,10 +3,17 @@ the most recent earlier occurrence of its last n tokens (longest n first)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ..engine.scheduler import ScheduledBatch, Stage
-from .proposer import Proposer
+from ..engine.proposer import Proposer
+from ..engine.scheduler import Draft, SchedulerOutput
+from ..engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from ..config import EngineConfig
+    from ..engine.model_runner import ModelRunner
 
 
 def ngram_propose(token_ids: list[int], k: int, n_min: int, n_max: int) -> list[int]:
@@ -26,11 +33,22 @@ def ngram_propose(token_ids: list[int], k: int, n_min: int, n_max: int) -> list[
 
 
 class NgramProposer(Proposer):
+    """Drafts from the tokens alone, before the step is scheduled."""
+
+    drafts_ahead = True
+
     def __init__(self, n_min: int, n_max: int) -> None:
         self.n_min, self.n_max = n_min, n_max
 
-    def propose(self, batch: ScheduledBatch, stages: list[Stage]) -> None:
-        for st in stages:
-            seq = st.seq
-            seq.draft_token_ids = ngram_propose(seq.token_ids, st.num_tokens - 1, self.n_min, self.n_max)
-            seq.draft_probs = None  # a deterministic proposal: q is one-hot
+    @classmethod
+    def from_config(cls, config: EngineConfig, target: ModelRunner) -> NgramProposer:
+        spec = config.speculative_config
+        return cls(spec.prompt_lookup_min, spec.prompt_lookup_max)
+
+    def propose(self, seqs: list[tuple[Sequence, int]], out: SchedulerOutput | None) -> dict[int, Draft]:
+        drafts = {}
+        for seq, k in seqs:
+            d = ngram_propose(seq.token_ids, k, self.n_min, self.n_max)
+            if d:
+                drafts[seq.seq_id] = Draft(d)  # a deterministic proposal: q is one-hot
+        return drafts

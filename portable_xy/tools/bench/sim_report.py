@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...distributed.sharding import check_split
-from ...engine.scheduler import POLICIES
+from ...models.sharding import check_split
+from ...scheduler_config import POLICIES
 from .shapes import LENGTH_MIXES, MODELS, model_names
 from .sim_metrics import Slo, completion_rate, summarize, tbt_gaps
 from .simulate import SimConfig, simulate

@@ -16,7 +16,7 @@ on one rank's shapes; a step is
   ``h + q`` positions (``2*kv_heads*d*(h+q)`` elements) plus Q in and O out (``2*heads*d*q``).
 * LM head ``[vocab, hidden]``: weights once, and only the rows of stages that sample a token.
 * ``step_overhead``: a fixed host-side cost per step (scheduling, sampling, launches).
-* Tensor parallelism (``tp > 1``, Megatron-style as ``distributed/sharding.py``): each rank runs the
+* Tensor parallelism (``tp > 1``, Megatron-style as ``models/sharding.py``): each rank runs the
   per-rank GEMM shapes (``shapes.gemm_shapes``), its heads' attention and ``vocab / tp`` LM-head
   rows. A ring all-reduce of ``S`` bytes takes ``latency + 2 (tp - 1) / tp * S / (link_bw *
   link_eff)`` (the profile's ``device.interconnect``: NVLink, HCCS); ``S = tokens * hidden * 2``

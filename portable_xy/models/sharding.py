@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..models.config import ModelConfig
+from .config import ModelConfig
 
 
 def check_tensor_parallel(config: ModelConfig, size: int) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import Backend
-from ..engine.sequence import Sequence
+from .sequence import Sequence
 
 
 def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
