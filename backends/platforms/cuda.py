@@ -52,11 +52,16 @@ class CudaPlatform(Platform):
                 f"(torch.cuda.is_available() is {torch.cuda.is_available()}, torch.version.hip is {torch.version.hip})"
             )
 
+    triton_backend = "cuda"  # the Triton driver's backend name
+
     def detect(self) -> DeviceInfo:
         dev = torch.device("cuda", torch.cuda.current_device())
         props = torch.cuda.get_device_properties(dev)
-        return DeviceInfo(self.name, dev, props.name, self.arch_name((props.major, props.minor)),
-                          props.multi_processor_count)  # fmt: skip
+        return DeviceInfo(self.name, dev, props.name, self.arch_name(self.raw_arch(props)), props.multi_processor_count)
+
+    def raw_arch(self, props: Any) -> Any:
+        """The device-properties field :meth:`arch_name` names."""
+        return (props.major, props.minor)
 
     def arch_name(self, raw: Any) -> str | None:
         return cuda_arch(raw)
@@ -65,8 +70,9 @@ class CudaPlatform(Platform):
         import triton
 
         target = triton.runtime.driver.active.get_current_target()
-        if target.backend != "cuda":
-            raise RuntimeError(f"backend {self.name!r}: the active Triton driver targets {target.backend!r}, not CUDA")
+        if target.backend != self.triton_backend:
+            got, want = target.backend, self.triton_backend
+            raise RuntimeError(f"backend {self.name!r}: the active Triton driver targets {got!r}, not {want!r}")
 
     def device_module(self) -> ModuleType:
         return torch.cuda

@@ -10,13 +10,13 @@ LDS, CU count and peaks are profile data (``device:``).
 from __future__ import annotations
 
 import itertools
-from types import ModuleType
 from typing import Any
 
 import torch
 
 from ..profile import Profile, load_profile
-from .interface import DeviceInfo, Platform, run_quiet
+from .cuda import CudaPlatform
+from .interface import run_quiet
 
 
 def gfx_arch(name: str) -> str | None:
@@ -25,22 +25,19 @@ def gfx_arch(name: str) -> str | None:
     return s or None
 
 
-class RocmPlatform(Platform):
+class RocmPlatform(CudaPlatform):
+    """ROCm keeps CUDA's torch module, graph API, events and device properties; what differs is
+    here."""
+
     name = "rocm"
     vendor = "rocm"
-    device_type = "cuda"  # ROCm torch keeps CUDA's device type and module
-    dist_backend = "nccl"  # torch.distributed's nccl backend is RCCL in ROCm builds
+    # the device type, dist backend (torch's nccl is RCCL in ROCm builds), core source (torch's
+    # multi_processor_count counts CUs), graphs and tuning ranges are CUDA's
     collective_library = "RCCL"
-    core_source = "sm_count"  # torch's multi_processor_count, which counts CUs on ROCm
-    runs_triton = True
-    graph_capture = True
-    hf_on_device = True
     event_timer = "hip_event"
     blas_name = "hipBLASLt"
+    triton_backend = "hip"
     default_arch = "gfx942"
-    tune_gemm_shapes = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)]
-    tune_ms = [1, 16, 64, 256, 1024, 4096]
-    tune_kv_tiles = [32, 64, 128]
     aot_archs = ("gfx942", "gfx90a", "gfx1100")
 
     def require(self) -> None:
@@ -50,27 +47,11 @@ class RocmPlatform(Platform):
                 f"(torch.version.hip is {torch.version.hip}, torch.cuda.is_available() is {torch.cuda.is_available()})"
             )
 
-    def detect(self) -> DeviceInfo:
-        dev = torch.device("cuda", torch.cuda.current_device())
-        props = torch.cuda.get_device_properties(dev)
-        arch = self.arch_name(getattr(props, "gcnArchName", ""))
-        return DeviceInfo(self.name, dev, props.name, arch, props.multi_processor_count)
+    def raw_arch(self, props: Any) -> Any:
+        return getattr(props, "gcnArchName", "")
 
     def arch_name(self, raw: Any) -> str | None:
         return gfx_arch(raw)
-
-    def check_triton(self) -> None:
-        import triton
-
-        target = triton.runtime.driver.active.get_current_target()
-        if target.backend != "hip":
-            raise RuntimeError(f"backend {self.name!r}: the active Triton driver targets {target.backend!r}, not HIP")
-
-    def device_module(self) -> ModuleType:
-        return torch.cuda
-
-    def graph_api(self) -> tuple[ModuleType, type]:
-        return torch.cuda, torch.cuda.CUDAGraph  # HIP graphs under CUDA's names
 
     def wave_size(self, arch: str) -> int:
         return int(load_profile(self.vendor, arch, tuned=False).data["device"]["wave_size"])
