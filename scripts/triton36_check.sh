@@ -2,8 +2,9 @@
 # The oldest supported Triton (3.6, the version on the GPU machines we borrow) on a CPU-only host:
 # a SEPARATE venv (.venv-triton36 in the repo root, git-ignored) with torch 2.13.0, triton 3.6.0
 # and numpy < 2.3 (Triton 3.6's interpreter fails on numpy 2.4's 0-d conversions). Runs
-# tests/kernels under its interpreter, then `kernels aot-report` for sm_80 and sm_90 compiled by
-# Triton 3.6 (every config must be clean: no spills, shared memory within the limit). Idempotent;
+# tests/kernels under its interpreter, then `kernels aot-report` for sm_80 and sm_90 and for AMD
+# gfx942, gfx90a and gfx1100 compiled by Triton 3.6 (every config must be clean: no spills, shared
+# memory / LDS within the limit, tensor cores / MFMA / WMMA where expected). Idempotent;
 # extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,3 +30,4 @@ fi
 TRITON_INTERPRET=1 "$VPY" -m pytest -q -p no:cacheprovider -W "ignore:Conversion of an array with ndim:DeprecationWarning" \
     tests/kernels "$@"
 "$VPY" -m portable_xy.cli kernels aot-report --arch sm_80 --arch sm_90 | grep -E "FAIL|configs:"
+"$VPY" -m portable_xy.cli kernels aot-report --arch gfx942 --arch gfx90a --arch gfx1100 | grep -E "FAIL|configs:"

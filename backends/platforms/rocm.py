@@ -38,6 +38,7 @@ class RocmPlatform(CudaPlatform):
     blas_name = "hipBLASLt"
     triton_backend = "hip"
     default_arch = "gfx942"
+    tune_kv_tiles = [16, 32]  # 64 spills on CDNA and RDNA3 (kernels aot-report; profiles/rocm/default.yaml)
     aot_archs = ("gfx942", "gfx90a", "gfx1100")
 
     def require(self) -> None:
