@@ -40,5 +40,14 @@ def test_wheel_has_only_portable_xy_top_level(tmp_path):
     ):
         assert required in names, required
     assert not any(n.startswith(("triton_kernels/", "backends/", "tests/")) for n in names)
+    # every package of the source tree is in the wheel (an import that works only from the checkout
+    # or an editable install fails here)
+    mapped = {"backends": "portable_xy/backends", "triton_kernels": "portable_xy/triton_kernels"}
+    for init in [*ROOT.glob("portable_xy/**/__init__.py"), *ROOT.glob("backends/**/__init__.py"),
+                 *ROOT.glob("triton_kernels/**/__init__.py")]:  # fmt: skip
+        rel = init.relative_to(ROOT).as_posix()
+        head, _, rest = rel.partition("/")
+        want = f"{mapped.get(head, head)}/{rest}"
+        assert want in names, f"{rel} is not packaged (pyproject.toml [tool.setuptools] packages)"
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "portable-xy = portable_xy.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
