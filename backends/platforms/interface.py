@@ -8,6 +8,7 @@ branching on a vendor name or importing a vendor's torch plug-in.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import subprocess
 import time
@@ -83,6 +84,7 @@ class Platform:
     graph_capture: ClassVar[bool] = False  # decode steps replay captured device graphs by default
     hf_on_device: ClassVar[bool] = False  # the HF transformers baseline of ``bench e2e`` runs on the device
     event_timer: ClassVar[str | None] = None  # the timer method's name when device events time kernels
+    blas_name: ClassVar[str] = "CPU BLAS"  # what ``torch.matmul`` runs on (the GEMM benchmarks' baseline)
     # tuning ranges (``portable-xy kernels tune``); None: the vendor cannot be tuned
     default_arch: ClassVar[str | None] = None
     tune_gemm_shapes: ClassVar[list[tuple[int, int]] | None] = None
@@ -196,8 +198,6 @@ class Platform:
 
     def candidate_gemm_tiles(self, profile: Profile, arch: str | None) -> list[dict]:
         """GEMM tiles the tuner times on this vendor, within the on-chip limits of ``arch``."""
-        import itertools
-
         return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32) for bm, bn in itertools.product((16, 32, 64), (32, 64))]
 
     # -- reports -------------------------------------------------------------------------------
@@ -214,8 +214,6 @@ class Platform:
         """The vendor library's GEMM ``x @ w.T`` (the kernel benchmarks' baseline) and its name."""
         wt = w.t()
         return (lambda: torch.matmul(x, wt)), f"torch.matmul ({self.blas_name})"
-
-    blas_name: ClassVar[str] = "CPU BLAS"
 
     def vendor_attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Any, scale: float, gathered: list
