@@ -13,18 +13,13 @@ from pathlib import Path
 
 from .platforms import DeviceInfo, get_platform, platform_for_vendor, resolve_backend_name
 from .platforms.ascend import ascend_arch
-from .platforms.cpu import cpu_has_fast_bf16, cpu_name
+from .platforms.cpu import cpu_name
 from .platforms.cuda import cuda_arch
 
 
 def shipped_arch_file(vendor: str, arch: str | None) -> Path | None:
     """The shipped ``profiles/<vendor>/<arch>.yaml``, or None when the vendor default applies."""
     return platform_for_vendor(vendor).shipped_arch_file(arch)
-
-
-def require(backend: str) -> None:
-    """Raise a clear error when ``backend``'s device is not there (without importing Triton)."""
-    get_platform(backend).require()
 
 
 def detect(backend: str) -> DeviceInfo:
@@ -34,5 +29,5 @@ def detect(backend: str) -> DeviceInfo:
     return platform.detect()
 
 
-__all__ = ["DeviceInfo", "ascend_arch", "cpu_has_fast_bf16", "cpu_name", "cuda_arch", "detect", "require",
+__all__ = ["DeviceInfo", "ascend_arch", "cpu_name", "cuda_arch", "detect",
            "resolve_backend_name", "shipped_arch_file"]  # fmt: skip

@@ -9,7 +9,7 @@ Precedence, lowest to highest (later files override keys of earlier ones, dicts 
    (default ``~/.cache/portable_xy/profiles``), same ``<vendor>/<arch>.yaml`` layout
    (``<vendor>/default.yaml`` when no arch is given, e.g. the ``interpret`` backend).
 
-An ``arch`` without a shipped file of its own skips step 3 (``backends/device.py`` names archs).
+An ``arch`` without a shipped file of its own skips step 3 (each platform in ``backends/platforms/`` names its archs).
 
 Within a file, ``triton_versions: {SPEC: {...}}`` holds settings for some Triton versions only:
 each mapping whose SPEC (comma-separated ``<``, ``<=``, ``>``, ``>=``, ``==`` clauses, e.g.
