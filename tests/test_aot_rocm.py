@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from test_aot import _cli as _cuda_cli  # the shared subprocess runner
 
 _spec = importlib.util.find_spec("triton")
 if _spec is None or not (Path(_spec.origin).parent / "backends" / "amd").is_dir():
@@ -94,21 +92,9 @@ TOY_MODULE = textwrap.dedent(
 )
 
 
-def _env(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PORTABLE_XY_PROFILE_DIR"] = str(tmp_path / "tuned")  # judge the shipped profiles only
-    env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
-    return env
-
-
-def _cli(tmp_path, *args, timeout=900):
-    return subprocess.run(
-        [sys.executable, "-m", "portable_xy.cli", "kernels", "aot-report", *args],
-        capture_output=True,
-        text=True,
-        env=_env(tmp_path),
-        timeout=timeout,
-    )
+def _cli(tmp_path, *args):
+    """``kernels aot-report ARGS`` in a subprocess (test_aot.py's runner; three archs take longer)."""
+    return _cuda_cli(tmp_path, *args, timeout=900)
 
 
 def _arch_args() -> list[str]:
