@@ -170,6 +170,47 @@ class Backend:
         """
         raise NotImplementedError
 
+    # ---- mixture of experts ------------------------------------------------------------------
+    def prepare_experts(self, weights: list[object]) -> object:
+        """``E`` per-expert GEMM weights (each ``[N, K]`` as returned by :meth:`prepare_weight` or
+        :meth:`prepare_quant_weight`) in the form :meth:`fused_moe` takes. Default: the list."""
+        return list(weights)
+
+    def moe_route(
+        self, router_logits: torch.Tensor, top_k: int, renormalize: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` softmax routing of ``router_logits [T, E]``: fp32 weights ``[T, k]`` (the
+        softmax over all ``E`` experts, renormalised over the chosen ``k`` when ``renormalize``)
+        and int64 expert ids ``[T, k]`` (``torch.topk`` order and ties)."""
+        from .reference import moe_route_ref
+
+        return moe_route_ref(router_logits, top_k, renormalize)
+
+    def fused_moe(
+        self,
+        x: torch.Tensor,
+        w13: object,
+        w2: object,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        expert_start: int = 0,
+    ) -> torch.Tensor:
+        """The routed experts of ``x [T, H]``: ``sum_j w[t, j] * down_e(silu(gate_e(x)) * up_e(x))``
+        over ``e = topk_ids[t, j]``, accumulated in fp32, returned in ``x.dtype``. ``w13`` holds
+        merged gate-up ``[2I, H]`` and ``w2`` down ``[H, I]`` weights of experts ``expert_start,
+        expert_start + 1, ...`` (from :meth:`prepare_experts`); assignments to other experts add
+        nothing (expert parallelism: each rank sums its own experts).
+
+        Default: tokens grouped by expert, then per expert with rows, :meth:`linear`,
+        :meth:`silu_and_mul` and :meth:`linear` on its gathered rows only (no padding; a decode
+        step reads only its chosen experts' weights)."""
+        num_local = len(w13)  # type: ignore[arg-type]
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        for e, rows, weights in group_by_expert(topk_ids, topk_weights, expert_start, num_local):
+            h = self.linear(self.silu_and_mul(self.linear(x.index_select(0, rows), w13[e])), w2[e])  # type: ignore[index]
+            out.index_add_(0, rows, h.float() * weights[:, None])
+        return out.to(x.dtype)
+
     def synchronize(self) -> None:
         """Wait for queued device work (no-op on CPU)."""
 
@@ -177,3 +218,24 @@ class Backend:
         """``(free, total)`` bytes of the device's memory, or None where the KV cache is not sized
         from device memory (CPU)."""
         return None
+
+
+def group_by_expert(
+    topk_ids: torch.Tensor, topk_weights: torch.Tensor, expert_start: int, num_experts: int
+) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """The ``[T, k]`` assignments grouped by expert: ``(local expert, token rows, fp32 weights)``
+    for each of experts ``expert_start ... expert_start + num_experts - 1`` that has any, in
+    expert order, tokens ascending within an expert (one stable sort, one host read of counts)."""
+    k = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1).long() - expert_start
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat.clamp(-1, num_experts) + 1, minlength=num_experts + 2)[1:-1].tolist()
+    start = int((flat < 0).sum())
+    weights = topk_weights.reshape(-1).float()
+    groups = []
+    for e, c in enumerate(counts):
+        if c:
+            sel = order[start : start + c]
+            groups.append((e, sel // k, weights[sel]))
+        start += c
+    return groups

@@ -154,6 +154,35 @@ def sample_ref(
     return out
 
 
+def moe_route_ref(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Backend.moe_route``: fp32 softmax over the experts, ``torch.topk``, optional renormalisation."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, ids
+
+
+def fused_moe_ref(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_start: int = 0,
+) -> torch.Tensor:
+    """``Backend.fused_moe`` on stacked plain weights ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` (experts
+    ``expert_start ...``), dense: every expert's SwiGLU MLP on every token in fp32, scaled by the
+    token's weight for that expert (0 where not chosen) and summed; returned in ``x.dtype``."""
+    xf = x.float()
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    for e in range(w13.shape[0]):
+        gate = ((topk_ids == e + expert_start) * topk_weights.float()).sum(-1)  # [T]
+        h = silu_and_mul_ref(xf @ w13[e].float().T) @ w2[e].float().T
+        out += gate[:, None] * h
+    return out.to(x.dtype)
+
+
 class ReferenceBackend(Backend):
     """The functions above as a backend on CPU tensors: the oracle in backend form, for tests that
     compare whole backends op by op."""
