@@ -112,6 +112,9 @@ class EngineConfig:
             and vocabulary split). The engine process is rank 0 and spawns the others (one
             accelerator each; on CPU each rank gets an equal share of the cores), or, started
             under ``torchrun`` / an ``env://`` rendezvous, each launched process is one rank.
+        enable_expert_parallel: a mixture-of-experts model's experts are dealt to the
+            ``tensor_parallel_size`` ranks whole instead of each being split over all of them
+            (``models/sharding.py``).
     """
 
     model: str | Path | None = None
@@ -137,6 +140,7 @@ class EngineConfig:
     enable_token_wise_reuse: bool = True
     speculative_config: dict[str, Any] | SpeculativeConfig | None = None
     tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False
     # resolved in __post_init__
     model_path: Path = field(init=False)
     model_config: ModelConfig = field(init=False)
@@ -165,7 +169,7 @@ class EngineConfig:
         self.model_path = resolve_model_path(self.model)
         self.model_config = load_model_config(self.model_path)
         self.quantization = self._resolve_quantization()
-        check_tensor_parallel(self.model_config, self.tensor_parallel_size)
+        check_tensor_parallel(self.model_config, self.tensor_parallel_size, self.enable_expert_parallel)
         limit = self.model_config.max_position_embeddings
         if self.max_model_len is None:
             self.max_model_len = limit
@@ -196,7 +200,8 @@ class EngineConfig:
             _positive_int(name, getattr(self, name))
         for name in ("num_kv_blocks", "block_size", "decode_reserve", "max_num_partial_prefills"):
             _positive_int(name, getattr(self, name), optional=True)
-        for name in ("skip_tokenizer_init", "enable_prefix_caching", "enable_token_wise_reuse"):
+        flags = ("skip_tokenizer_init", "enable_prefix_caching", "enable_token_wise_reuse", "enable_expert_parallel")
+        for name in flags:
             _flag(name, getattr(self, name))
         _flag("enforce_eager", self.enforce_eager, optional=True)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # subprocesses, see tests/test_aot.py).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tiny_models import TINY_VARIANTS, make_tiny_model  # noqa: E402
+from tiny_models import TINY_MOE_VARIANTS, TINY_VARIANTS, make_tiny_model, make_tiny_moe  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +37,11 @@ def tokenizer_dir(tmp_path_factory, smollm2_path):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, tokenizer_dir) -> dict[str, str]:
     return {v: make_tiny_model(v, tmp_path_factory.mktemp(f"tiny-{v}"), tokenizer_dir) for v in TINY_VARIANTS}
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_models(tmp_path_factory, tokenizer_dir) -> dict[str, str]:
+    return {v: make_tiny_moe(v, tmp_path_factory.mktemp(f"tiny-{v}"), tokenizer_dir) for v in TINY_MOE_VARIANTS}
 
 
 @pytest.fixture(scope="session")

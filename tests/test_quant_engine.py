@@ -43,12 +43,12 @@ def test_gemm_weights_and_the_tied_head_stay_quantized_others_are_named(tiny_ggu
     assert isinstance(model.lm_head, _QuantCpuWeight) and model.lm_head.weight.qtype == "q8_0"
     assert model.lm_head.int8 == (quantization == "gguf")
     layer0, layer1 = model.layers
-    assert [layer0.qkv.weight.qtype, layer0.o_proj.weight.qtype, layer0.gate_up.weight.qtype] == [
+    assert [layer0.qkv.weight.qtype, layer0.o_proj.weight.qtype, layer0.mlp.gate_up.weight.qtype] == [
         "q4_0",
         "q8_0",
         "q4_1",
     ]
-    assert isinstance(layer0.down, _QuantCpuWeight) and not isinstance(layer1.down, _QuantCpuWeight)
+    assert isinstance(layer0.mlp.down, _QuantCpuWeight) and not isinstance(layer1.mlp.down, _QuantCpuWeight)
     llm.shutdown()
 
 

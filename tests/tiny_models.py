@@ -41,6 +41,46 @@ TINY_VARIANTS = {
 }
 
 
+# Tiny random mixture-of-experts models: 8 experts, top-2, one variant per family (moe.py)
+TINY_MOE = dict(TINY, num_hidden_layers=3, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=False)
+TINY_MOE_VARIANTS = {
+    "mixtral": dict(arch="MixtralConfig", num_local_experts=8, num_experts_per_tok=2, intermediate_size=96),
+    # shared expert with its sigmoid gate, q/k/v bias, routing weights not renormalised
+    "qwen2_moe": dict(arch="Qwen2MoeConfig", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                      shared_expert_intermediate_size=96, norm_topk_prob=False),
+    # per-head q/k norm, renormalised top-k, layer 0 dense (mlp_only_layers)
+    "qwen3_moe": dict(arch="Qwen3MoeConfig", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                      norm_topk_prob=True, mlp_only_layers=[0]),
+    # whole-width q/k norm and clip_qkv
+    "olmoe": dict(arch="OlmoeConfig", num_experts=8, num_experts_per_tok=2, intermediate_size=64, clip_qkv=1.5,
+                  rms_norm_eps=1e-5),
+}  # fmt: skip
+ROUTER_SCALE = 6.0  # router weights this many times the others': skewed, not degenerate, routing
+
+
+def _is_router(name: str) -> bool:
+    return name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "shared_expert_gate.weight"))
+
+
+def make_tiny_moe(variant: str, out_dir, tokenizer_dir, **overrides) -> str:
+    """A tiny random MoE checkpoint of ``variant`` (:data:`TINY_MOE_VARIANTS`), saved by HF."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = dict(TINY_MOE, **TINY_MOE_VARIANTS[variant], **overrides)
+    config = getattr(transformers, spec.pop("arch"))(**spec)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _perturb(model, seed=10 + list(TINY_MOE_VARIANTS).index(variant))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if _is_router(name):
+                p.mul_(ROUTER_SCALE)
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
+    return str(out_dir)
+
+
 def _perturb(model: torch.nn.Module, seed: int) -> None:
     """HF inits norms to 1 and biases to 0; randomise everything so every weight matters."""
     g = torch.Generator().manual_seed(seed)

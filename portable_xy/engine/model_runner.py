@@ -116,7 +116,8 @@ class ModelRunner:
         weights = open_weights(model_path or config.model_path)
         model_config = weights.config
         model_cls = MODELS[model_config.architecture].model_class()
-        shard = model_cls.shard_plan.make(model_config, *((group.rank, group.size) if group else (0, 1)))
+        rank = (group.rank, group.size) if group else (0, 1)
+        shard = model_cls.shard_plan.make(model_config, *rank, config.enable_expert_parallel)
         self.model = model_cls(model_config, weights, self.backend, config.dtype, config.max_model_len,
                                shard, group, config.quantization)  # fmt: skip
         for kind, names in self.model.dequantized.items():

@@ -32,11 +32,25 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: str | None = None
+    # the family's own fields (set by its registry adapter; defaults: a dense Llama)
+    qk_norm_full: bool = False  # q/k RMSNorm over the whole projected width (OLMoE), not per head
+    clip_qkv: float | None = None  # clamp q, k, v to [-clip, clip] (OLMoE)
+    num_experts: int = 0  # mixture of experts: routed experts per MoE layer (0: dense MLPs)
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's sigmoid-gated shared expert (0: none)
+    norm_topk_prob: bool = False  # renormalise the top-k routing weights
+    dense_layers: tuple[int, ...] = ()  # layers of an MoE model with a dense MLP instead
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
         """The shared fields from an HF ``config.json``; the family's own (``qkv_bias``,
-        ``qk_norm``...) from its registry entry's adapter, which also refuses what it cannot run."""
+        ``qk_norm``, the MoE fields...) from its registry entry's adapter, which also refuses what
+        it cannot run."""
         entry = entry_for(cfg.get("architectures") or [], cfg.get("model_type"))
         arch = entry.architecture
         if cfg.get("use_sliding_window") and cfg.get("sliding_window"):
@@ -51,7 +65,7 @@ class ModelConfig:
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
+            intermediate_size=int(cfg.get("intermediate_size") or 0),
             num_layers=int(cfg["num_hidden_layers"]),
             num_heads=heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
@@ -60,12 +74,11 @@ class ModelConfig:
             rope_theta=theta,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=family["qkv_bias"],
-            qk_norm=family["qk_norm"],
             rope_scaling=rope,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+            **family,
         )
 
     def rope_cos_sin(self, max_positions: int) -> torch.Tensor:

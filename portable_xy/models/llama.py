@@ -34,16 +34,21 @@ def llama_config(cfg: dict[str, Any], qkv_bias: bool | None = None, qk_norm: boo
 
 
 @dataclass
+class DenseMLP:
+    gate_up: object  # [2 I, H]; GEMM weights as returned by Backend.prepare_weight
+    down: object  # [H, I]
+
+
+@dataclass
 class DecoderLayer:
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # [(Hq + 2 Hkv) * D, H]; GEMM weights as returned by Backend.prepare_weight
+    qkv: object  # [(Hq + 2 Hkv) * D, H]
     qkv_bias: torch.Tensor | None
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
-    o_proj: torch.Tensor  # [H, Hq * D]
+    o_proj: object  # [H, Hq * D]
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 I, H]
-    down: torch.Tensor  # [H, I]
+    mlp: object  # the family's MLP weights: DenseMLP here (load_mlp / mlp)
 
 
 class LlamaForCausalLM:
@@ -116,6 +121,9 @@ class LlamaForCausalLM:
         c, sh, d = self.config, self.shard, self.config.head_dim
         q_rows = (sh.q_start * d, sh.num_heads * d)
         kv_rows = (sh.kv_start * d, sh.num_kv_heads * d)
+        # per-head q/k norms are [D]; whole-width ones (OLMoE) are sliced like the projections
+        q_norm = (p + "self_attn.q_norm.weight", *((0, *q_rows) if c.qk_norm_full else ()))
+        k_norm = (p + "self_attn.k_norm.weight", *((0, *kv_rows) if c.qk_norm_full else ()))
         q = load.column(p + "self_attn.q_proj.weight", q_rows)
         k, v = (load.column(p + f"self_attn.{n}_proj.weight", kv_rows) for n in "kv")
         bias = None
@@ -126,18 +134,24 @@ class LlamaForCausalLM:
             input_norm=load.tensor(p + "input_layernorm.weight"),
             qkv=load.gemm(q, k, v),
             qkv_bias=bias,
-            q_norm=load.tensor(p + "self_attn.q_norm.weight") if c.qk_norm else None,
-            k_norm=load.tensor(p + "self_attn.k_norm.weight") if c.qk_norm else None,
+            q_norm=load.tensor(*q_norm) if c.qk_norm else None,
+            k_norm=load.tensor(*k_norm) if c.qk_norm else None,
             o_proj=load.row(p + "self_attn.o_proj.weight", q_rows),
             post_norm=load.tensor(p + "post_attention_layernorm.weight"),
-            **self.load_mlp(load, p),
+            mlp=self.load_mlp(load, p),
         )
 
-    def load_mlp(self, load: WeightLoader, p: str) -> dict[str, Any]:
-        """The layer's MLP fields: merged gate-up (column-parallel) and down (row-parallel)."""
-        inter = (self.shard.inter_start, self.shard.intermediate)
-        gate, up = (load.column(p + f"mlp.{n}_proj.weight", inter) for n in ("gate", "up"))
-        return {"gate_up": load.gemm(gate, up), "down": load.row(p + "mlp.down_proj.weight", inter)}
+    def load_mlp(self, load: WeightLoader, p: str) -> object:
+        """The MLP of the layer whose names start with ``p``: merged gate-up (column-parallel)
+        and down (row-parallel)."""
+        return self.load_dense_mlp(load, p + "mlp.", (self.shard.inter_start, self.shard.intermediate))
+
+    @staticmethod
+    def load_dense_mlp(load: WeightLoader, p: str, inter: tuple[int, int]) -> DenseMLP:
+        """A SwiGLU MLP ``p{gate,up,down}_proj.weight`` with intermediate rows ``inter`` (start,
+        size) on this rank."""
+        gate, up = (load.column(p + f"{n}_proj.weight", inter) for n in ("gate", "up"))
+        return DenseMLP(load.gemm(gate, up), load.row(p + "down_proj.weight", inter))
 
     def _check_shapes(self, weights: WeightSource) -> None:
         c = self.config
@@ -153,8 +167,8 @@ class LlamaForCausalLM:
                 raise ValueError(f"weight {name!r} has shape {weights.shape(name)}, the config implies {shape}")
 
     # ---- forward -----------------------------------------------------------------------------
-    def attention(self, layer: DecoderLayer, x: torch.Tensor, meta: AttnMetadata, kv_cache) -> torch.Tensor:
-        """QKV, q/k norm, RoPE, the KV store, Meta-Attention and O for the step's ``T`` rows of ``x``."""
+    def project_qkv(self, layer: DecoderLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``[T, Hq, D]``, k and v ``[T, Hkv, D]`` of this rank's heads, q/k normed per head."""
         be, c, sh = self.backend, self.config, self.shard
         t, hq, hkv, d = x.shape[0], sh.num_heads, sh.num_kv_heads, c.head_dim
         qkv = be.linear(x, layer.qkv, layer.qkv_bias)
@@ -163,14 +177,23 @@ class LlamaForCausalLM:
         if layer.q_norm is not None:
             q = be.rms_norm(q, layer.q_norm, c.rms_norm_eps)[0]
             k = be.rms_norm(k, layer.k_norm, c.rms_norm_eps)[0]
+        return q, k, v
+
+    def attention(self, layer: DecoderLayer, x: torch.Tensor, meta: AttnMetadata, kv_cache) -> torch.Tensor:
+        """QKV, q/k norm, RoPE, the KV store, Meta-Attention and O for the step's ``T`` rows of ``x``."""
+        be = self.backend
+        q, k, v = self.project_qkv(layer, x)
         q, k = be.rope(q, k, meta.positions, self.cos_sin)
         be.store_kv(k, v, *kv_cache, meta.slot_mapping)
         o = be.attention(q, *kv_cache, meta, self.scale)
-        return be.linear(o.reshape(t, hq * d), layer.o_proj)
+        return be.linear(o.reshape(q.shape[0], -1), layer.o_proj)
 
     def mlp(self, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_mlp(layer.mlp, x)
+
+    def dense_mlp(self, mlp: DenseMLP, x: torch.Tensor) -> torch.Tensor:
         be = self.backend
-        return be.linear(be.silu_and_mul(be.linear(x, layer.gate_up)), layer.down)
+        return be.linear(be.silu_and_mul(be.linear(x, mlp.gate_up)), mlp.down)
 
     def forward(
         self, input_ids: torch.Tensor, meta: AttnMetadata, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]

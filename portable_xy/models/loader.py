@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..envs import cache_root
 from .config import ModelConfig
-from .gguf_file import GGUFFile
+from .gguf_file import GGUFFile, GGUFTensor
 from .registry import entry_for_gguf
 from .weights import GGUFSource, ModelLoadError, SafetensorsSource, WeightSource
 
@@ -171,7 +171,8 @@ def _open_gguf(path: Path) -> GGUFFile:
 def _gguf_config(reader: GGUFFile) -> ModelConfig:
     field = reader.fields.get
     a = field("general.architecture")
-    entry = entry_for_gguf(a)
+    experts = int(field(f"{a}.expert_count", 0) or 0)
+    entry = entry_for_gguf(a, moe=experts > 0)
     names = {t.name for t in reader.tensors}
     heads = int(field(f"{a}.attention.head_count"))
     hidden = int(field(f"{a}.embedding_length"))
@@ -185,7 +186,7 @@ def _gguf_config(reader: GGUFFile) -> ModelConfig:
         "architectures": [entry.architecture],
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": int(field(f"{a}.feed_forward_length")),
+        "intermediate_size": int(field(f"{a}.feed_forward_length", 0)),
         "num_hidden_layers": int(field(f"{a}.block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(field(f"{a}.attention.head_count_kv", heads)),
@@ -199,14 +200,32 @@ def _gguf_config(reader: GGUFFile) -> ModelConfig:
         "bos_token_id": field("tokenizer.ggml.bos_token_id"),
         "eos_token_id": eos,
     }
+    if experts:
+        hf_cfg.update(_gguf_moe_fields(field, a, experts, int(hf_cfg["intermediate_size"])))
     return ModelConfig.from_hf(hf_cfg)
+
+
+# llama.cpp's renormalisation of the top-k routing weights where the file does not say
+_GGUF_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False}
+
+
+def _gguf_moe_fields(field, a: str, experts: int, ffn: int) -> dict:
+    """The HF config fields of a GGUF mixture-of-experts model (llama.cpp's ``expert_*`` keys)."""
+    norm = field(f"{a}.expert_weights_norm")
+    return {
+        "num_experts": experts,
+        "num_experts_per_tok": int(field(f"{a}.expert_used_count")),
+        "moe_intermediate_size": int(field(f"{a}.expert_feed_forward_length", ffn)),
+        "shared_expert_intermediate_size": int(field(f"{a}.expert_shared_feed_forward_length", 0)),
+        "norm_topk_prob": _GGUF_NORM_TOPK.get(a, False) if norm is None else bool(norm),
+    }
 
 
 def _gguf_weights(path: Path) -> GGUFSource:
     reader = _open_gguf(path)
     config = _gguf_config(reader)
     a = reader.fields["general.architecture"]
-    model = entry_for_gguf(a).model_class()  # its GGUF name map and Q/K permutation
+    model = entry_for_gguf(a, config.is_moe).model_class()  # its GGUF name map and Q/K permutation
     permuted = a in model.gguf_permuted_qk
     names: dict[str, tuple[object, int | None]] = {}
     for t in reader.tensors:
@@ -217,7 +236,12 @@ def _gguf_weights(path: Path) -> GGUFSource:
                 raise ModelLoadError(f"unexpected tensor {t.name!r} in {str(path)!r}")
             if permuted and rest in ("attn_q.weight", "attn_k.weight"):
                 heads = config.num_heads if rest == "attn_q.weight" else config.num_kv_heads
-            names[f"model.layers.{layer}.{model.gguf_layer_names[rest]}"] = (t, heads)
+            hf = f"model.layers.{layer}.{model.gguf_layer_names[rest]}"
+            if "{e}" in hf:  # all experts stacked in one tensor: one name per expert
+                for e in range(t.shape[0]):
+                    names[hf.format(e=e)] = (GGUFTensor(t.name, t.ggml_type, t.shape[1:], t.data[e]), None)
+                continue
+            names[hf] = (t, heads)
         elif t.name in model.gguf_top_names:
             names[model.gguf_top_names[t.name]] = (t, None)
         # other tensors (e.g. rope_freqs) are derived from the config instead

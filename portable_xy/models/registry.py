@@ -49,6 +49,15 @@ def _llama_family(**fixed: bool) -> Callable[[dict[str, Any]], dict[str, Any]]:
     return adapt
 
 
+def _moe_family(**fixed: bool) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def adapt(cfg: dict[str, Any]) -> dict[str, Any]:
+        from .moe import moe_config
+
+        return moe_config(cfg, **fixed)
+
+    return adapt
+
+
 MODELS: dict[str, ModelEntry] = {
     e.architecture: e
     for e in (
@@ -56,6 +65,15 @@ MODELS: dict[str, ModelEntry] = {
         ModelEntry("MistralForCausalLM", "llama:LlamaForCausalLM", _llama_family()),
         ModelEntry("Qwen2ForCausalLM", "llama:LlamaForCausalLM", _llama_family(qkv_bias=True), ("qwen2",)),
         ModelEntry("Qwen3ForCausalLM", "llama:LlamaForCausalLM", _llama_family(qk_norm=True), ("qwen3",)),
+        # mixture of experts (moe.py); a GGUF "llama" with experts is a Mixtral ("+moe")
+        ModelEntry(
+            "MixtralForCausalLM", "moe:MixtralForCausalLM", _moe_family(always_renormalize=True), ("llama+moe",)
+        ),  # fmt: skip
+        ModelEntry(
+            "Qwen2MoeForCausalLM", "moe:MoEForCausalLM", _moe_family(qkv_bias=True, shared_expert=True), ("qwen2moe",)
+        ),  # fmt: skip
+        ModelEntry("Qwen3MoeForCausalLM", "moe:MoEForCausalLM", _moe_family(qk_norm=True), ("qwen3moe",)),
+        ModelEntry("OlmoeForCausalLM", "moe:MoEForCausalLM", _moe_family(qk_norm_full=True), ("olmoe",)),
     )
 }
 
@@ -84,8 +102,12 @@ def entry_for(architectures: list[str], model_type: str | None = None) -> ModelE
     )
 
 
-def entry_for_gguf(name: str | None) -> ModelEntry:
+def entry_for_gguf(name: str | None, moe: bool = False) -> ModelEntry:
+    """The entry of a GGUF ``general.architecture``; ``moe``: the file has experts (an entry
+    registered as ``name+moe`` wins)."""
     archs = gguf_architectures()
+    if moe and f"{name}+moe" in archs:
+        return MODELS[archs[f"{name}+moe"]]
     if name not in archs:
         raise UnsupportedModelError(f"unsupported GGUF architecture {name!r}; supported: {sorted(archs)}")
     return MODELS[archs[name]]

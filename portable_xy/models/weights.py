@@ -71,24 +71,48 @@ class SafetensorsSource(WeightSource):
             try:
                 handle = safe_open(str(f), framework="pt")
             except (SafetensorError, OSError, ValueError) as e:
-                        raise ModelLoadError(f"weight file {str(f)!r} is corrupt or truncated: {e}") from None
+                raise ModelLoadError(f"weight file {str(f)!r} is corrupt or truncated: {e}") from None
             self._files[f] = handle
             for key in handle.keys():
                 self._where[key] = handle
+        # transformers 5's fused expert tensors, one name per expert: name -> (tensor, expert, rows)
+        self._experts: dict[str, tuple[str, int, int, int]] = {}
+        for key in list(self._where):
+            for fused, parts in _FUSED_EXPERTS.items():
+                if key.endswith(".experts." + fused):
+                    e, n, _ = self._where[key].get_slice(key).get_shape()
+                    base = key[: -len(fused)]
+                    for i, part in enumerate(parts):
+                        rows = n // len(parts)
+                        for j in range(e):
+                            self._experts[f"{base}{j}.{part}.weight"] = (key, j, i * rows, rows)
 
     def names(self) -> set[str]:
-        return set(self._where)
+        return set(self._where) | set(self._experts)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._experts:
+            key, _, _, rows = self._experts[name]
+            return (rows, self._where[key].get_slice(key).get_shape()[2])
         return tuple(self._where[name].get_slice(name).get_shape())
 
     def get(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        if name in self._experts:
+            key, e, first, rows = self._experts[name]
+            stop = (rows if dim == 0 else self.shape(name)[1]) if stop is None else stop
+            cut = {None: (slice(first, first + rows),), 0: (slice(first + start, first + stop),),
+                   1: (slice(first, first + rows), slice(start, stop))}[dim]  # fmt: skip
+            return self._where[key].get_slice(key)[(e, *cut)]
         handle = self._where[name]
         if dim is None:
             return handle.get_tensor(name)
         sl = handle.get_slice(name)
         index = (slice(None),) * dim + (slice(start, stop),)
         return sl[index]
+
+
+# transformers 5's fused 3D expert tensors and the per-expert [N, K] weights they stack along N
+_FUSED_EXPERTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
 
 class GGUFSource(WeightSource):
