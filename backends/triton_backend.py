@@ -1,7 +1,7 @@
 """Triton backends: one per platform whose kernels are Triton kernels (``backends/platforms/``).
 
 Every one runs the same kernels from ``portable_xy.triton_kernels`` (SmoothGEMM, RMSNorm, RoPE,
-SiLU-and-mul, KV store, sampling, and the Meta-Attention module) with a per-vendor, per-arch
+SiLU-and-mul, KV store, sampling, fused MoE, and the Meta-Attention module) with a per-vendor, per-arch
 profile; the platform names the device, its architecture (hence the profile file) and its core
 count (SMs on NVIDIA, CUs on AMD, AI cores on Ascend).
 
@@ -32,7 +32,7 @@ from .platforms import PLATFORMS, get_platform
 from .profile import Profile
 from .quant import QuantWeight
 
-_KERNELS = ("smooth_gemm", "quant_gemm", "rms_norm", "rope", "activation", "kv_cache", "sampling")
+_KERNELS = ("smooth_gemm", "quant_gemm", "rms_norm", "rope", "activation", "kv_cache", "sampling", "fused_moe")
 _PKG = "portable_xy.triton_kernels"
 
 
@@ -169,6 +169,30 @@ class TritonBackend(Backend):
         if plan is None:  # prepare() was not called for this step
             plan = meta.plan = plan_attention(meta, q.shape[1], k_cache.shape[2], self.profile, q.shape[2])
         return meta_attention(q, k_cache, v_cache, meta, scale, plan)
+
+    # ---- mixture of experts ------------------------------------------------------------------
+    def prepare_experts(self, weights):
+        """Stacked ``[E, N, K]`` (or one stacked QuantWeight) for the fused-MoE kernel; a list
+        that does not stack (mixed kinds, dtypes, shapes or quantization types) stays a list and
+        runs the base class's per-expert loop."""
+        from portable_xy.triton_kernels.moe_plan import stack_experts
+
+        stacked = stack_experts(list(weights))
+        return super().prepare_experts(weights) if stacked is None else stacked
+
+    def moe_route(self, router_logits, top_k, renormalize):
+        return self.k.fused_moe.moe_route(router_logits, top_k, renormalize, self.profile)
+
+    def fused_moe(self, x, w13, w2, topk_weights, topk_ids, expert_start=0):
+        """The fused-MoE kernel when both weights are stacked and of one kind (plain or
+        quantized); otherwise the base class's per-expert loop on the experts' own weights."""
+        if isinstance(w13, list) or isinstance(w2, list) or isinstance(w13, QuantWeight) != isinstance(w2, QuantWeight):
+            from portable_xy.triton_kernels.moe_plan import unstack_experts
+
+            w13, w2 = unstack_experts(w13), unstack_experts(w2)
+            return super().fused_moe(x, w13, w2, topk_weights, topk_ids, expert_start)
+        self.check_dtype(x.dtype)
+        return self.k.fused_moe.fused_moe(x, w13, w2, topk_weights, topk_ids, self.profile, expert_start)
 
     def sample(self, logits, temperature, top_k, top_p, min_p, uniform):
         return self.k.sampling.sample(logits, temperature, top_k, top_p, min_p, uniform, self.profile)
