@@ -67,7 +67,7 @@ def make_tiny_moe(variant: str, out_dir, tokenizer_dir, **overrides) -> str:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = dict(TINY_MOE, **TINY_MOE_VARIANTS[variant], **overrides)
+    spec = {**TINY_MOE, **TINY_MOE_VARIANTS[variant], **overrides}
     config = getattr(transformers, spec.pop("arch"))(**spec)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
