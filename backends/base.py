@@ -208,7 +208,8 @@ class Backend:
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
         for e, rows, weights in group_by_expert(topk_ids, topk_weights, expert_start, num_local):
             h = self.linear(self.silu_and_mul(self.linear(x.index_select(0, rows), w13[e])), w2[e])  # type: ignore[index]
-            out.index_add_(0, rows, h.float() * weights[:, None])
+            # rows are distinct within an expert; index_put_ is ~100x faster than index_add_ on CPU
+            out.index_put_((rows,), h.float() * weights[:, None], accumulate=True)
         return out.to(x.dtype)
 
     def synchronize(self) -> None:
