@@ -253,11 +253,16 @@ def plan_from_tiles(M: int, N: int, K: int, tiles, profile, elem_bytes: int = 2)
     return GemmPlan(M, N, K, tuple(segs), cores, persistent, int(g.get("group_m", 1)), cost)
 
 
-def plan_gemm(M: int, N: int, K: int, profile, elem_bytes: int = 2) -> GemmPlan:
-    """Pick (and cache) the tile plan for an ``[M, K] x [N, K]^T`` GEMM; see the module doc."""
+def plan_gemm(M: int, N: int, K: int, profile, elem_bytes: int = 2, objective: str = "time") -> GemmPlan:
+    """Pick (and cache) the tile plan for an ``[M, K] x [N, K]^T`` GEMM; see the module doc.
+    ``objective="padding"``: the plan with the fewest executed MACs, then the cheapest (for GEMMs
+    that share one launch with others, e.g. the experts of a fused MoE, where the cost of a plan
+    alone on the device does not say what it costs within the launch)."""
     if M < 0 or N <= 0 or K <= 0:
         raise ValueError(f"bad GEMM shape M={M} N={N} K={K}")
-    ck = (_profile_key(profile), M, N, K, elem_bytes)
+    if objective not in ("time", "padding"):
+        raise ValueError(f"plan objective must be 'time' or 'padding', got {objective!r}")
+    ck = (_profile_key(profile), M, N, K, elem_bytes, objective)
     plan = _PLAN_CACHE.get(ck)
     if plan is not None:
         return plan
@@ -267,9 +272,12 @@ def plan_gemm(M: int, N: int, K: int, profile, elem_bytes: int = 2) -> GemmPlan:
         cand = plan_from_tiles(M, N, K, chain, profile, elem_bytes)
         if cand is not None:  # None: a body tile got no rows (a shorter chain is the same plan)
             cands.append(cand)
-    cheapest = min(c.est_time_s for c in cands)
-    near = [c for c in cands if c.est_time_s <= cheapest * 1.02]
-    best = min(near, key=lambda c: (c.executed_macs, len(c.segments), c.est_time_s))
+    if objective == "padding":
+        best = min(cands, key=lambda c: (c.executed_macs, c.est_time_s, len(c.segments)))
+    else:
+        cheapest = min(c.est_time_s for c in cands)
+        near = [c for c in cands if c.est_time_s <= cheapest * 1.02]
+        best = min(near, key=lambda c: (c.executed_macs, len(c.segments), c.est_time_s))
     best = dataclasses.replace(best, candidates=len(cands))
     _PLAN_CACHE[ck] = best
     return best
