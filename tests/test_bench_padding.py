@@ -105,3 +105,37 @@ def test_cli_writes_report_and_small_plots(tmp_path):
     for img in ("padding_cuda_sm90.png", "padding_ascend_910b.png"):
         assert f"img/{img}" in md
         assert 0 < (tmp_path / "img" / img).stat().st_size < 100_000
+
+
+def test_moe_padding_accounting_by_hand():
+    """Rows per expert [1, 0, 17, 64]: per-expert 16-row tiles execute 16 + 32 + 64 rows; one
+    64-row tile per expert executes 64 + 64 + 64 rows (N, K multiples of every tile: no tails)."""
+    from portable_xy.tools.bench.moe_padding import GemmTile, load_shipped, plan_moe_counts
+
+    prof = load_shipped("cuda/sm90")
+    counts, n, k = [1, 0, 17, 64], 256, 256
+    useful = sum(counts) * n * k * 2
+    for bm, rows in ((16, 16 + 32 + 64), (64, 3 * 64)):
+        tile = GemmTile(bm, 64, 64)
+        plan = plan_moe_counts(counts, (n, k), (n, k), prof, tile=tile)
+        assert plan.useful_macs == useful
+        assert plan.executed_macs == rows * n * k * 2
+    ours = plan_moe_counts(counts, (n, k), (n, k), prof)
+    assert ours.useful_macs == useful and ours.executed_macs >= useful
+
+
+def test_moe_padding_routing_and_report(tmp_path):
+    import torch
+
+    from portable_xy.tools.bench import moe_padding as mp
+
+    dims = mp.MOE_MODELS["qwen3-30b-a3b"]
+    gen = torch.Generator().manual_seed(0)
+    uniform = mp.route_counts(4096, dims, "uniform", gen)
+    skewed = mp.route_counts(4096, dims, "skewed", gen)
+    for counts in (uniform, skewed):
+        assert sum(counts) == 4096 * dims.top_k and max(counts) <= 4096
+    assert max(skewed) > 2 * max(uniform)  # Zipf popularity concentrates on the first experts
+    path = mp.write_report(str(tmp_path), ["cuda/sm90"])
+    text = path.read_text()
+    assert "mixtral-8x7b" in text and "qwen3-30b-a3b" in text and text.count("| 4096 |") == 4
