@@ -127,18 +127,34 @@ def _dot(a, b, acc, FP32_IEEE: tl.constexpr):
 
 
 @triton.jit
+def _weight_rows(N, col0, BLOCK_N: tl.constexpr, GATE_UP: tl.constexpr):
+    """The weight rows of a tile's BLOCK_N columns, relative to row ``col0``, and their mask.
+    GATE_UP interleaves gate and up rows: column ``2c`` is gate row ``c``, column ``2c + 1`` up
+    row ``N + c`` (N = I), so each output column's gate and up sums sit side by side in the
+    accumulator (one dot, one accumulator: SmoothGEMM's register footprint)."""
+    rn = tl.arange(0, BLOCK_N)
+    if GATE_UP:
+        return (rn % 2) * N + rn // 2, rn // 2 < N - col0
+    else:
+        return rn, rn < N - col0
+
+
+@triton.jit
 def _store_rows(
-    acc, acc_up, y_ptr, rw_ptr, slot, y_row, mask_m, col0, N, stride_ym, stride_yn,
-    COLS: tl.constexpr, GATE_UP: tl.constexpr,
+    acc, y_ptr, rw_ptr, slot, y_row, mask_m, col0, N, stride_ym, stride_yn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_UP: tl.constexpr,
 ):  # fmt: skip
-    """The epilogue: ``silu(gate) * up`` (GATE_UP) or the routing weight times the tile (down),
-    in fp32, rounded once to y's dtype and stored to the task's real rows."""
+    """The epilogue: ``silu(gate) * up`` of the interleaved columns (GATE_UP) or the routing
+    weight times the tile (down), in fp32, rounded once to y's dtype, stored to the real rows."""
+    if GATE_UP:
+        COLS: tl.constexpr = BLOCK_N // 2
+        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, COLS, 2)))
+        out = gate / (1.0 + tl.exp(-gate)) * up
+    else:
+        COLS: tl.constexpr = BLOCK_N
+        out = acc * tl.load(rw_ptr + slot, mask=mask_m, other=0.0)[:, None]
     rn = tl.arange(0, COLS)
     mask_n = rn < N - col0
-    if GATE_UP:
-        out = acc / (1.0 + tl.exp(-acc)) * acc_up
-    else:
-        out = acc * tl.load(rw_ptr + slot, mask=mask_m, other=0.0)[:, None]
     y_ptrs = y_ptr + col0.to(tl.int64) * stride_yn + (y_row[:, None] * stride_ym + rn[None, :] * stride_yn)
     tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -153,30 +169,25 @@ def _moe_gemm_tile(
     COLS: tl.constexpr = BLOCK_N // 2 if GATE_UP else BLOCK_N  # output columns of a tile
     expert, col0, mask_m, a_row, y_row, slot = _task_rows(
         tasks_ptr, ids_ptr, num_tasks, N, tile_id, TOP_K, BLOCK_M, COLS, GROUP_M, GATE_UP)  # fmt: skip
-    rn = tl.arange(0, COLS)
+    wrow, mask_n = _weight_rows(N, col0, BLOCK_N, GATE_UP)
     rk = tl.arange(0, BLOCK_K)
-    mask_n = rn < N - col0
     a_ptrs = a_ptr + (a_row[:, None] * stride_am + rk[None, :] * stride_ak)
+    # a 64-bit scalar base, 32-bit offsets inside one expert's weight
     w_base = w_ptr + expert.to(tl.int64) * stride_we + col0.to(tl.int64) * stride_wn
-    b_ptrs = w_base + (rk[:, None] * stride_wk + rn[None, :] * stride_wn)
-    up = N.to(tl.int64) * stride_wn  # GATE_UP: the up rows start N (= I) rows below the gate rows
-    acc = tl.zeros((BLOCK_M, COLS), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, COLS), dtype=tl.float32)  # GATE_UP only (else unused)
+    b_ptrs = w_base + (rk[:, None] * stride_wk + wrow[None, :] * stride_wn)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
-            mask_a = mask_m[:, None]
-            mask_b = mask_n[None, :]
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
         else:
             mask_k = rk < K - k0
-            mask_a = mask_m[:, None] & mask_k[None, :]
-            mask_b = mask_k[:, None] & mask_n[None, :]
-        a = tl.load(a_ptrs, mask=mask_a, other=0.0)
-        acc = _dot(a, tl.load(b_ptrs, mask=mask_b, other=0.0), acc, FP32_IEEE)
-        if GATE_UP:
-            acc_up = _dot(a, tl.load(b_ptrs + up, mask=mask_b, other=0.0), acc_up, FP32_IEEE)
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = _dot(a, b, acc, FP32_IEEE)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_wk
-    _store_rows(acc, acc_up, y_ptr, rw_ptr, slot, y_row, mask_m, col0, N, stride_ym, stride_yn, COLS, GATE_UP)
+    _store_rows(acc, y_ptr, rw_ptr, slot, y_row, mask_m, col0, N, stride_ym, stride_yn, BLOCK_M, BLOCK_N, GATE_UP)
 
 
 @triton.jit
@@ -211,19 +222,22 @@ def _quant_group_dot(
     acc, a_lo, a_hi, q_ptrs, d_ptrs, m_ptrs, mask_w, mask_s,
     QUANT_BITS: tl.constexpr, FP32_IEEE: tl.constexpr,
 ):  # fmt: skip
-    """``acc += a @ dequant(group)`` for one 32-group of weights (``quant_gemm``'s scheme: 4 bits
-    as the low-nibble half ``a_lo @ w_lo`` plus the high-nibble half ``a_hi @ w_hi``)."""
+    """``acc += a @ dequant(group)^T`` for one 32-group of weights as two 16-element halves:
+    ``a_lo @ w_lo`` (elements j) + ``a_hi @ w_hi`` (elements 16 + j). 4 bits: the halves are the
+    low and high nibbles of the group's 16 bytes (``quant_gemm``'s scheme, scalar shift amounts
+    only); 8 bits: bytes j and 16 + j (two [16, N] tiles keep the dequantization temporaries as
+    small as the 4-bit path's)."""
     dv = tl.load(d_ptrs, mask=mask_s, other=0.0).to(tl.float32)[None, :]
     mv = tl.load(m_ptrs, mask=mask_s, other=0.0).to(tl.float32)[None, :]
-    qb = tl.load(q_ptrs, mask=mask_w, other=0)
     if QUANT_BITS == 4:
-        qi = qb.to(tl.int32)
-        w_lo = ((qi & 0xF).to(tl.float32) * dv + mv).to(a_lo.dtype)  # elements j
-        w_hi = ((qi >> 4).to(tl.float32) * dv + mv).to(a_lo.dtype)  # elements 16 + j
-        acc = _dot(a_lo, w_lo, acc, FP32_IEEE)
-        acc = _dot(a_hi, w_hi, acc, FP32_IEEE)
+        qi = tl.load(q_ptrs, mask=mask_w, other=0).to(tl.int32)
+        q_lo = qi & 0xF
+        q_hi = qi >> 4
     else:
-        acc = _dot(a_lo, (qb.to(tl.float32) * dv + mv).to(a_lo.dtype), acc, FP32_IEEE)
+        q_lo = tl.load(q_ptrs, mask=mask_w, other=0)
+        q_hi = tl.load(q_ptrs + 16, mask=mask_w, other=0)
+    acc = _dot(a_lo, (q_lo.to(tl.float32) * dv + mv).to(a_lo.dtype), acc, FP32_IEEE)
+    acc = _dot(a_hi, (q_hi.to(tl.float32) * dv + mv).to(a_hi.dtype), acc, FP32_IEEE)
     return acc
 
 
@@ -239,21 +253,17 @@ def _moe_quant_tile(
     COLS: tl.constexpr = BLOCK_N // 2 if GATE_UP else BLOCK_N
     expert, col0, mask_m, a_row, y_row, slot = _task_rows(
         tasks_ptr, ids_ptr, num_tasks, N, tile_id, TOP_K, BLOCK_M, COLS, GROUP_M, GATE_UP)  # fmt: skip
-    rn = tl.arange(0, COLS)
-    mask_n = rn < N - col0
+    wrow, mask_n = _weight_rows(N, col0, BLOCK_N, GATE_UP)
     GROUPS: tl.constexpr = BLOCK_K // 32  # scale groups per K tile
-    # qs bytes of a 32-group per weight row: 4 bits: 16 (low nibble: element j, high: 16 + j); 8 bits: 32
-    QROWS: tl.constexpr = 16 if QUANT_BITS == 4 else 32
-    jq = tl.arange(0, QROWS)
+    QBYTES: tl.constexpr = 16 if QUANT_BITS == 4 else 32  # qs bytes of a 32-group per weight row
+    jq = tl.arange(0, 16)  # a half group
     e64 = expert.to(tl.int64)
     n64 = col0.to(tl.int64)
     a_ptrs = a_ptr + (a_row[:, None] * stride_am + jq[None, :] * stride_ak)
-    q_ptrs = q_ptr + e64 * stride_qe + n64 * stride_qn + (jq[:, None] + rn[None, :] * stride_qn)
-    d_ptrs = d_ptr + e64 * stride_de + n64 * stride_dn + rn * stride_dn
-    m_ptrs = m_ptr + e64 * stride_me + n64 * stride_mn + rn * stride_mn
-    n_up = N.to(tl.int64)  # GATE_UP: the up rows start N (= I) rows below the gate rows
-    acc = tl.zeros((BLOCK_M, COLS), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, COLS), dtype=tl.float32)  # GATE_UP only (else unused)
+    q_ptrs = q_ptr + e64 * stride_qe + n64 * stride_qn + (jq[:, None] + wrow[None, :] * stride_qn)
+    d_ptrs = d_ptr + e64 * stride_de + n64 * stride_dn + wrow * stride_dn
+    m_ptrs = m_ptr + e64 * stride_me + n64 * stride_mn + wrow * stride_mn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         for g in tl.static_range(GROUPS):
             if EVEN_K:
@@ -264,23 +274,16 @@ def _moe_quant_tile(
                 kg = k0 + g * 32
                 mask_a = mask_m[:, None] & (kg + jq[None, :] < K)
                 mask_w = (kg + jq[:, None] < K) & mask_n[None, :]
-                mask_s = mask_n & (kg + 0 * rn < K)
+                mask_s = mask_n & (kg + 0 * wrow < K)
             a_lo = tl.load(a_ptrs + g * 32 * stride_ak, mask=mask_a, other=0.0)
-            if QUANT_BITS == 4:
-                a_hi = tl.load(a_ptrs + (g * 32 + 16) * stride_ak, mask=mask_a, other=0.0)
-            else:
-                a_hi = a_lo
-            acc = _quant_group_dot(acc, a_lo, a_hi, q_ptrs + g * QROWS, d_ptrs + g, m_ptrs + g, mask_w, mask_s,
+            a_hi = tl.load(a_ptrs + (g * 32 + 16) * stride_ak, mask=mask_a, other=0.0)
+            acc = _quant_group_dot(acc, a_lo, a_hi, q_ptrs + g * QBYTES, d_ptrs + g, m_ptrs + g, mask_w, mask_s,
                                    QUANT_BITS, FP32_IEEE)  # fmt: skip
-            if GATE_UP:
-                acc_up = _quant_group_dot(acc_up, a_lo, a_hi, q_ptrs + n_up * stride_qn + g * QROWS,
-                                          d_ptrs + n_up * stride_dn + g, m_ptrs + n_up * stride_mn + g, mask_w,
-                                          mask_s, QUANT_BITS, FP32_IEEE)  # fmt: skip
         a_ptrs += BLOCK_K * stride_ak
-        q_ptrs += GROUPS * QROWS
+        q_ptrs += GROUPS * QBYTES
         d_ptrs += GROUPS
         m_ptrs += GROUPS
-    _store_rows(acc, acc_up, y_ptr, rw_ptr, slot, y_row, mask_m, col0, N, stride_ym, stride_yn, COLS, GATE_UP)
+    _store_rows(acc, y_ptr, rw_ptr, slot, y_row, mask_m, col0, N, stride_ym, stride_yn, BLOCK_M, BLOCK_N, GATE_UP)
 
 
 @triton.jit
@@ -385,6 +388,22 @@ def moe_route_kernel(
 # ------------------------------------------------------------------------------------------------
 
 
+def route_blocks(num_experts: int, top_k: int) -> dict[str, int]:
+    """The routing kernel's tile: all experts (BLOCK_E, a power of two >= 16) x BLOCK_T tokens
+    (BLOCK_T x BLOCK_E <= :data:`TILE_ELEMS`, BLOCK_T <= 64); BLOCK_K >= k."""
+    block_e = max(16, triton.next_power_of_2(num_experts))
+    return {"BLOCK_T": max(1, min(64, TILE_ELEMS // block_e)), "BLOCK_E": block_e,
+            "BLOCK_K": triton.next_power_of_2(top_k)}  # fmt: skip
+
+
+def combine_blocks(hidden: int, profile=None) -> dict[str, int]:
+    """The combine kernel's tile: BLOCK_H columns (at most ``support.block_i``) x BLOCK_T tokens
+    (BLOCK_T x BLOCK_H <= :data:`TILE_ELEMS`, BLOCK_T <= 64)."""
+    s = (profile.data.get("support") or {}) if profile is not None else {}
+    block_h = min(triton.next_power_of_2(hidden), int(s.get("block_i", 1024)))
+    return {"BLOCK_T": max(1, min(64, TILE_ELEMS // block_h)), "BLOCK_H": block_h}
+
+
 def moe_route(
     router_logits: torch.Tensor, top_k: int, renormalize: bool, profile=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -397,14 +416,13 @@ def moe_route(
     ids = torch.empty((T, top_k), dtype=torch.int64, device=router_logits.device)
     if T == 0:
         return w, ids
-    block_e = max(16, triton.next_power_of_2(E))
-    block_t = max(1, min(64, TILE_ELEMS // block_e))
-    n_blocks = triton.cdiv(T, block_t)
+    blocks = route_blocks(E, top_k)
+    n_blocks = triton.cdiv(T, blocks["BLOCK_T"])
     progs = support_programs(n_blocks, profile) if profile is not None else n_blocks
     moe_route_kernel[(progs,)](
         router_logits, w, ids, T, E, router_logits.stride(0), router_logits.stride(1), progs,
-        TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
-        RENORMALIZE=bool(renormalize), **(launch_options(profile) if profile is not None else {}),
+        TOP_K=top_k, RENORMALIZE=bool(renormalize), **blocks,
+        **(launch_options(profile) if profile is not None else {}),
     )  # fmt: skip
     return w, ids
 
@@ -483,15 +501,12 @@ def moe_combine(
         raise ValueError("moe_combine: y, out and topk_ids need unit column strides")
     if T == 0:
         return out
-    s = (profile.data.get("support") or {}) if profile is not None else {}
-    block_h = min(triton.next_power_of_2(H), int(s.get("block_i", 1024)))
-    block_t = max(1, min(64, TILE_ELEMS // block_h))
-    tasks = triton.cdiv(T, block_t) * triton.cdiv(H, block_h)
+    blocks = combine_blocks(H, profile)
+    tasks = triton.cdiv(T, blocks["BLOCK_T"]) * triton.cdiv(H, blocks["BLOCK_H"])
     progs = support_programs(tasks, profile) if profile is not None else tasks
     moe_combine_kernel[(progs,)](
         y, topk_ids, out, T, H, expert_start, expert_start + num_experts, y.stride(0), topk_ids.stride(0),
-        out.stride(0), progs, TOP_K=k, BLOCK_T=block_t, BLOCK_H=block_h,
-        **(launch_options(profile) if profile is not None else {}),
+        out.stride(0), progs, TOP_K=k, **blocks, **(launch_options(profile) if profile is not None else {}),
     )  # fmt: skip
     return out
 

@@ -111,6 +111,82 @@ def quant_gemm(profile) -> list[dict]:
     return specs
 
 
+def fused_moe(profile) -> list[dict]:
+    """The fused-MoE kernels: the grouped GEMM per (``gemm.tiles`` menu tile, half-precision dtype,
+    variant: ``gate_up`` = gathered x rows with the SwiGLU epilogue, ``down`` = routing weights
+    and scattered rows); the quantized grouped GEMM per (``quant_gemm.tiles`` tile, 4 / 8 bits,
+    dtype, variant); the combine (k = 8, ``support.block_i`` columns) and the routing kernel
+    (128 experts top-8 and 8 experts top-2, renormalised) per dtype. Generic task counts; N, K,
+    row and expert strides multiples of 16, unit inner strides."""
+    from ..triton_kernels.fused_moe import (
+        combine_blocks,
+        moe_combine_kernel,
+        moe_gemm_kernel,
+        moe_quant_gemm_kernel,
+        moe_route_kernel,
+        route_blocks,
+    )
+    from ..triton_kernels.gemm_plan import GemmTile, menu
+    from ..triton_kernels.quant_gemm import quant_section
+
+    persistent = bool(profile.gemm.get("persistent", False))
+    group_m = int(profile.gemm.get("group_m", 1))
+    q = quant_section(profile)
+    quant_tiles = [GemmTile.from_dict(t) for t in q.get("tiles") or []]
+    s = profile.data.get("support") or {}
+    warps = int(s.get("num_warps", 4))
+    idx = {"ids_ptr": "*i32", "tasks_ptr": "*i32", "rw_ptr": "*fp32"}
+    specs = []
+
+    def gemm_spec(name, fn, sig, t, cx, div):
+        sig = {**sig, **{k: "constexpr" for k in cx}}
+        return dict(
+            name=name, fn=fn, signature=sig, constexprs=cx, num_warps=t.num_warps, num_stages=t.num_stages,
+            expect_tensor_cores=True, divisible_by_16=div,
+            options={k: v for k, v in t.options if k not in ("num_warps", "num_stages")},
+        )  # fmt: skip
+
+    for ty in _half_types(profile):
+        for gate_up in (True, False):
+            variant = "gate_up" if gate_up else "down"
+            base = dict(TOP_K=8, GROUP_M=group_m, GATE_UP=gate_up, EVEN_K=True, FP32_IEEE=False,
+                        PERSISTENT=persistent, stride_ak=1, stride_yn=1)  # fmt: skip
+            for t in menu(profile):
+                cx = dict(BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K, stride_wk=1, **base)
+                sig = {"a_ptr": f"*{ty}", "w_ptr": f"*{ty}", "y_ptr": f"*{ty}", **idx}
+                sig.update({k: "i32" for k in ("num_tasks", "N", "K", "stride_am", "stride_we", "stride_wn",
+                                               "stride_ym", "num_programs")})  # fmt: skip
+                specs.append(gemm_spec(f"moe_gemm_{variant}_{ty}_{t.name}", moe_gemm_kernel, sig, t, cx,
+                                       ["N", "K", "stride_am", "stride_we", "stride_wn", "stride_ym"]))  # fmt: skip
+            for bits in (4, 8):
+                for t in quant_tiles:
+                    cx = dict(BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K, QUANT_BITS=bits, **base)
+                    sig = {"a_ptr": f"*{ty}", "q_ptr": "*u8", "d_ptr": "*fp16", "m_ptr": "*fp16", "y_ptr": f"*{ty}",
+                           **idx}  # fmt: skip
+                    sig.update({k: "i32" for k in ("num_tasks", "N", "K", "stride_am", "stride_qe", "stride_qn",
+                                                   "stride_de", "stride_dn", "stride_me", "stride_mn", "stride_ym",
+                                                   "num_programs")})  # fmt: skip
+                    div = ["N", "K", "stride_am", "stride_qe", "stride_qn", "stride_ym"]
+                    specs.append(gemm_spec(f"moe_quant_gemm_w{bits}_{variant}_{ty}_{t.name}", moe_quant_gemm_kernel,
+                                           sig, t, cx, div))  # fmt: skip
+        sig = {"y_ptr": f"*{ty}", "ids_ptr": "*i64", "out_ptr": f"*{ty}"}
+        sig.update({k: "i32" for k in ("T", "H", "expert_lo", "expert_hi", "stride_ym", "stride_it", "stride_ot",
+                                       "num_programs")})  # fmt: skip
+        cx = dict(TOP_K=8, **combine_blocks(8192, profile))
+        sig.update({k: "constexpr" for k in cx})
+        specs.append(dict(name=f"moe_combine_{ty}", fn=moe_combine_kernel, signature=sig, constexprs=cx,
+                          num_warps=warps, num_stages=1, expect_tensor_cores=False,
+                          divisible_by_16=["H", "stride_ym", "stride_ot"]))  # fmt: skip
+        for experts, k in ((128, 8), (8, 2)):
+            cx = dict(TOP_K=k, RENORMALIZE=True, stride_le=1, **route_blocks(experts, k))
+            sig = {"logits_ptr": f"*{ty}", "w_ptr": "*fp32", "ids_ptr": "*i64", "T": "i32", "E": "i32",
+                   "stride_lt": "i32", "num_programs": "i32", **{c: "constexpr" for c in cx}}  # fmt: skip
+            specs.append(dict(name=f"moe_route_{ty}_e{experts}_k{k}", fn=moe_route_kernel, signature=sig,
+                              constexprs=cx, num_warps=warps, num_stages=1, expect_tensor_cores=False,
+                              divisible_by_16=["stride_lt"]))  # fmt: skip
+    return specs
+
+
 _ATT_PTRS = ("q_ptr", "k_ptr", "v_ptr", "o_ptr")
 _ATT_I32_PTRS = ("units_ptr", "segments_ptr", "q_start_ptr", "seq_lens_ptr", "tables_ptr", "tree_off_ptr")
 _ATT_STRIDES = ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "stride_ks", "stride_kh",
@@ -259,6 +335,7 @@ def sampling(profile) -> list[dict]:
 # kernel module (portable_xy.triton_kernels.<name>) -> its specs
 KERNEL_SPECS: dict[str, Callable[[object], list[dict]]] = {
     "activation": activation,
+    "fused_moe": fused_moe,
     "kv_cache": kv_cache,
     "meta_attention": meta_attention,
     "quant_gemm": quant_gemm,
