@@ -64,6 +64,24 @@ def test_gemm_check_catches_a_dropped_bias(be, tmp_path, monkeypatch):
     assert by_m == {"1": "fail", "2": "pass"}  # odd M carries a bias in the check
 
 
+def test_moe_checks_pass_then_catch_a_dropped_routing_weight(be, tmp_path, monkeypatch):
+    from portable_xy.tools.selfcheck import kernels
+
+    small = kernels.Sizes(40, 24, (1,), (), (4, 2), (32,), 1, 32, 64, (4, 2, 64, 32), (1, 9))
+    monkeypatch.setattr(kernels, "sizes", lambda dev, quick: small)
+    _, ctx = _stage(tmp_path)
+    with ctx as st:
+        kernels.KernelChecks(be, st, quick=True).moe(torch.float32)
+    assert [c.status for c in st.checks] == ["pass"] * 7, [(c.name, c.note) for c in st.checks]
+    monkeypatch.setattr(be.k.fused_moe, "_slot_weights", lambda w: torch.ones(w.numel()))
+    _, ctx = _stage(tmp_path / "broken")
+    with ctx as st:
+        kernels.KernelChecks(be, st, quick=True).moe(torch.float32)
+    got = {c.name.split(" ")[0]: c.status for c in st.checks}
+    assert got["moe_route"] == "pass" and got["fused_moe"] == "fail"
+    assert all(c.status == "fail" and "elements off" in c.note for c in st.checks if c.name.startswith("fused_moe"))
+
+
 def test_a_stage_that_raises_is_a_failed_check_and_still_written(tmp_path):
     from portable_xy.tools.selfcheck.report import Report
 

@@ -9,7 +9,7 @@ from typing import Any
 from .report import Stage
 
 KERNEL_MODULES = ("smooth_gemm", "quant_gemm", "meta_attention", "rms_norm", "rope", "activation", "kv_cache",
-                  "sampling")  # fmt: skip
+                  "sampling", "fused_moe")  # fmt: skip
 
 
 def jit_kernels() -> list[dict[str, Any]]:

@@ -9,7 +9,11 @@ output poisoned first (NaN, or -1 for integers), so an element a kernel forgets 
   chunk, decodes, a chain verify, a tree verify), GQA, two head dims; the split-KV decode path;
   the fixed decode-graph plan over varying lengths;
 * the support kernels: RMSNorm (with and without residual), RoPE on strided views, SiLU-and-mul,
-  the KV store (skipped slots stay untouched), sampling (greedy and top-k / top-p / min-p draws).
+  the KV store (skipped slots stay untouched), sampling (greedy and top-k / top-p / min-p draws);
+* fused MoE: the backend's ``moe_route`` against ``moe_route_ref``, and ``prepare_experts`` +
+  ``fused_moe`` against ``fused_moe_ref`` over several token counts, every token on one expert,
+  an expert-parallel slice (``expert_start > 0``) and Q4_0 / Q8_0 experts (reference on the
+  dequantized weights).
 
 Tolerances (atol = rtol) against the reference computed in fp32 from the same rounded inputs are
 in :data:`TOL`.
@@ -46,16 +50,19 @@ class Sizes:
     scale: int  # stage lengths are multiplied by this
     hidden: int
     vocab: int
+    moe: tuple[int, int, int, int] = (6, 2, 96, 32)  # experts, top-k, hidden, intermediate (multiples of 32)
+    moe_t: tuple[int, ...] = (1, 17, 300)  # token counts
 
 
 def sizes(device: torch.device, quick: bool) -> Sizes:
     if device.type == "cpu":  # the interpreter: small shapes
         return Sizes(80, 72, (1, 3, 17, 127), (17,), (4, 2), (32,), 1, 96, 1003)
     if quick:
-        return Sizes(1000, 584, (1, 3, 17, 64, 127, 300, 1000, 4096), (1, 300), (16, 2), (64, 128), 4, 4096, 32000)
+        return Sizes(1000, 584, (1, 3, 17, 64, 127, 300, 1000, 4096), (1, 300), (16, 2), (64, 128), 4, 4096, 32000,
+                     (8, 2, 1024, 352), (1, 7, 64, 300, 4096))  # fmt: skip
     return Sizes(3000, 1096, (1, 2, 3, 7, 8, 16, 17, 31, 33, 64, 65, 127, 128, 129, 255, 256, 300, 511, 512, 1000,
                               1024, 2047, 2048, 4095, 4096), (1, 17, 64, 129, 1000), (32, 8), (64, 128), 16, 8192,
-                 152064)  # fmt: skip
+                 152064, (128, 8, 2048, 768), (1, 3, 8, 64, 300, 1000, 4096))  # fmt: skip
 
 
 def _close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> dict[str, Any]:
@@ -112,6 +119,7 @@ class KernelChecks:
     # ---- Meta-Attention ----------------------------------------------------------------------
     def attend(self, stages, d: int, dtype: torch.dtype, prof=None, plan=None) -> dict[str, Any]:
         from ...triton_kernels import meta_attention as ma
+
         hq, hkv = self.s.heads
         prof = prof or self.prof
         kc, vc, meta = make_batch(stages, hkv, d, dtype, self.g, self.prof.kv_block_size, self.dev)
@@ -125,6 +133,7 @@ class KernelChecks:
 
     def attention(self, dtype: torch.dtype) -> None:
         from ...triton_kernels import meta_attention as ma
+
         c = self.s.scale
         tree = tree_mask([-1, 0, 0, 1, 1, 2, 5])
         mixed = [(37 * c, 0, None), (17 * c, 45 * c, None), (20 * c, 64 * c, None), (1, 1, None), (1, 130 * c, None),
@@ -150,6 +159,63 @@ class KernelChecks:
                 return self.attend([(1, n - 1, None) for n in lens], d, dtype, plan=plan)
 
             self.stage.run(f"attention {_dt(dtype)} d={d} decode-graph plan", graph_plan)
+
+    # ---- fused MoE ---------------------------------------------------------------------------
+    def moe(self, dtype: torch.dtype) -> None:
+        from ...backends.quant import dequantize_ref, quantize_ref
+
+        be, tol = self.be, TOL[dtype][0]
+        E, k, H, I = self.s.moe  # noqa: E741
+
+        def logits(T: int) -> torch.Tensor:  # experts >= 0.25 apart in every row: top-k is unambiguous
+            ranks = torch.argsort(torch.rand(T, E, generator=self.g), dim=1).float()
+            return (0.3 * ranks + 0.02 * torch.rand(T, E, generator=self.g)).to(self.dev, dtype)
+
+        w13 = [self.randn(2 * I, H, scale=1 / math.sqrt(H), dtype=dtype) for _ in range(E)]
+        w2 = [self.randn(H, I, scale=1 / math.sqrt(I), dtype=dtype) for _ in range(E)]
+        s13 = be.prepare_experts([be.prepare_weight(w) for w in w13])
+        s2 = be.prepare_experts([be.prepare_weight(w) for w in w2])
+        ref13, ref2 = torch.stack(w13).float(), torch.stack(w2).float()
+
+        def one(T: int, ids=None, start: int = 0, experts=(s13, s2, ref13, ref2)) -> dict[str, Any]:
+            x = self.randn(T, H, dtype=dtype)
+            weights, got_ids = be.moe_route(logits(T), k, True)
+            if ids is not None:
+                got_ids = ids
+            p13, p2, r13, r2 = experts
+            y = be.fused_moe(x, p13, p2, weights, got_ids, start)
+            want = ref.fused_moe_ref(x.float(), r13, r2, weights, got_ids, start).to(dtype)
+            return _close(f"T={T}", y, want, tol)
+
+        def route() -> dict[str, Any]:
+            for T in (1, 37):
+                lg = logits(T)
+                w, ids = be.moe_route(lg, k, True)
+                want_w, want_ids = ref.moe_route_ref(lg, k, True)
+                if not torch.equal(ids.cpu(), want_ids.cpu()):
+                    raise AssertionError(f"moe_route T={T}: ids {ids.tolist()} vs reference {want_ids.tolist()}")
+                _close("moe_route weights", w, want_w, 1e-5)
+            return {}
+
+        self.stage.run(f"moe_route {_dt(dtype)} E={E} k={k}", route)
+        for T in self.s.moe_t:
+            self.stage.run(f"fused_moe {_dt(dtype)} E={E} k={k} H={H} I={I} T={T}", one, T)
+        T = max(self.s.moe_t)
+        one_expert = torch.full((T, k), E - 1, dtype=torch.long, device=self.dev)  # all rows on one expert
+        self.stage.run(f"fused_moe {_dt(dtype)} T={T} every token on expert {E - 1}", one, T, one_expert)
+        half = E // 2  # an expert-parallel rank owning experts half .. E-1
+        local = (be.prepare_experts([be.prepare_weight(w) for w in w13[half:]]),
+                 be.prepare_experts([be.prepare_weight(w) for w in w2[half:]]), ref13[half:], ref2[half:])  # fmt: skip
+        self.stage.run(f"fused_moe {_dt(dtype)} expert parallel (experts {half}..{E - 1})", one, 17, None, half,
+                       local)  # fmt: skip
+        for qtype in ("q4_0", "q8_0"):
+            q13 = [quantize_ref(w.float().cpu(), qtype) for w in w13]
+            q2 = [quantize_ref(w.float().cpu(), qtype) for w in w2]
+            quant = (be.prepare_experts([be.prepare_quant_weight(q, False) for q in q13]),
+                     be.prepare_experts([be.prepare_quant_weight(q, False) for q in q2]),
+                     torch.stack([dequantize_ref(q) for q in q13]).to(self.dev),
+                     torch.stack([dequantize_ref(q) for q in q2]).to(self.dev))  # fmt: skip
+            self.stage.run(f"fused_moe {_dt(dtype)} {qtype} experts T=17", one, 17, None, 0, quant)
 
     # ---- support kernels ---------------------------------------------------------------------
     def support(self, dtype: torch.dtype) -> None:
@@ -297,3 +363,4 @@ def run(stage: Stage, be, quick: bool) -> None:
         checks.gemm(dtype)
         checks.attention(dtype)
         checks.support(dtype)
+        checks.moe(dtype)
