@@ -157,6 +157,50 @@ def test_cpu_quant_gemm_via_cli_and_bad_qtypes(tmp_path, capsys):
     assert "--qtypes takes" in capsys.readouterr().err
 
 
+def _check_moe_rows(report: dict, backend: str, cases: set[str]) -> dict:
+    assert bk.validate_report(report) == [] and report["errors"] == []
+    assert report["env"]["backend"] == backend
+    by = {(r["case"], r["impl"]): r for r in report["results"]}
+    assert {r["kernel"] for r in report["results"]} == {"moe"}
+    assert set(by) == {(c, impl) for c in cases for impl in ("fused_moe", "per_expert")}
+    for (case, _), r in by.items():
+        p = r["params"]
+        assert r["shape"] == case.rsplit("/", 1)[0] and case.endswith(f"/M={p['M']}")
+        assert r["flops"] == 6 * p["M"] * p["top_k"] * p["hidden"] * p["intermediate"]
+        assert r["bytes"] >= 3 * p["hidden"] * p["intermediate"] * 4  # at least one expert's weights
+    return by
+
+
+def test_interpret_tiny_moe_runs_the_fused_kernel():
+    report = bk.run_kernel_bench(
+        "interpret", ["llama2-7b"], reps=1, warmup=0, kernels=("moe",), case_filter=r"qwen3-30b-a3b/moe/M=(1|7)$",
+        log=lambda *_: None,
+    )  # fmt: skip
+    by = _check_moe_rows(report, "interpret", {"qwen3-30b-a3b/moe/M=1", "qwen3-30b-a3b/moe/M=7"})
+    detail = by["qwen3-30b-a3b/moe/M=1", "fused_moe"]["detail"]
+    assert "A=8" in detail and "experts=8/128" in detail  # the plan: 1 token x top-8
+    assert by["qwen3-30b-a3b/moe/M=1", "fused_moe"]["params"]["experts"] == 128
+
+
+def test_per_expert_baseline_computes_the_reference_moe():
+    from portable_xy.backends.reference import fused_moe_ref, moe_route_ref
+    from portable_xy.tools.bench.impls import per_expert_moe
+
+    gen = torch.Generator().manual_seed(2)
+    x, w13, w2 = (torch.randn(*shape, generator=gen) for shape in ((9, 32), (4, 48, 32), (4, 32, 24)))
+    weights, ids = moe_route_ref(torch.randn(9, 4, generator=gen), 2, False)
+    want = fused_moe_ref(x, w13, w2, weights, ids)
+    torch.testing.assert_close(per_expert_moe(x, w13, w2, weights, ids), want, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_moe_via_cli(tmp_path):
+    out = tmp_path / "moe.json"
+    args = ["bench", "kernels", "--backend", "cpu", "--kernels", "moe", "--m-values", "5", "--out", str(out),
+            "--reps", "1", "--warmup", "0"]  # fmt: skip
+    assert main(args) == 0
+    _check_moe_rows(json.loads(out.read_text()), "cpu", {"mixtral-8x7b/moe/M=5", "qwen3-30b-a3b/moe/M=5"})
+
+
 def test_a_failing_call_is_recorded_and_the_run_goes_on(monkeypatch):
     from portable_xy.tools.bench import impls
 

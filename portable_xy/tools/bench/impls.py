@@ -15,6 +15,12 @@ Weight-only quantized GEMM ``y = x @ dequant(W)^T`` (``W`` a :class:`QuantWeight
                    beforehand (the 16-bit model the quantized one replaces)
   ``vendor``       ``torch.matmul`` / ``F.linear`` on that dequantized weight
 
+Fused MoE ``out = sum_j w[t, j] * down_e(silu(gate_e(x)) * up_e(x))`` (routing made beforehand):
+  ``fused_moe``    the backend's ``fused_moe`` on ``prepare_experts``' weights: the Triton fused-MoE
+                   kernel (its host plan included in the timed call); ``cpu``: the CPU backend's op
+  ``per_expert``   the base ``Backend.fused_moe`` loop in plain torch: tokens grouped by expert, then
+                   per expert with rows ``F.linear``, SiLU-and-mul, ``F.linear`` and an ``index_add_``
+
 Attention over the paged KV cache:
   ``meta_attention``  the backend's ``attention`` op: one launch for the whole mixed step
   ``per_stage``       the same op called once per stage (one launch per stage)
@@ -32,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ...backends import AttnMetadata, Backend
+from ...backends.base import group_by_expert
 from ...backends.quant import QuantWeight, dequantize_ref
 from ...backends.reference import gather_kv, stage_mask
 from ...triton_kernels.gemm_plan import menu, plan_gemm, single_tile_plan
@@ -91,6 +98,35 @@ def quant_gemm_impls(backend: Backend, x: torch.Tensor, qw: QuantWeight) -> dict
                               f"{x.dtype} weights: {dense.describe()}")  # fmt: skip
     out["vendor"] = backend.platform.vendor_gemm(x, wd)
     return out
+
+
+def per_expert_moe(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    """The base ``Backend.fused_moe`` loop in plain torch on stacked ``[E, 2I, H]`` / ``[E, H, I]``."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e, rows, weights in group_by_expert(topk_ids, topk_weights, 0, w13.shape[0]):
+        gate, up = F.linear(x.index_select(0, rows), w13[e]).chunk(2, dim=-1)
+        h = F.linear(F.silu(gate) * up, w2[e])
+        out.index_add_(0, rows, h.float() * weights[:, None])
+    return out.to(x.dtype)
+
+
+def moe_impls(
+    backend: Backend, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights, topk_ids
+) -> dict[str, tuple[Fn, str]]:
+    """``{impl: (fn, detail)}`` for one MoE layer call on stacked plain experts (see the module doc)."""
+    p13 = backend.prepare_experts([backend.prepare_weight(w) for w in w13])
+    p2 = backend.prepare_experts([backend.prepare_weight(w) for w in w2])
+    if backend.name == "cpu":
+        detail = "cpu backend fused_moe"
+    else:
+        plan = backend.k.fused_moe.plan_for(topk_ids, p13, p2, backend.profile, 0, x.element_size())
+        detail = plan.describe()
+    used = int(torch.unique(topk_ids).numel())
+    return {
+        "fused_moe": (lambda: backend.fused_moe(x, p13, p2, topk_weights, topk_ids), detail),
+        "per_expert": (lambda: per_expert_moe(x, w13, w2, topk_weights, topk_ids),
+                       f"torch loop over {used} experts with rows (F.linear)"),
+    }  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------

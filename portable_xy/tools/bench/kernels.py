@@ -1,6 +1,7 @@
 """``portable-xy bench kernels``: SmoothGEMM and Meta-Attention against the vendor library and a
-one-tile / one-launch-per-stage baseline, and (``--kernels quant_gemm``) the weight-only quantized
-GEMM against SmoothGEMM and the vendor GEMM on the dequantized weights, written as a JSON report.
+one-tile / one-launch-per-stage baseline, (``--kernels quant_gemm``) the weight-only quantized
+GEMM against SmoothGEMM and the vendor GEMM on the dequantized weights, and (``--kernels moe``) the
+fused-MoE kernel against a per-expert torch loop, written as a JSON report.
 
 Report schema (``schema_version`` 1)::
 
@@ -15,13 +16,14 @@ Report schema (``schema_version`` 1)::
                  "statistic": "median"},
       "errors": [{"kernel", "case", "impl", "error"}],   # calls that raised (not timed)
       "results": [{
-        "kernel": "gemm" | "attention" | "quant_gemm",
-        "case": "llama2-7b/qkv/M=64" | "llama2-7b/decode_b8_c128" | "llama2-7b/qkv/q4_0/M=64" ...,
-                                                              # unique per kernel
-        "shape": "llama2-7b/qkv" | "llama2-7b/decode" | "llama2-7b/qkv/q4_0" ...,   # plot panels
+        "kernel": "gemm" | "attention" | "quant_gemm" | "moe",
+        "case": "llama2-7b/qkv/M=64" | "llama2-7b/decode_b8_c128" | "llama2-7b/qkv/q4_0/M=64"
+                | "mixtral-8x7b/moe/M=64" ...,                # unique per kernel
+        "shape": "llama2-7b/qkv" | "llama2-7b/decode" | "llama2-7b/qkv/q4_0" | "mixtral-8x7b/moe" ...,
         "params": {M, N, K} | {query_lens, seq_lens, num_heads, num_kv_heads, head_dim, ...}
-                  | {M, N, K, qtype},
-        "impl": "smooth_gemm" | "single_tile" | "meta_attention" | "per_stage" | "quant_gemm" | "vendor",
+                  | {M, N, K, qtype} | {M, experts, top_k, hidden, intermediate},
+        "impl": "smooth_gemm" | "single_tile" | "meta_attention" | "per_stage" | "quant_gemm" | "vendor"
+                | "fused_moe" | "per_expert",
         "detail": str, "latency_s": float, "flops": int, "bytes": int,
         "tflops": float, "gbps": float,
         "frac_peak_flops": float | null, "frac_peak_bw": float | null,
@@ -33,7 +35,10 @@ Report schema (``schema_version`` 1)::
 ``flops`` count only visible (query, key) pairs: ``4 * pairs * num_heads * head_dim``. For
 ``quant_gemm`` rows ``bytes`` is per impl: the quantized weight (``qs``, ``d``, ``m``) for
 ``quant_gemm``, the dequantized x.dtype weight for its baselines. Shapes whose K is not a multiple
-of 32 (the quantization block) have no ``quant_gemm`` rows.
+of 32 (the quantization block) have no ``quant_gemm`` rows. ``moe`` rows run every MoE layer of
+``shapes.MOE_MODELS`` (whatever ``--model-shapes`` says) with uniform random top-k routing made
+outside the timed call; ``flops`` count the routed assignments' GEMMs (``6 M k H I``), ``bytes``
+read ``x``, write the output and read the weights of every expert chosen at least once.
 """
 
 from __future__ import annotations
@@ -51,12 +56,26 @@ import torch
 
 from ... import envs
 from ...backends.platforms import PLATFORMS, get_platform
-from .shapes import M_SWEEP, M_SWEEP_TINY, MODELS, TINY_SCALE, TP, AttnCase, attention_cases, gemm_shapes, rank_heads
+from .shapes import (
+    M_SWEEP,
+    M_SWEEP_TINY,
+    MODELS,
+    MOE_M_SWEEP,
+    MOE_M_SWEEP_TINY,
+    TINY_SCALE,
+    TP,
+    AttnCase,
+    MoEShape,
+    attention_cases,
+    gemm_shapes,
+    moe_shapes,
+    rank_heads,
+)
 
 SCHEMA = "portable_xy.bench.kernels"
 SCHEMA_VERSION = 1
-OURS = {"gemm": "smooth_gemm", "attention": "meta_attention", "quant_gemm": "quant_gemm"}
-BASELINE = {"gemm": "single_tile", "attention": "per_stage", "quant_gemm": "smooth_gemm"}
+OURS = {"gemm": "smooth_gemm", "attention": "meta_attention", "quant_gemm": "quant_gemm", "moe": "fused_moe"}
+BASELINE = {"gemm": "single_tile", "attention": "per_stage", "quant_gemm": "smooth_gemm", "moe": "per_expert"}
 QTYPES_DEFAULT = ("q4_0", "q8_0")  # q4_1 runs the 4-bit path of q4_0 (only m differs)
 RESULT_KEYS = ("kernel", "case", "shape", "params", "impl", "detail", "latency_s", "flops", "bytes", "tflops",
                "gbps", "frac_peak_flops", "frac_peak_bw", "utilisation")  # fmt: skip
@@ -92,6 +111,13 @@ def attention_cost(case: AttnCase, hq: int, hkv: int, d: int, elem_bytes: int) -
     pairs = sum(q * (s - q) + q * (q + 1) // 2 for q, s in zip(case.query_lens, case.seq_lens))
     nbytes = (2 * case.num_tokens * hq * d + 2 * sum(case.seq_lens) * hkv * d) * elem_bytes
     return 4 * pairs * hq * d, nbytes
+
+
+def moe_cost(shape: MoEShape, M: int, experts_used: int, elem_bytes: int) -> tuple[int, int]:
+    """(flops of the ``M * k`` routed assignments' three GEMMs, minimum bytes: x read, output
+    written, every used expert's ``w13`` and ``w2`` read once)."""
+    h, i = shape.hidden, shape.intermediate
+    return 6 * M * shape.top_k * h * i, (2 * M * h + experts_used * 3 * h * i) * elem_bytes
 
 
 def _metrics(latency: float, flops: int, nbytes: int, peaks: tuple[float | None, float | None]) -> dict[str, Any]:
@@ -188,7 +214,7 @@ def run_kernel_bench(
             log(f"{kernel:9s} {case:40s} {impl:14s} {lat * 1e6:12.1f} us  {results[-1]['tflops']:8.3f} TF/s")
 
     from ...backends.quant import QBLOCK, quantize_ref
-    from .impls import attention_impls, gemm_impls, quant_gemm_impls
+    from .impls import attention_impls, gemm_impls, moe_impls, quant_gemm_impls
 
     for model in models:
         if "gemm" in kernels:
@@ -234,6 +260,24 @@ def run_kernel_bench(
                               head_dim=d, **case.params)  # fmt: skip
                 record("attention", f"{model}/{case.name}", f"{model}/{case.group}", params, impls, flops, nbytes)
                 del q, kc, vc, meta, impls
+    if "moe" in kernels:
+        from ...backends.reference import moe_route_ref
+
+        for shape in moe_shapes(TINY_SCALE if tiny else 1):
+            h, i, E = shape.hidden, shape.intermediate, shape.experts
+            w13 = (torch.randn(E, 2 * i, h, generator=gen) / math.sqrt(h)).to(device=dev, dtype=dtype)
+            w2 = (torch.randn(E, h, i, generator=gen) / math.sqrt(i)).to(device=dev, dtype=dtype)
+            for M in m_values or (MOE_M_SWEEP_TINY if tiny else MOE_M_SWEEP):
+                case = f"{shape.name}/M={M}"
+                if not keep(case):
+                    continue
+                x = torch.randn(M, h, generator=gen).to(device=dev, dtype=dtype)
+                weights, ids = moe_route_ref(torch.randn(M, E, generator=gen), shape.top_k, True)
+                weights, ids = weights.to(dev), ids.to(dev)
+                flops, nbytes = moe_cost(shape, M, int(torch.unique(ids).numel()), esize)
+                params = {"M": M, "experts": E, "top_k": shape.top_k, "hidden": h, "intermediate": i}
+                record("moe", case, shape.name, params, moe_impls(backend, x, w13, w2, weights, ids), flops, nbytes)
+            del w13, w2
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -285,15 +329,17 @@ def _run_cli(args: argparse.Namespace) -> int:
 
 
 def add_kernels_command(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("kernels", help="SmoothGEMM / Meta-Attention / quantized GEMM vs vendor GEMMs -> JSON")
+    p = subparsers.add_parser(
+        "kernels", help="SmoothGEMM / Meta-Attention / quantized GEMM / fused MoE vs baselines -> JSON"
+    )
     p.add_argument("--backend", required=True, choices=list(PLATFORMS))
     p.add_argument("--model-shapes", default="all", help=f"'all' or a comma list of {list(MODELS)}")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--tiny", action="store_true", help="scaled-down shapes, few repeats (default on cpu/interpret)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: fp16 on devices, fp32 on CPU")
-    p.add_argument("--kernels", default="gemm,attention", help="comma list of gemm, attention, quant_gemm")
+    p.add_argument("--kernels", default="gemm,attention", help="comma list of gemm, attention, quant_gemm, moe")
     p.add_argument("--qtypes", default=",".join(QTYPES_DEFAULT), help="quant_gemm weight types: q4_0, q4_1, q8_0")
-    p.add_argument("--m-values", help="GEMM token counts, e.g. 1,64,4096 (default: the M sweep)")
+    p.add_argument("--m-values", help="GEMM / MoE token counts, e.g. 1,64,4096 (default: the M sweeps)")
     p.add_argument("--filter", help="regex: only cases whose name matches (e.g. 'qkv|decode')")
     p.add_argument("--warmup", type=int)
     p.add_argument("--reps", type=int)

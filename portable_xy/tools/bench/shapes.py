@@ -1,5 +1,6 @@
 """Benchmark shapes: the per-rank GEMM shapes of real models at tensor parallelism 8, the M sweep,
-and the Meta-Attention step mixes (full size for devices, ``tiny`` for CPU runs in CI).
+the Meta-Attention step mixes (full size for devices, ``tiny`` for CPU runs in CI), and the MoE
+layers of two MoE models (one rank, all experts).
 
 GEMM weights are ``[N, K]`` (``nn.Linear`` layout). Megatron-style TP splits QKV and GateUp by
 columns (N) and O and Down by rows (K). Heads that do not divide by the TP degree are rounded up
@@ -71,6 +72,38 @@ def gemm_shapes(model: str, tp: int = TP, scale: int = 1) -> list[GemmShape]:
     hq, hkv = rank_heads(d, tp)
     nk = layer_shapes(d.hidden, hq, hkv, d.head_dim, math.ceil(d.intermediate / tp))
     return [GemmShape(model, op, max(16, n // scale), max(16, k // scale)) for op, (n, k) in zip(OPS, nk)]
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    """One MoE layer: ``experts`` SwiGLU experts (``w13 [E, 2I, H]``, ``w2 [E, H, I]``), top-k routing."""
+
+    model: str
+    experts: int
+    top_k: int
+    hidden: int
+    intermediate: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}/moe"
+
+
+# from the models' config.json (num_local_experts / num_experts, num_experts_per_tok, hidden_size,
+# intermediate_size / moe_intermediate_size); one rank holding every expert (no TP / EP split)
+MOE_MODELS: dict[str, MoEShape] = {
+    "mixtral-8x7b": MoEShape("mixtral-8x7b", experts=8, top_k=2, hidden=4096, intermediate=14336),
+    "qwen3-30b-a3b": MoEShape("qwen3-30b-a3b", experts=128, top_k=8, hidden=2048, intermediate=768),
+}
+MOE_M_SWEEP = (1, 4, 16, 64, 256, 1024, 4096)  # tokens per MoE layer call
+MOE_M_SWEEP_TINY = (1, 7, 33)
+
+
+def moe_shapes(scale: int = 1) -> list[MoEShape]:
+    """The MoE layers of :data:`MOE_MODELS`; ``scale`` > 1 divides H and I (at least 32, the
+    quantization block, so tiny shapes stay multiples of 32 where the full ones are)."""
+    return [MoEShape(m.model, m.experts, m.top_k, max(32, m.hidden // scale), max(32, m.intermediate // scale))
+            for m in MOE_MODELS.values()]  # fmt: skip
 
 
 def model_names(spec: str) -> list[str]:
