@@ -145,27 +145,31 @@ def test_fused_3d_expert_tensors_load_like_per_expert_ones(tiny_moe_models, tmp_
     assert tokens(run(LLM(str(tmp_path), **ENGINE), prompts)) == tokens(run(LLM(str(src), **ENGINE), prompts))
 
 
-def write_moe_gguf(hf_dir: str, path: Path, expert_type: str) -> None:
-    """A ``qwen3moe`` GGUF of an HF Qwen3-MoE checkpoint, experts stacked per layer as llama.cpp
-    writes them (``ffn_{gate,up,down}_exps`` [E, N, K]) in ``expert_type``."""
+def write_moe_gguf(hf_dir: str, path: Path, expert_type: str, arch: str = "qwen3moe") -> None:
+    """A GGUF of an HF Qwen3-MoE (``qwen3moe``) or Mixtral (``llama`` with experts, Q/K rows in
+    llama.cpp's permuted order) checkpoint, experts stacked per layer as llama.cpp writes them
+    (``ffn_{gate,up,down}_exps`` [E, N, K]) in ``expert_type``."""
     from gguf import GGMLQuantizationType, GGUFWriter
     from gguf.quants import quantize
     from safetensors.torch import load_file
 
     cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+    mc = load_model_config(Path(hf_dir))
     state = {k: v.float().numpy() for k, v in load_file(Path(hf_dir) / "model.safetensors").items()}
-    a, e = "qwen3moe", cfg.get("num_experts") or cfg["num_local_experts"]
+    if arch == "llama":  # Mixtral's names as the other families'
+        state = {k.replace("block_sparse_moe", "mlp").replace(".w1.", ".gate_proj.").replace(".w3.", ".up_proj.")
+                 .replace(".w2.", ".down_proj."): v for k, v in state.items()}  # fmt: skip
+    a, e = arch, mc.num_experts
     w = GGUFWriter(str(path), a)
-    for key, val in [("block_count", cfg["num_hidden_layers"]), ("embedding_length", cfg["hidden_size"]),
-                     ("feed_forward_length", cfg["intermediate_size"]),
-                     ("attention.head_count", cfg["num_attention_heads"]),
-                     ("attention.head_count_kv", cfg["num_key_value_heads"]), ("attention.key_length", cfg["head_dim"]),
-                     ("vocab_size", cfg["vocab_size"]), ("context_length", 256), ("expert_count", e),
-                     ("expert_used_count", cfg["num_experts_per_tok"]),
-                     ("expert_feed_forward_length", cfg["moe_intermediate_size"])]:  # fmt: skip
+    for key, val in [("block_count", mc.num_layers), ("embedding_length", mc.hidden_size),
+                     ("feed_forward_length", mc.moe_intermediate_size), ("attention.head_count", mc.num_heads),
+                     ("attention.head_count_kv", mc.num_kv_heads), ("attention.key_length", mc.head_dim),
+                     ("vocab_size", mc.vocab_size), ("context_length", 256), ("expert_count", e),
+                     ("expert_used_count", mc.num_experts_per_tok),
+                     ("expert_feed_forward_length", mc.moe_intermediate_size)]:  # fmt: skip
         w.add_uint32(f"{a}.{key}", val)
     w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", cfg["rms_norm_eps"])
-    w.add_float32(f"{a}.rope.freq_base", load_model_config(Path(hf_dir)).rope_theta)
+    w.add_float32(f"{a}.rope.freq_base", mc.rope_theta)
     names = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
              "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
              "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
@@ -174,10 +178,16 @@ def write_moe_gguf(hf_dir: str, path: Path, expert_type: str) -> None:
     w.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", state["model.norm.weight"])
     w.add_tensor("output.weight", state["lm_head.weight"])
-    for i in range(cfg["num_hidden_layers"]):
+    heads = {"self_attn.q_proj.weight": mc.num_heads, "self_attn.k_proj.weight": mc.num_kv_heads}
+    for i in range(mc.num_layers):
         p = f"model.layers.{i}."
         for hf, gg in names.items():
-            w.add_tensor(f"blk.{i}.{gg}", state[p + hf])
+            if p + hf in state:
+                t = state[p + hf]
+                if arch == "llama" and hf in heads:  # llama.cpp's RoPE pairs adjacent dims
+                    n = heads[hf]
+                    t = t.reshape(n, 2, t.shape[0] // n // 2, -1).swapaxes(1, 2).reshape(t.shape)
+                w.add_tensor(f"blk.{i}.{gg}", np.ascontiguousarray(t))
         for part, gg in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")):
             stacked = np.stack([state[f"{p}mlp.experts.{j}.{part}.weight"] for j in range(e)])
             if expert_type == "F32":
@@ -198,13 +208,17 @@ def qwen3_moe_all_sparse(tmp_path_factory, tokenizer_dir) -> str:
     return make_tiny_moe("qwen3_moe", tmp_path_factory.mktemp("qwen3-moe-sparse"), tokenizer_dir, mlp_only_layers=[])
 
 
-def test_gguf_stacked_experts_match_safetensors(qwen3_moe_all_sparse, tmp_path):
+@pytest.mark.parametrize("arch", ["qwen3moe", "llama"])
+def test_gguf_stacked_experts_match_hf(qwen3_moe_all_sparse, tiny_moe_models, tmp_path, arch):
+    """GGUF ``qwen3moe`` and ``llama`` with experts (Mixtral) against HF on the same weights."""
+    hf_dir = qwen3_moe_all_sparse if arch == "qwen3moe" else tiny_moe_models["mixtral"]
     path = tmp_path / "moe-f32.gguf"
-    write_moe_gguf(qwen3_moe_all_sparse, path, "F32")
+    write_moe_gguf(hf_dir, path, "F32", arch)
     prompts = moe_prompts()[:4]
     gguf = LLM(str(path), skip_tokenizer_init=True, **ENGINE)
-    assert gguf.engine.runner.model.config.architecture == "Qwen3MoeForCausalLM"
-    assert tokens(run(gguf, prompts)) == hf_greedy(qwen3_moe_all_sparse, prompts, NEW)
+    want = "Qwen3MoeForCausalLM" if arch == "qwen3moe" else "MixtralForCausalLM"
+    assert gguf.engine.runner.model.config.architecture == want
+    assert tokens(run(gguf, prompts)) == hf_greedy(hf_dir, prompts, NEW)
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
