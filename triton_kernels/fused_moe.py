@@ -25,10 +25,11 @@ Flow of :func:`fused_moe` (host plan: :mod:`.moe_plan`): 3 to 5 launches, no pad
        launch per menu tile used (BLOCK_M/N/K are constexprs; typically 1-2 launches per GEMM).
     2. gate-up GEMM + SiLU-and-mul (``GATE_UP``): program = (task, column tile); its rows are
        gathered from ``x`` through ``sorted_ids`` (row ``slot // k``), so no permuted or padded
-       copy of the activations exists. A BLOCK_N tile is BLOCK_N / 2 gate rows and the matching
-       BLOCK_N / 2 up rows of ``w13`` (two dots into two accumulators, the registers of one
-       BLOCK_M x BLOCK_N tile); the epilogue stores ``silu(gate) * up`` (fp32, rounded once to
-       x.dtype) as ``act [A, I]`` in sorted order. No ``[A, 2I]`` intermediate.
+       copy of the activations exists. A BLOCK_N weight tile holds BLOCK_N / 2 gate rows and the
+       matching BLOCK_N / 2 up rows of ``w13`` interleaved (:func:`_weight_rows`), so one dot
+       fills one accumulator (SmoothGEMM's registers) with each output column's gate and up sums
+       side by side; the epilogue splits them and stores ``silu(gate) * up`` (fp32, rounded once
+       to x.dtype) as ``act [A, I]`` in sorted order. No ``[A, 2I]`` intermediate exists.
     3. down GEMM: reads ``act`` rows contiguously, multiplies the fp32 accumulator by the routing
        weight of each row's slot, rounds to x.dtype and scatters sorted row ``r`` to row
        ``sorted_ids[r]`` of ``y [T * k, H]``.
@@ -41,8 +42,9 @@ Flow of :func:`fused_moe` (host plan: :mod:`.moe_plan`): 3 to 5 launches, no pad
     call is not capturable in a CUDA graph.
 
 Quantized experts (W4A16 / W8A16, ``QUANT_BITS`` 4 or 8)
-    The weights are dequantized in registers one 32-group at a time with :mod:`.quant_gemm`'s
-    scheme (4 bits: low / high nibble halves as two dots, scalar shift amounts only); tiles and
+    The weights are dequantized in registers one 32-group at a time, as two 16-element halves
+    (:func:`_quant_group_dot`: :mod:`.quant_gemm`'s nibble scheme for 4 bits, scalar shift amounts
+    only; bytes ``j`` and ``16 + j`` for 8 bits), one dot per half; tiles and
     per-expert plans come from the ``quant_gemm.tiles`` menu (no split-K: the experts' tasks give
     the grid its parallelism).
 
@@ -60,12 +62,17 @@ Kernel constexprs
     QUANT_BITS  4 / 8 (quantized kernel)
     BLOCK_T, BLOCK_E / BLOCK_H  routing / combine tiles (tokens x experts / columns)
 
-What is verified (tests/kernels/test_fused_moe.py under the interpreters of Triton 3.9 / 3.6 and
-triton-ascend 3.2): fp32 / fp16 against ``fused_moe_ref`` (quantized: on ``dequantize_ref``
-weights) for T = 1 ... 4096, odd H and I, skewed and empty experts, k = E, expert parallelism,
-every tile of the interpreter menu; routing against ``moe_route_ref``; AOT compile reports for
-sm_80 / sm_90 / gfx942 (``portable-xy kernels aot-report``). Not verified here: bf16 numerics
-(no bf16 in the interpreters), speed on real devices.
+What is verified (tests/kernels/test_fused_moe.py under the interpreters of Triton 3.9 and 3.6 and
+of triton-ascend 3.2)
+    * fp32 / fp16 against ``fused_moe_ref`` (quantized experts: on ``dequantize_ref`` weights),
+      NaN-poisoned outputs, for T = 1 ... 4096, H and I not tile multiples, one expert holding
+      every row, empty experts, k = E, expert-parallel ranks, every tile of the interpreter menus
+      and of the CUDA / Ascend profiles (persistent grids); routing against ``moe_route_ref``.
+    * ``portable-xy kernels aot-report``: every config compiles without spills, within shared
+      memory / LDS and with tensor-core / MFMA / WMMA instructions for sm_80, sm_90, gfx942,
+      gfx90a and gfx1100 (Triton 3.9).
+    NOT verified here: bf16 numerics (the interpreters have no bf16; bf16 only compiles), real
+    GPU / NPU runs and their speed, and triton-ascend's compiler (it needs CANN).
 """
 
 from __future__ import annotations
@@ -388,20 +395,26 @@ def moe_route_kernel(
 # ------------------------------------------------------------------------------------------------
 
 
-def route_blocks(num_experts: int, top_k: int) -> dict[str, int]:
+def route_blocks(num_experts: int, top_k: int, num_tokens: int | None = None) -> dict[str, int]:
     """The routing kernel's tile: all experts (BLOCK_E, a power of two >= 16) x BLOCK_T tokens
-    (BLOCK_T x BLOCK_E <= :data:`TILE_ELEMS`, BLOCK_T <= 64); BLOCK_K >= k."""
+    (BLOCK_T x BLOCK_E <= :data:`TILE_ELEMS`, BLOCK_T <= 64 and, given ``num_tokens``, no larger
+    than the tokens need); BLOCK_K >= k."""
     block_e = max(16, triton.next_power_of_2(num_experts))
-    return {"BLOCK_T": max(1, min(64, TILE_ELEMS // block_e)), "BLOCK_E": block_e,
-            "BLOCK_K": triton.next_power_of_2(top_k)}  # fmt: skip
+    block_t = max(1, min(64, TILE_ELEMS // block_e))
+    if num_tokens is not None:
+        block_t = min(block_t, triton.next_power_of_2(num_tokens))
+    return {"BLOCK_T": block_t, "BLOCK_E": block_e, "BLOCK_K": triton.next_power_of_2(top_k)}
 
 
-def combine_blocks(hidden: int, profile=None) -> dict[str, int]:
+def combine_blocks(hidden: int, profile=None, num_tokens: int | None = None) -> dict[str, int]:
     """The combine kernel's tile: BLOCK_H columns (at most ``support.block_i``) x BLOCK_T tokens
-    (BLOCK_T x BLOCK_H <= :data:`TILE_ELEMS`, BLOCK_T <= 64)."""
+    (BLOCK_T x BLOCK_H <= :data:`TILE_ELEMS`, BLOCK_T <= 64 and no larger than ``num_tokens`` needs)."""
     s = (profile.data.get("support") or {}) if profile is not None else {}
     block_h = min(triton.next_power_of_2(hidden), int(s.get("block_i", 1024)))
-    return {"BLOCK_T": max(1, min(64, TILE_ELEMS // block_h)), "BLOCK_H": block_h}
+    block_t = max(1, min(64, TILE_ELEMS // block_h))
+    if num_tokens is not None:
+        block_t = min(block_t, triton.next_power_of_2(num_tokens))
+    return {"BLOCK_T": block_t, "BLOCK_H": block_h}
 
 
 def moe_route(
@@ -416,7 +429,7 @@ def moe_route(
     ids = torch.empty((T, top_k), dtype=torch.int64, device=router_logits.device)
     if T == 0:
         return w, ids
-    blocks = route_blocks(E, top_k)
+    blocks = route_blocks(E, top_k, T)
     n_blocks = triton.cdiv(T, blocks["BLOCK_T"])
     progs = support_programs(n_blocks, profile) if profile is not None else n_blocks
     moe_route_kernel[(progs,)](
@@ -501,7 +514,7 @@ def moe_combine(
         raise ValueError("moe_combine: y, out and topk_ids need unit column strides")
     if T == 0:
         return out
-    blocks = combine_blocks(H, profile)
+    blocks = combine_blocks(H, profile, T)
     tasks = triton.cdiv(T, blocks["BLOCK_T"]) * triton.cdiv(H, blocks["BLOCK_H"])
     progs = support_programs(tasks, profile) if profile is not None else tasks
     moe_combine_kernel[(progs,)](
@@ -548,6 +561,9 @@ def fused_moe(
         return out
     if plan is None:
         plan = plan_for(topk_ids, w13, w2, profile, expert_start, x.element_size())
+    elif (plan.num_tokens, plan.top_k, plan.num_experts, plan.expert_start) != (T, topk_ids.shape[1], E, expert_start):
+        raise ValueError(f"fused_moe: the plan is for T={plan.num_tokens} k={plan.top_k} E={plan.num_experts} "
+                         f"expert_start={plan.expert_start}")  # fmt: skip
     A = plan.num_assignments
     if A == 0:
         return out.zero_()
