@@ -42,9 +42,9 @@ Flow of :func:`fused_moe` (host plan: :mod:`.moe_plan`): 3 to 5 launches, no pad
     call is not capturable in a CUDA graph.
 
 Quantized experts (W4A16 / W8A16, ``QUANT_BITS`` 4 or 8)
-    The weights are dequantized in registers one 32-group at a time, as two 16-element halves
-    (:func:`_quant_group_dot`: :mod:`.quant_gemm`'s nibble scheme for 4 bits, scalar shift amounts
-    only; bytes ``j`` and ``16 + j`` for 8 bits), one dot per half; tiles and
+    The weights are dequantized in registers one 32-group at a time with :mod:`.quant_gemm`'s
+    scheme (:func:`_quant_group_dot`; 4 bits: low / high nibble halves as two dots, scalar shift
+    amounts only; 8 bits: one dot); tiles and
     per-expert plans come from the ``quant_gemm.tiles`` menu (no split-K: the experts' tasks give
     the grid its parallelism).
 
@@ -229,22 +229,19 @@ def _quant_group_dot(
     acc, a_lo, a_hi, q_ptrs, d_ptrs, m_ptrs, mask_w, mask_s,
     QUANT_BITS: tl.constexpr, FP32_IEEE: tl.constexpr,
 ):  # fmt: skip
-    """``acc += a @ dequant(group)^T`` for one 32-group of weights as two 16-element halves:
-    ``a_lo @ w_lo`` (elements j) + ``a_hi @ w_hi`` (elements 16 + j). 4 bits: the halves are the
-    low and high nibbles of the group's 16 bytes (``quant_gemm``'s scheme, scalar shift amounts
-    only); 8 bits: bytes j and 16 + j (two [16, N] tiles keep the dequantization temporaries as
-    small as the 4-bit path's)."""
+    """``acc += a @ dequant(group)^T`` for one 32-group of weights, :mod:`.quant_gemm`'s scheme:
+    4 bits: the group's 16 bytes per weight row as two halves, low nibbles (elements j, times
+    ``a_lo``) and high nibbles (16 + j, times ``a_hi``), scalar shift amounts only; 8 bits: one
+    32-row tile times ``a_lo`` (``a_hi`` unused)."""
     dv = tl.load(d_ptrs, mask=mask_s, other=0.0).to(tl.float32)[None, :]
     mv = tl.load(m_ptrs, mask=mask_s, other=0.0).to(tl.float32)[None, :]
+    qb = tl.load(q_ptrs, mask=mask_w, other=0)
     if QUANT_BITS == 4:
-        qi = tl.load(q_ptrs, mask=mask_w, other=0).to(tl.int32)
-        q_lo = qi & 0xF
-        q_hi = qi >> 4
+        qi = qb.to(tl.int32)
+        acc = _dot(a_lo, ((qi & 0xF).to(tl.float32) * dv + mv).to(a_lo.dtype), acc, FP32_IEEE)
+        acc = _dot(a_hi, ((qi >> 4).to(tl.float32) * dv + mv).to(a_hi.dtype), acc, FP32_IEEE)
     else:
-        q_lo = tl.load(q_ptrs, mask=mask_w, other=0)
-        q_hi = tl.load(q_ptrs + 16, mask=mask_w, other=0)
-    acc = _dot(a_lo, (q_lo.to(tl.float32) * dv + mv).to(a_lo.dtype), acc, FP32_IEEE)
-    acc = _dot(a_hi, (q_hi.to(tl.float32) * dv + mv).to(a_hi.dtype), acc, FP32_IEEE)
+        acc = _dot(a_lo, (qb.to(tl.float32) * dv + mv).to(a_lo.dtype), acc, FP32_IEEE)
     return acc
 
 
@@ -263,7 +260,7 @@ def _moe_quant_tile(
     wrow, mask_n = _weight_rows(N, col0, BLOCK_N, GATE_UP)
     GROUPS: tl.constexpr = BLOCK_K // 32  # scale groups per K tile
     QBYTES: tl.constexpr = 16 if QUANT_BITS == 4 else 32  # qs bytes of a 32-group per weight row
-    jq = tl.arange(0, 16)  # a half group
+    jq = tl.arange(0, QBYTES)  # 4 bits: half a group's elements (x columns) / its bytes; 8 bits: all
     e64 = expert.to(tl.int64)
     n64 = col0.to(tl.int64)
     a_ptrs = a_ptr + (a_row[:, None] * stride_am + jq[None, :] * stride_ak)
@@ -283,7 +280,10 @@ def _moe_quant_tile(
                 mask_w = (kg + jq[:, None] < K) & mask_n[None, :]
                 mask_s = mask_n & (kg + 0 * wrow < K)
             a_lo = tl.load(a_ptrs + g * 32 * stride_ak, mask=mask_a, other=0.0)
-            a_hi = tl.load(a_ptrs + (g * 32 + 16) * stride_ak, mask=mask_a, other=0.0)
+            if QUANT_BITS == 4:
+                a_hi = tl.load(a_ptrs + (g * 32 + 16) * stride_ak, mask=mask_a, other=0.0)
+            else:
+                a_hi = a_lo
             acc = _quant_group_dot(acc, a_lo, a_hi, q_ptrs + g * QBYTES, d_ptrs + g, m_ptrs + g, mask_w, mask_s,
                                    QUANT_BITS, FP32_IEEE)  # fmt: skip
         a_ptrs += BLOCK_K * stride_ak
