@@ -12,10 +12,14 @@ Assignments
     ``offsets[e] : offsets[e + 1]`` (:func:`expert_offsets`).
 
 Per-expert tiles (the SmoothGEMM planner, :func:`.gemm_plan.plan_gemm`)
-    Expert ``e`` with ``c_e`` rows gets ``plan_gemm(c_e, N, K, profile)``: up to
-    ``gemm.max_segments`` segments, each on one menu tile, and only the last tile of its last
+    Expert ``e`` with ``c_e`` rows gets ``plan_gemm(c_e, N, K, profile, objective="padding")``: up
+    to ``gemm.max_segments`` segments, each on one menu tile, and only the last tile of its last
     segment is partly empty. So a decode step (1 row per chosen expert) runs 16-row tiles while a
-    prefill expert with 300 rows may run 256 rows on 64-row tiles + 44 rows on 16-row tiles.
+    prefill expert with 300 rows may run 256 rows on 64-row tiles + 44 rows on 16-row tiles. The
+    objective is the fewest executed MACs (then the cheapest plan), not the planner's time model:
+    that model costs one GEMM alone on the device, where a memory-bound GEMM's padded rows are
+    free; the experts share one launch, so their padded rows take compute from the others
+    (``portable-xy bench moe-padding`` compares both).
 
 Task tables
     One *task* is one BLOCK_M row tile of one expert: int32 ``(expert, row0, rows)`` with ``row0``
@@ -151,7 +155,7 @@ def plan_grouped_gemm(
         if rows <= 0:
             plans.append(None)
             continue
-        p = plan_gemm(rows, N, K, profile, elem_bytes) if tile is None else single_tile_plan(
+        p = plan_gemm(rows, N, K, profile, elem_bytes, "padding") if tile is None else single_tile_plan(
             rows, N, K, tile, profile, elem_bytes)  # fmt: skip
         plans.append(p)
         for s in p.segments:
