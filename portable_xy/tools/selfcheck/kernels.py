@@ -10,10 +10,10 @@ output poisoned first (NaN, or -1 for integers), so an element a kernel forgets 
   the fixed decode-graph plan over varying lengths;
 * the support kernels: RMSNorm (with and without residual), RoPE on strided views, SiLU-and-mul,
   the KV store (skipped slots stay untouched), sampling (greedy and top-k / top-p / min-p draws);
-* fused MoE: the backend's ``moe_route`` against ``moe_route_ref``, and ``prepare_experts`` +
-  ``fused_moe`` against ``fused_moe_ref`` over several token counts, every token on one expert,
-  an expert-parallel slice (``expert_start > 0``) and Q4_0 / Q8_0 experts (reference on the
-  dequantized weights).
+* fused MoE: the backend's ``moe_route`` against ``moe_route_ref``; the fused-MoE kernel on the
+  backend's ``prepare_experts`` against ``fused_moe_ref`` over several token counts, every token
+  on one expert, an expert-parallel slice (``expert_start > 0``) and Q4_0 / Q8_0 experts
+  (reference on the dequantized weights).
 
 Tolerances (atol = rtol) against the reference computed in fp32 from the same rounded inputs are
 in :data:`TOL`.
@@ -182,8 +182,10 @@ class KernelChecks:
             weights, got_ids = be.moe_route(logits(T), k, True)
             if ids is not None:
                 got_ids = ids
-            p13, p2, r13, r2 = experts
-            y = be.fused_moe(x, p13, p2, weights, got_ids, start)
+            p13, p2, r13, r2 = experts  # the kernel on the backend's prepared experts, into NaNs
+            y = self.k.fused_moe.fused_moe(
+                x, p13, p2, weights, got_ids, self.prof, start, out=_nan((T, H), dtype, self.dev)
+            )
             want = ref.fused_moe_ref(x.float(), r13, r2, weights, got_ids, start).to(dtype)
             return _close(f"T={T}", y, want, tol)
 
