@@ -245,3 +245,20 @@ def test_gguf_quantized_experts_stay_quantized_and_agree(qwen3_moe_all_sparse, t
         want = rm.backend.fused_moe(x, lr.mlp.w13, lr.mlp.w2, w, ids)
         err = (got - want).norm() / want.norm()
         assert err < 0.03, f"relative error {err:.4f}"
+
+
+def test_weights_are_owned_not_the_checkpoints_memory_map(tiny_moe_models):
+    """safetensors hands out tensors on the file's memory map; the model keeps copies, so that the
+    kernel cannot drop its weights under memory pressure and read them back from disk mid-step."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps (Linux) to see which mapping holds a tensor")
+    llm = LLM(tiny_moe_models["mixtral"], **ENGINE)  # fp32 checkpoint, fp32 model: no conversion copy
+    layer = llm.engine.runner.model.layers[0]
+    regions = []
+    for line in maps.read_text().splitlines():
+        span, *rest = line.split()
+        if rest and rest[-1].endswith(".safetensors"):
+            regions.append([int(x, 16) for x in span.split("-")])
+    for t in (layer.input_norm, layer.mlp.w13[0], layer.mlp.w2[0], layer.o_proj):
+        assert not any(a <= t.data_ptr() < b for a, b in regions)

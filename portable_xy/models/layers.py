@@ -51,7 +51,10 @@ class WeightLoader:
             dim = None
         w = self.weights
         t = w.get(name, dim, start, start + size) if dim is not None else w.get(name)
-        return t.to(device=self.backend.device, dtype=self.dtype).contiguous()
+        out = t.to(device=self.backend.device, dtype=self.dtype).contiguous()
+        # safetensors returns tensors on the file's memory map: clean file pages the kernel may drop
+        # under memory pressure and read back from disk at the next step. The model owns a copy.
+        return out.clone() if out.data_ptr() == t.data_ptr() else out
 
     def part(self, name: str, dim: int | None = None, start: int = 0, size: int = 0, required: bool = True):
         """A GEMM weight (or one block of rows of a fused one), quantized where it may stay so
