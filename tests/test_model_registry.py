@@ -27,7 +27,12 @@ from portable_xy.models.registry import (
 def test_llama_family_entries():
     assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"} <= set(MODELS)
     assert gguf_architectures() == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                                    "qwen3": "Qwen3ForCausalLM"}  # fmt: skip
+                                    "qwen3": "Qwen3ForCausalLM", "llama+moe": "MixtralForCausalLM",
+                                    "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM",
+                                    "olmoe": "OlmoeForCausalLM"}  # fmt: skip
+    assert entry_for_gguf("llama").architecture == "LlamaForCausalLM"
+    assert entry_for_gguf("llama", moe=True).architecture == "MixtralForCausalLM"  # a llama GGUF with experts
+    assert entry_for_gguf("qwen3moe", moe=True).architecture == "Qwen3MoeForCausalLM"
     for name in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"):
         assert MODELS[name].model_class() is LlamaForCausalLM
     assert entry_for(["Foo", "Qwen2ForCausalLM"]).architecture == "Qwen2ForCausalLM"

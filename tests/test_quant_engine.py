@@ -87,7 +87,7 @@ def test_smollm2_default_engine_is_quantized_and_greedy_follows_bf16(smollm2_pat
     params = SamplingParams(temperature=0, max_tokens=24, min_tokens=24, logprobs=2)
     llm = LLM(str(smollm2_path), dtype="bfloat16", max_model_len=512)
     model = llm.engine.runner.model
-    gemms = [model.lm_head] + [getattr(lyr, k) for lyr in model.layers for k in ("qkv", "o_proj", "gate_up", "down")]
+    gemms = [model.lm_head] + [g for lyr in model.layers for g in (lyr.qkv, lyr.o_proj, lyr.mlp.gate_up, lyr.mlp.down)]
     assert all(isinstance(g, _QuantCpuWeight) for g in gemms)
     assert sum(g.weight.nbytes for g in gemms) < 110e6
     ours = llm.chat(chats, params, use_tqdm=False)
